@@ -1,0 +1,58 @@
+"""The trainable part of BGAD: one conditional flow per feature level, conditioned on 2-D position.
+
+A pure ``nn.Module``: it maps backbone feature maps to per-dim log-likelihood maps. Training glue lives in
+``training.py``, turning likelihoods into anomaly maps in ``scoring.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bgad_core.flow import build_flow, log_likelihood
+from bgad_core.positional import positional_encoding_2d
+
+
+class BGADFlows(nn.Module):
+    """Conditional normalizing flows over multi-scale features.
+
+    Args:
+        channels: feature width of each level (the backbone's ``channels``).
+        cond_dim: positional-encoding width used as the flow condition (paper: 128).
+        coupling_blocks: AllInOneBlock couplings per flow (paper: 8).
+        clamp: affine clamping of the couplings (paper: 1.9).
+    """
+
+    def __init__(
+        self, channels: Sequence[int], cond_dim: int = 128, coupling_blocks: int = 8, clamp: float = 1.9
+    ) -> None:
+        super().__init__()
+        self.channels = tuple(int(c) for c in channels)
+        self.cond_dim = cond_dim
+        self.flows = nn.ModuleList(build_flow(c, cond_dim, coupling_blocks, clamp) for c in self.channels)
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+
+    def positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Positional condition for every cell of a ``height x width`` grid, shape ``(H*W, cond_dim)``, cached."""
+        key = (height, width)
+        if key not in self._positions:
+            encoding = positional_encoding_2d(self.cond_dim, height, width)
+            self._positions[key] = encoding.flatten(1).T.contiguous()
+        return self._positions[key].to(device)
+
+    def vector_logps(self, level: int, vectors: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """Per-dim log-likelihoods (log p(x) / C) of ``(N, C)`` feature vectors with ``(N, cond_dim)`` positions."""
+        z, log_jac_det = self.flows[level](vectors, c=[conditions])
+        return log_likelihood(z, log_jac_det) / self.channels[level]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-dim log-likelihood map ``(B, H_l, W_l)`` for each level's ``(B, C_l, H_l, W_l)`` feature map."""
+        maps = []
+        for level, feature in enumerate(features):
+            batch, channels, height, width = feature.shape
+            vectors = feature.permute(0, 2, 3, 1).reshape(-1, channels).float()
+            conditions = self.positions(height, width, feature.device).repeat(batch, 1)
+            maps.append(self.vector_logps(level, vectors, conditions).reshape(batch, height, width))
+        return maps

@@ -1,0 +1,36 @@
+"""Scores are absolute: fixed constants, independent of the batch an image is scored in."""
+
+import torch
+
+from bgad_core.model import BGADFlows
+from bgad_core.scoring import Normalization, anomaly_maps, gaussian_blur, image_scores
+
+
+def test_score_of_an_image_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    model = BGADFlows([8, 16], cond_dim=8, coupling_blocks=2).eval()
+    features = [torch.randn(6, 8, 8, 8), torch.randn(6, 16, 4, 4)]
+    norm = Normalization(mean=(-1.0, -2.0), std=(0.5, 2.0))
+    with torch.no_grad():
+        together = image_scores(anomaly_maps(model(features), norm, (32, 32)))
+        alone = image_scores(anomaly_maps(model([f[2:3] for f in features]), norm, (32, 32)))
+    assert torch.allclose(together[2:3], alone, atol=1e-6)
+
+
+def test_lower_likelihood_means_higher_anomaly_score():
+    norm = Normalization(mean=(0.0,), std=(1.0,))
+    logps = torch.zeros(2, 4, 4)
+    logps[1, 1, 1] = -5.0
+    maps = anomaly_maps([logps], norm, (16, 16), blur_sigma=1.0)
+    scores = image_scores(maps)
+    assert scores[1] > scores[0]
+
+
+def test_normalization_fit_and_blur_keeps_mass():
+    norm = Normalization.fit([torch.tensor([[1.0, 3.0]])])
+    assert norm.mean == (2.0,)
+    maps = torch.zeros(1, 21, 21)
+    maps[0, 10, 10] = 1.0
+    blurred = gaussian_blur(maps, 2.0)
+    assert abs(float(blurred.sum()) - 1.0) < 1e-4
+    assert blurred[0, 10, 10] == blurred.max()
