@@ -1,0 +1,1 @@
+"""Benchmarks and slow reference implementations used as test oracles (run from the repository root)."""

@@ -1,0 +1,74 @@
+"""A self-describing checkpoint: everything needed to rebuild the scorer, loadable with ``weights_only=True``.
+
+Only tensors, numbers, strings, lists and dicts go in, so loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bgad_core.model import BGADFlows
+from bgad_core.scoring import Normalization
+from bgad_core.training import TrainConfig
+
+CHECKPOINT_VERSION = 1
+
+
+def make_checkpoint(
+    model: BGADFlows,
+    config: TrainConfig,
+    backbone: dict[str, Any],
+    image_size: tuple[int, int],
+    normalization: Normalization,
+    threshold: float,
+    metrics: dict[str, float],
+    epoch: int,
+) -> dict[str, Any]:
+    """Assemble the checkpoint dict (flows on the CPU, plain Python values elsewhere)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "flows": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "channels": list(model.channels),
+        "train_config": config.to_dict(),
+        "backbone": dict(backbone),
+        "image_size": list(image_size),
+        "normalization": normalization.to_dict(),
+        "threshold": float(threshold),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "epoch": int(epoch),
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temporary file, then rename) so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) and check its format version."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not a bgad checkpoint of version {CHECKPOINT_VERSION} (found {version!r})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainConfig, Normalization]:
+    """Rebuild the flows (in eval mode), their training config and the scoring constants."""
+    config = TrainConfig.from_dict(checkpoint["train_config"])
+    model = BGADFlows(checkpoint["channels"], config.cond_dim, config.coupling_blocks, config.clamp)
+    model.load_state_dict(checkpoint["flows"])
+    normalization = Normalization(**{k: tuple(v) for k, v in checkpoint["normalization"].items()})
+    return model.eval(), config, normalization

@@ -1,0 +1,234 @@
+"""Train one BGAD / BGAD-FAS model on one category and report validation and test metrics.
+
+    python -m bgad_core.train --data ../shared/data/mtd/magnetic_tile --num-anomalies 10
+
+Features are extracted once (backbone frozen), flows train on them; the epoch with the best *validation*
+objective is kept and the test split is evaluated exactly once with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bgad_core.augment import racp_samples
+from bgad_core.backbone import DEFAULT_BACKBONE, FeatureExtractor
+from bgad_core.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
+from bgad_core.features import FeatureSet, extract_feature_set
+from bgad_core.model import BGADFlows
+from bgad_core.splits import Splits, make_splits
+from bgad_core.synthetic import make_synthetic_category
+from bgad_core.training import Trainer, TrainConfig, decision_threshold, seed_everything
+
+log = logging.getLogger("bgad_core.train")
+
+
+def objective_metric(has_masks: bool) -> str:
+    """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
+    return "aupro" if has_masks else "image_auroc"
+
+
+def load_records(records: Sequence[ImageRecord], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode images ``(N, size, size, 3)`` and their masks ``(N, size, size)`` (errors name the file)."""
+    images = np.stack([load_image(r.path, size) for r in records]) if records else np.zeros((0, size, size, 3), np.uint8)
+    masks = np.stack([load_mask(r, size) for r in records]) if records else np.zeros((0, size, size), np.uint8)
+    return images, masks
+
+
+def synthetic_anomalies(
+    normals: np.ndarray, anomalies: np.ndarray, masks: np.ndarray, ids: Sequence[str], depth: int, per_anomaly: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``per_anomaly`` RandAugmented-CutPaste samples of each real anomaly, with recipe ids (source, depth, seed, k)."""
+    images, pasted, recipe = [], [], []
+    for k, (anomaly, mask, source) in enumerate(zip(anomalies, masks, ids)):
+        if not mask.any():
+            log.warning("%s: mask is empty at this image size; no synthetic anomalies are cut from it", source)
+            continue
+        for index, (image, new_mask) in enumerate(racp_samples(list(normals), anomaly, mask, depth, per_anomaly, seed + k)):
+            images.append(image)
+            pasted.append(new_mask)
+            recipe.append(f"racp:{source}:S{depth}:seed{seed + k}:{index}")
+    if not images:
+        return np.zeros((0, *normals.shape[1:]), np.uint8), np.zeros((0, *normals.shape[1:3]), np.uint8), []
+    return np.stack(images), np.stack(pasted), recipe
+
+
+@dataclass
+class DataConfig:
+    """Which images a run trains and evaluates on.
+
+    Attributes:
+        data: category directory (MVTec AD, BTAD or generic folder layout).
+        image_size: square input size in pixels.
+        num_anomalies: real anomalies drawn for training, per defect type (or in total).
+        per_defect_type: draw ``num_anomalies`` per defect type rather than in total.
+        racp_depth: RandAugment depth S of the synthetic anomalies (0 = plain CutPaste).
+        racp_per_anomaly: synthetic samples generated per real anomaly (0 disables RACP).
+        val_fraction: share of the remaining test images used for validation.
+        max_train_normals: use only the first N training normals (sorted), e.g. the MTD-200 protocol.
+        train_defect_types: unseen-anomaly protocol: draw anomalies of these types only, evaluate on the others.
+        split_seed: seeds anomaly drawing and the validation/test split.
+    """
+
+    data: str
+    image_size: int = 256
+    num_anomalies: int = 10
+    per_defect_type: bool = True
+    racp_depth: int = 3
+    racp_per_anomaly: int = 8
+    val_fraction: float = 0.3
+    max_train_normals: int | None = None
+    train_defect_types: list[str] | None = None
+    split_seed: int = 0
+
+
+def build_feature_sets(
+    data: DataConfig, extractor: FeatureExtractor
+) -> tuple[Splits, bool, FeatureSet, FeatureSet, FeatureSet]:
+    """Read the category, split it, synthesise anomalies and extract features of train, validation and test."""
+    index = read_category(data.data)
+    splits = make_splits(
+        index,
+        num_anomalies=data.num_anomalies,
+        per_defect_type=data.per_defect_type,
+        val_fraction=data.val_fraction,
+        seed=data.split_seed,
+        train_defect_types=data.train_defect_types,
+        max_train_normals=data.max_train_normals,
+    )
+    size = data.image_size
+    normals, normal_masks = load_records(splits.train_normal, size)
+    anomalies, anomaly_masks = load_records(splits.train_anomalies, size)
+    anomaly_ids = [r.record_id for r in splits.train_anomalies]
+    synth, synth_masks, synth_ids = synthetic_anomalies(
+        normals, anomalies, anomaly_masks, anomaly_ids, data.racp_depth, data.racp_per_anomaly, data.split_seed
+    )
+    train_images = np.concatenate([normals, anomalies, synth])
+    train_masks = np.concatenate([normal_masks, anomaly_masks, synth_masks])
+    train_labels = [0] * len(normals) + [1] * (len(anomalies) + len(synth))
+    train_ids = [r.record_id for r in splits.train_normal] + anomaly_ids + synth_ids
+    train = extract_feature_set(extractor, train_images, train_masks, train_labels, train_ids)
+    evaluation = []
+    for records in (splits.val, splits.test):
+        images, masks = load_records(records, size)
+        labels = [r.label for r in records]
+        evaluation.append(
+            extract_feature_set(extractor, images, masks, labels, [r.record_id for r in records], keep_pixel_masks=index.has_masks)
+        )
+    return splits, index.has_masks, train, evaluation[0], evaluation[1]
+
+
+def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
+    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary."""
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    extractor = FeatureExtractor(backbone, weights=weights, strides=strides)
+    log.info("backbone %s, weights: %s", backbone, extractor.weights_source)
+    splits, has_masks, train, val, test = build_feature_sets(data, extractor)
+    log.info(
+        "train %d normals + %d anomalies (+%d synthetic), val %d, test %d images; features in %.1f s",
+        len(splits.train_normal), len(splits.train_anomalies), int((train.labels == 1).sum()) - len(splits.train_anomalies),
+        len(val), len(test), time.perf_counter() - started,
+    )
+    objective = objective_metric(has_masks)
+    image_size = (data.image_size, data.image_size)
+    model = BGADFlows(extractor.channels, config.cond_dim, config.coupling_blocks, config.clamp)
+    trainer = Trainer(model, config, train)
+    best: dict | None = None
+    for _ in range(config.meta_epochs):
+        losses = trainer.train_meta_epoch()
+        normalization = trainer.fit_normalization()
+        result = trainer.evaluate(val, normalization, image_size)
+        score = result.metrics.get(objective, float("nan"))
+        log.info("meta-epoch %d loss %.4f val %s", trainer.epoch, losses["loss"], _fmt(result.metrics))
+        if best is None or score > best["score"]:
+            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()),
+                    "normalization": normalization, "val": result}
+    model.load_state_dict(best["state"])
+    test_result = trainer.evaluate(test, best["normalization"], image_size)
+    threshold = decision_threshold(best["val"], val.labels)
+    summary = {
+        "objective": objective,
+        "best_epoch": best["epoch"],
+        "val": best["val"].metrics,
+        "test": test_result.metrics,
+        "weights_source": extractor.weights_source,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if output is not None:
+        backbone_info = {"name": backbone, "weights_source": extractor.weights_source,
+                         "weights_digest": extractor.weights_digest, "strides": list(extractor.strides),
+                         "mean": list(extractor.mean), "std": list(extractor.std)}
+        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best["normalization"], threshold,
+                                     {f"val_{k}": v for k, v in best["val"].metrics.items()}, best["epoch"])
+        save_checkpoint(checkpoint, output / "model.pt")
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Expose each dataclass field as ``--field-name`` with its default and type."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, default=default, metavar="{true,false}")
+        elif f.name == "train_defect_types":
+            parser.add_argument(flag, nargs="+", default=None)
+        elif default is None:
+            parser.add_argument(flag, type=int, default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data", default=None, help="category directory (MVTec AD, BTAD or folder layout); default: generated images"
+    )
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name")
+    parser.add_argument("--weights", default="auto", help="auto | hub | offline | random | path to a weights file")
+    parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--output", type=Path, default=None, help="folder for model.pt and summary.json")
+    _add_dataclass_args(parser, DataConfig, skip=("data",))
+    _add_dataclass_args(parser, TrainConfig)
+    args = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
+    with tempfile.TemporaryDirectory(prefix="bgad-synthetic-") as scratch:
+        if args["data"] is None:
+            args["data"] = str(make_synthetic_category(Path(scratch), size=args["image_size"]))
+            log.info("no --data given: training on generated defect images in %s", args["data"])
+        data = DataConfig(**{f.name: args[f.name] for f in fields(DataConfig)})
+        summary = run(data, config, args["backbone"], args["weights"], args["strides"], args["output"])
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Two-phase BGAD / BGAD-FAS training of the flows on precomputed features (no backbone in the loop).
+
+Phase 1 (the first ``normal_epochs`` meta-epochs) fits the flows to normal feature vectors only, so that the
+normal log-likelihood distribution, and with it the explicit boundary, is meaningful. Phase 2 samples images
+normal:abnormal = 2:1 (balanced sampling) and adds the BG-SPP loss around the boundary, with the asymmetric
+focal weights of BGAD-FAS when enabled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from bgad_core.boundary import check_beta, find_boundary
+from bgad_core.errors import ConfigError, TrainingDivergedError
+from bgad_core.features import FeatureSet
+from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
+from bgad_core.metrics import compute_metrics, f1_max
+from bgad_core.model import BGADFlows
+from bgad_core.scoring import IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
+
+IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one BGAD-FAS training run; defaults follow the paper and its official code.
+
+    Attributes:
+        beta: fraction of normal vectors allowed below the normal boundary b_n (Sec. 3.3).
+        tau: margin between normal and abnormal boundary, b_a = b_n - tau.
+        normalizer: scale dividing per-dim log-likelihoods before boundary and margin apply.
+        bgspp_lambda: weight of the BG-SPP loss against the ML loss (Eq. 9).
+        focal_weighting: asymmetric focal weights of BGAD-FAS (Eq. 17-19).
+        lr: Adam learning rate at the end of warm-up.
+        meta_epochs: outer epochs; validation runs after each one.
+        sub_epochs: passes over the sampled feature vectors per meta-epoch.
+        normal_epochs: meta-epochs of phase 1 (normal only).
+        warmup_epochs: meta-epochs of linear learning-rate warm-up before the cosine decay.
+        fiber_batch: feature vectors per optimisation step (official: 4096).
+        abnormal_ratio: abnormal images drawn per normal image in phase 2 (0.5 = normal:abnormal 2:1).
+        abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
+            (but some) defect are left out of the losses rather than trained as normal.
+        coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
+        blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
+        image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
+        seed: seeds flow initialisation and sampling.
+    """
+
+    beta: float = 0.01
+    tau: float = 0.1
+    normalizer: float = 10.0
+    bgspp_lambda: float = 1.0
+    focal_weighting: bool = True
+    lr: float = 2e-4
+    meta_epochs: int = 25
+    sub_epochs: int = 8
+    normal_epochs: int = 1
+    warmup_epochs: int = 2
+    fiber_batch: int = 4096
+    abnormal_ratio: float = 0.5
+    abnormal_fraction: float = 0.25
+    coupling_blocks: int = 8
+    clamp: float = 1.9
+    cond_dim: int = 128
+    blur_sigma: float = 4.0
+    image_score: str = "max"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_beta(self.beta)
+        positive = ("tau", "normalizer", "lr", "meta_epochs", "sub_epochs", "fiber_batch", "coupling_blocks", "clamp")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("bgspp_lambda", "abnormal_ratio", "normal_epochs", "warmup_epochs", "blur_sigma"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.abnormal_fraction <= 1.0:
+            raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
+        if self.image_score not in IMAGE_SCORE_REDUCTIONS:
+            raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a mapping, naming any unknown key instead of silently ignoring it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one split with the per-image scores and anomaly maps they came from."""
+
+    metrics: dict[str, float]
+    scores: torch.Tensor
+    maps: torch.Tensor
+    normalization: Normalization
+
+
+def fiber_labels(mask_fractions: torch.Tensor, abnormal_fraction: float) -> torch.Tensor:
+    """Label each feature cell 0 (no defect), 1 (defect share >= ``abnormal_fraction``) or IGNORED (in between)."""
+    labels = torch.zeros_like(mask_fractions, dtype=torch.long)
+    labels[mask_fractions > 0] = IGNORED
+    labels[mask_fractions >= abnormal_fraction] = 1
+    return labels
+
+
+class _LevelData:
+    """One level's training vectors flattened to ``(N*H*W, C)`` with their labels and position indices."""
+
+    def __init__(self, feature: torch.Tensor, mask: torch.Tensor, abnormal_fraction: float, device: torch.device):
+        n, c, h, w = feature.shape
+        self.cells = h * w
+        self.grid = (h, w)
+        self.vectors = feature.permute(0, 2, 3, 1).reshape(-1, c).to(device, torch.float32)
+        self.labels = fiber_labels(mask, abnormal_fraction).reshape(-1).to(device)
+
+    def fibers_of(self, images: torch.Tensor) -> torch.Tensor:
+        """Indices of all usable cells of the given images (repeats allowed)."""
+        index = (images.to(self.labels.device).unsqueeze(1) * self.cells + torch.arange(self.cells, device=self.labels.device)).reshape(-1)
+        return index[self.labels[index] != IGNORED]
+
+
+class Trainer:
+    """Trains ``BGADFlows`` on a training ``FeatureSet`` (normal rows and real or synthetic anomalous rows)."""
+
+    def __init__(
+        self, model: BGADFlows, config: TrainConfig, train: FeatureSet, device: str | torch.device = "cpu"
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.config = config
+        self.train_set = train
+        self.levels = [_LevelData(f, m, config.abnormal_fraction, self.device) for f, m in zip(train.features, train.masks)]
+        self.normal_rows = torch.nonzero(train.labels == 0).flatten()
+        self.abnormal_rows = torch.nonzero(train.labels == 1).flatten()
+        if len(self.normal_rows) == 0:
+            raise ValueError("the training set has no normal image")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.epoch = 0
+
+    def learning_rate(self, sub_epoch: int) -> float:
+        """Linear warm-up over ``warmup_epochs`` meta-epochs, then cosine decay to 1e-3 of ``lr``."""
+        cfg = self.config
+        total = cfg.meta_epochs * cfg.sub_epochs
+        warm = cfg.warmup_epochs * cfg.sub_epochs
+        if sub_epoch < warm:
+            return cfg.lr * (0.01 + 0.99 * sub_epoch / warm)
+        progress = (sub_epoch - warm) / max(1, total - warm)
+        floor = cfg.lr * 1e-3
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+    def _sample_images(self, with_anomalies: bool) -> torch.Tensor:
+        """All normal images once, plus (phase 2) ``abnormal_ratio`` as many anomalous ones drawn with replacement."""
+        rows = [self.normal_rows]
+        if with_anomalies and len(self.abnormal_rows):
+            count = max(1, round(len(self.normal_rows) * self.config.abnormal_ratio))
+            draw = torch.randint(len(self.abnormal_rows), (count,), generator=self.generator)
+            rows.append(self.abnormal_rows[draw])
+        return torch.cat(rows)
+
+    def _step_loss(self, level: int, fibers: torch.Tensor, phase2: bool) -> torch.Tensor:
+        cfg = self.config
+        data = self.levels[level]
+        vectors = data.vectors[fibers]
+        labels = data.labels[fibers]
+        grid_positions = self.model.positions(*data.grid, self.device)
+        conditions = grid_positions[fibers % data.cells]
+        logps = self.model.vector_logps(level, vectors, conditions)
+        normal = labels == 0
+        weights = focal_weights(logps, labels, cfg.normalizer) if (phase2 and cfg.focal_weighting) else None
+        loss = ml_loss(logps[normal], None if weights is None else weights[normal])
+        if phase2 and cfg.bgspp_lambda > 0 and bool((labels == 1).any()) and bool(normal.any()):
+            boundary = find_boundary(logps, labels, cfg.beta, cfg.tau, cfg.normalizer)
+            loss = loss + cfg.bgspp_lambda * bg_spp_loss(logps, labels, boundary, cfg.normalizer, weights)
+        return loss
+
+    def train_meta_epoch(self) -> dict[str, float]:
+        """Run ``sub_epochs`` passes and return the mean loss and final learning rate of this meta-epoch."""
+        cfg = self.config
+        phase2 = self.epoch >= cfg.normal_epochs
+        self.model.train()
+        losses = []
+        for sub in range(cfg.sub_epochs):
+            lr = self.learning_rate(self.epoch * cfg.sub_epochs + sub)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = self._sample_images(phase2)
+            for level, data in enumerate(self.levels):
+                fibers = data.fibers_of(images)
+                fibers = fibers[torch.randperm(len(fibers), generator=self.generator).to(fibers.device)]
+                for chunk in fibers.split(cfg.fiber_batch):
+                    loss = self._step_loss(level, chunk, phase2)
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"non-finite loss {loss.item()} at meta-epoch {self.epoch}, sub-epoch {sub}, level {level}"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    losses.append(loss.detach())
+        self.epoch += 1
+        return {"loss": float(torch.stack(losses).mean()), "lr": lr, "phase": 2.0 if phase2 else 1.0}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly where it stopped (plain tensors: weights_only-safe)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``: same weights, optimizer moments, epoch counter and sampling stream."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def boundary_snapshot(self, max_vectors: int = 20000) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Normalised per-dim log-likelihoods of (a sample of) normal and abnormal training vectors, with b_n, b_a.
+
+        What the BG-SPP loss sees, for a histogram: all levels pooled, anomalous images included.
+        """
+        self.model.eval()
+        cfg = self.config
+        images = torch.cat([self.normal_rows, self.abnormal_rows])
+        logps, labels = [], []
+        for level, data in enumerate(self.levels):
+            fibers = data.fibers_of(images)
+            fibers = fibers[torch.randperm(len(fibers), generator=torch.Generator().manual_seed(level))[:max_vectors]]
+            conditions = self.model.positions(*data.grid, self.device)[fibers % data.cells]
+            logps.append(self.model.vector_logps(level, data.vectors[fibers], conditions).cpu())
+            labels.append(data.labels[fibers].cpu())
+        all_logps, all_labels = torch.cat(logps), torch.cat(labels)
+        boundary = find_boundary(all_logps, all_labels, cfg.beta, cfg.tau, cfg.normalizer)
+        scaled = (all_logps / cfg.normalizer).numpy()
+        return (
+            scaled[all_labels.numpy() == 0],
+            scaled[all_labels.numpy() == 1],
+            float(boundary.normal),
+            float(boundary.abnormal),
+        )
+
+    def fit_normalization(self, max_images: int = 64) -> Normalization:
+        """Scoring constants from (up to ``max_images``) training normals, evenly spaced for determinism."""
+        rows = self.normal_rows
+        if len(rows) > max_images:
+            rows = rows[torch.linspace(0, len(rows) - 1, max_images).long()]
+        return Normalization.fit(logp_maps(self.model, self.train_set.select(rows), self.device))
+
+    def evaluate(self, split: FeatureSet, normalization: Normalization, image_size: tuple[int, int]) -> Evaluation:
+        """Evaluate the current flows on a split (see ``evaluate``)."""
+        return evaluate(self.model, split, normalization, image_size, self.config, self.device)
+
+
+@torch.no_grad()
+def logp_maps(
+    model: BGADFlows, features: FeatureSet, device: torch.device | str = "cpu", batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Per-level per-dim log-likelihood maps ``(N, H_l, W_l)`` of every row, returned on the CPU."""
+    model.eval()
+    parts: list[list[torch.Tensor]] = [[] for _ in features.features]
+    for start in range(0, len(features), batch_size):
+        batch = [f[start : start + batch_size].to(device) for f in features.features]
+        for store, logps in zip(parts, model(batch)):
+            store.append(logps.cpu())
+    return [torch.cat(p) for p in parts]
+
+
+def evaluate(
+    model: BGADFlows,
+    split: FeatureSet,
+    normalization: Normalization,
+    image_size: tuple[int, int],
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+) -> Evaluation:
+    """Anomaly maps, image scores and metrics of an evaluation split (pixel metrics when it has masks)."""
+    maps = anomaly_maps(logp_maps(model, split, device), normalization, image_size, config.blur_sigma)
+    scores = image_scores(maps, config.image_score)
+    labels = split.labels.numpy()
+    masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
+    metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy() if masks is not None else None)
+    return Evaluation(metrics=metrics, scores=scores, maps=maps, normalization=normalization)
+
+
+def decision_threshold(evaluation: Evaluation, labels: torch.Tensor) -> float:
+    """Image-score threshold that maximises F1 on a (validation) split: the served model's default decision."""
+    return float(f1_max(labels.numpy(), evaluation.scores.numpy())[1])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy so flow initialisation (incl. FrEIA's random soft permutations) is reproducible."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)

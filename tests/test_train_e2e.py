@@ -1,0 +1,38 @@
+"""End to end on generated defect images: features once, two-phase training, selection on validation."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.synthetic import make_synthetic_category
+from bgad_core.train import DataConfig, main, run
+from bgad_core.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return make_synthetic_category(tmp_path_factory.mktemp("data"), size=128, n_train=32, n_test_good=24, n_test_per_defect=12, seed=1)
+
+
+@pytest.mark.slow
+def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
+    started = time.perf_counter()
+    data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
+    config = TrainConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048)
+    summary = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), tmp_path)
+    elapsed = time.perf_counter() - started
+    assert summary["test"]["image_auroc"] >= 0.95, summary
+    assert elapsed < 180
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    model, restored, normalization = model_from_checkpoint(checkpoint)
+    assert restored == config
+    assert checkpoint["backbone"]["weights_digest"]
+    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == checkpoint["epoch"]
+
+
+def test_cli_rejects_beta_outside_unit_interval(category):
+    with pytest.raises(ValueError, match="beta"):
+        main(["--data", str(category), "--beta", "1.5"])
