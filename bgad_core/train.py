@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import tempfile
@@ -24,6 +25,7 @@ import torch
 from bgad_core.augment import racp_samples
 from bgad_core.backbone import DEFAULT_BACKBONE, FeatureExtractor
 from bgad_core.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.errors import ConfigError
 from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
 from bgad_core.features import FeatureSet, extract_feature_set
 from bgad_core.model import BGADFlows
@@ -79,6 +81,9 @@ class DataConfig:
         max_train_normals: use only the first N training normals (sorted), e.g. the MTD-200 protocol.
         train_defect_types: unseen-anomaly protocol: draw anomalies of these types only, evaluate on the others.
         split_seed: seeds anomaly drawing and the validation/test split.
+        held_out_anomalies: anomalies per type drawn and kept out of evaluation (default ``num_anomalies``); the
+            first ``num_anomalies`` of them train. Runs with different ``num_anomalies`` but the same value here
+            are evaluated on exactly the same images, so they compare fairly.
     """
 
     data: str
@@ -91,6 +96,7 @@ class DataConfig:
     max_train_normals: int | None = None
     train_defect_types: list[str] | None = None
     split_seed: int = 0
+    held_out_anomalies: int | None = None
 
 
 def build_feature_sets(
@@ -98,15 +104,21 @@ def build_feature_sets(
 ) -> tuple[Splits, bool, FeatureSet, FeatureSet, FeatureSet]:
     """Read the category, split it, synthesise anomalies and extract features of train, validation and test."""
     index = read_category(data.data)
-    splits = make_splits(
+    held_out = data.num_anomalies if data.held_out_anomalies is None else data.held_out_anomalies
+    if held_out < data.num_anomalies:
+        raise ConfigError(f"held_out_anomalies ({held_out}) must be >= num_anomalies ({data.num_anomalies})")
+    split = functools.partial(
+        make_splits,
         index,
-        num_anomalies=data.num_anomalies,
         per_defect_type=data.per_defect_type,
         val_fraction=data.val_fraction,
         seed=data.split_seed,
         train_defect_types=data.train_defect_types,
         max_train_normals=data.max_train_normals,
     )
+    splits = split(num_anomalies=held_out)
+    if held_out != data.num_anomalies:  # draws are nested: the first n of a seed are among its first K
+        splits.train_anomalies = split(num_anomalies=data.num_anomalies).train_anomalies
     size = data.image_size
     normals, normal_masks = load_records(splits.train_normal, size)
     anomalies, anomaly_masks = load_records(splits.train_anomalies, size)

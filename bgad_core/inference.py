@@ -1,0 +1,181 @@
+"""Score raw images with a trained model: backbone + flows + the fixed constants stored in its checkpoint.
+
+Training never sees images, only cached backbone features (fp16 by default). A served model must reproduce what
+the trial's own evaluation computed from those features, so ``Scorer`` runs the same frozen backbone in fp32,
+*rounds its features to the dtype training stored them in* and then applies the flows, the fixed normalisation
+and the image-score reduction of ``bgad_core.scoring``: served scores equal the trial's evaluation scores, and the
+F1-max threshold chosen on validation applies to them unchanged.
+
+Rounding to fp16 only reproduces the cached features if the fp32 features are bit-identical, and on the CPU they
+are not always: PyTorch sends 1x1 convolutions of a single image, or of fewer than 16 images on one thread, to its
+own GEMM instead of oneDNN (``use_mkldnn`` in aten's Convolution.cpp), and the two differ by ~3e-5, which flips a
+few fp16 roundings and moves scores by ~1e-4. oneDNN's per-image results do not depend on batch size or thread
+count (measured), so ``Scorer`` pads small CPU batches until oneDNN runs: features, and hence scores, are then the
+same for an image in any batch, on any number of threads, and equal to those of full cache batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from bgad_core.backbone import FeatureExtractor
+from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.errors import ConfigError, DataError
+from bgad_core.scoring import anomaly_maps, image_scores
+
+ONEDNN_MIN_ROWS_ONE_THREAD = 16  # aten sends 1x1 convolutions of fewer rows on one thread to its own GEMM
+SCORE_BATCH = 16  # images per backbone call in ``Scorer.score``
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# What both feature producers store unless told otherwise: ``extract_feature_set`` (bgad_core.train) and the
+# sweep's feature cache (``cache.dtype``) default to fp16.
+DEFAULT_FEATURE_DTYPE = "float16"
+
+
+class Prediction(NamedTuple):
+    """Per image: anomaly score, anomaly map at the image's own resolution, decision ``score >= threshold``."""
+
+    scores: np.ndarray  # (N,) float32
+    maps: list[np.ndarray]  # N arrays (H_i, W_i) float32
+    decisions: np.ndarray  # (N,) bool
+
+
+class Scorer(nn.Module):
+    """A servable BGAD model: frozen backbone, flows, normalisation constants and decision threshold.
+
+    Args:
+        checkpoint: a ``bgad_core.checkpoint`` dict whose ``backbone`` names the backbone (``name``, ``strides``,
+            ``weights_digest``, optionally ``feature_dtype``).
+        extractor: the backbone with the weights the flows were trained on (checked against the digest).
+    """
+
+    def __init__(self, checkpoint: Mapping[str, Any], extractor: FeatureExtractor) -> None:
+        super().__init__()
+        backbone = checkpoint["backbone"]
+        if extractor.weights_digest != backbone["weights_digest"]:
+            raise ConfigError(
+                f"backbone weights: digest {extractor.weights_digest} ({extractor.weights_source}) differs from "
+                f"the {backbone['weights_digest']} the flows were trained on"
+            )
+        if list(extractor.channels) != list(checkpoint["channels"]):
+            raise ConfigError(
+                f"backbone channels {list(extractor.channels)} differ from the flows' {list(checkpoint['channels'])}"
+            )
+        self.extractor = extractor
+        self.flows, self.config, self.normalization = model_from_checkpoint(dict(checkpoint))
+        self.image_size = tuple(int(s) for s in checkpoint["image_size"])
+        self.threshold = float(checkpoint["threshold"])
+        self.feature_dtype = feature_dtype(checkpoint)
+        self.eval()
+
+    @classmethod
+    def load(cls, checkpoint_path: str | Path, backbone_weights: str | Path) -> Scorer:
+        """Rebuild from a checkpoint file and the backbone's own state dict file (both read ``weights_only``)."""
+        checkpoint = load_checkpoint(checkpoint_path)
+        backbone = checkpoint["backbone"]
+        for key in ("name", "strides", "weights_digest"):
+            if key not in backbone:
+                raise ConfigError(f"{checkpoint_path}: checkpoint backbone lacks {key!r} (cannot rebuild the backbone)")
+        extractor = FeatureExtractor(backbone["name"], weights=str(backbone_weights), strides=backbone["strides"])
+        return cls(checkpoint, extractor)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``[B, H, W, 3]`` images at ``image_size`` -> image scores ``(B,)`` and maps ``(B, H, W)``.
+
+        Features pass through the training storage dtype before the flows (which compute in fp32), so they are
+        exactly what training and validation saw.
+        """
+        if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
+            raise DataError(f"images: expected [B, {self.image_size[0]}, {self.image_size[1]}, 3], got {list(images.shape)}")
+        rows = images.shape[0]
+        padded = pad_rows(images, onednn_rows(rows, next(self.flows.parameters()).device))
+        features = [f[:rows].to(self.feature_dtype) for f in self.extractor.extract(padded)]
+        maps = anomaly_maps(self.flows(features), self.normalization, self.image_size, self.config.blur_sigma)
+        return image_scores(maps, self.config.image_score), maps
+
+    def score(self, images: Sequence[np.ndarray] | np.ndarray) -> Prediction:
+        """Score uint8 images of any size (``[H, W, 3]`` RGB or ``[H, W]`` grey; a list or an ``[N, H, W, 3]`` array).
+
+        Each image is resized to the model's ``image_size`` exactly as the training data were (``load_image``:
+        PIL bilinear) and its map is resized back to the image's own resolution; the score comes from the map at
+        model resolution, as in evaluation. Batches run through the backbone together, which changes no image's
+        result (see the module docstring).
+        """
+        originals = [as_rgb(image, f"image {index}") for index, image in enumerate(images)]
+        scores, maps = [], []
+        for start in range(0, len(originals), SCORE_BATCH):
+            chunk = originals[start : start + SCORE_BATCH]
+            batch = torch.from_numpy(np.stack([resize(image, self.image_size) for image in chunk]))
+            chunk_scores, chunk_maps = self(batch)
+            scores += chunk_scores.cpu().tolist()
+            maps += [resize_map(m.cpu(), image.shape[:2]).numpy() for m, image in zip(chunk_maps, chunk)]
+        values = np.asarray(scores, dtype=np.float32)
+        return Prediction(values, maps, values >= self.threshold)
+
+
+def onednn_rows(rows: int, device: torch.device) -> int:
+    """Smallest CPU batch >= ``rows`` for which aten runs every convolution through oneDNN (see module docstring)."""
+    if device.type != "cpu":
+        return rows
+    return max(rows, 2 if torch.get_num_threads() > 1 else ONEDNN_MIN_ROWS_ONE_THREAD)
+
+
+def pad_rows(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """``images`` followed by black images up to ``rows`` rows."""
+    if images.shape[0] >= rows:
+        return images
+    return torch.cat([images, images.new_zeros((rows - images.shape[0], *images.shape[1:]))])
+
+
+def feature_dtype(checkpoint: Mapping[str, Any]) -> torch.dtype:
+    """The dtype the flows' training features were stored in (``backbone.feature_dtype``, default fp16)."""
+    name = checkpoint["backbone"].get("feature_dtype", DEFAULT_FEATURE_DTYPE)
+    if name not in FEATURE_DTYPES:
+        raise ConfigError(f"backbone.feature_dtype: expected one of {sorted(FEATURE_DTYPES)}, got {name!r}")
+    return FEATURE_DTYPES[name]
+
+
+def save_backbone_weights(extractor: FeatureExtractor, path: str | Path) -> Path:
+    """Write the backbone's state dict as safetensors: loading it runs no code and needs no network or package."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in extractor.model.state_dict().items()}, str(path))
+    return path
+
+
+def as_rgb(image: Any, name: str) -> np.ndarray:
+    """A uint8 ``[H, W, 3]`` array from ``[H, W, 3]`` or grey ``[H, W]`` / ``[H, W, 1]`` uint8 input."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise DataError(f"{name}: expected uint8 pixels, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise DataError(f"{name}: expected an [H, W, 3] RGB or [H, W] grey image, got shape {list(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[H, W, 3]`` uint8 resized to ``size`` (height, width) as ``datasets.load_image`` does (PIL bilinear)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def resize_map(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An ``(h, w)`` anomaly map resized bilinearly to ``size`` (unchanged when it already has that size)."""
+    if tuple(heatmap.shape) == tuple(size):
+        return heatmap
+    return F.interpolate(heatmap[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]

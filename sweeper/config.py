@@ -1,0 +1,436 @@
+"""Sweep configuration: one YAML file, validated by pydantic models before any work starts.
+
+Every section forbids unknown keys (a typo such as ``imgae_size`` must fail rather than silently fall back to the
+default) and is strict about types (``per_defect_type: 1`` is not a bool). ``load_config`` turns YAML and validation
+errors into a ``bgad_core.errors.ConfigError`` naming the file and the dotted key, e.g.
+``sweep.yaml: cache.racp_depths[1]: ...``.
+
+Relative local paths (``datasets[].path``, ``cache.root``) are resolved against the current working directory when
+they are used, not against the YAML file, so ``python -m sweeper.cache --config configs/x.yaml`` run from the repo
+root reads ``../shared/data/...`` as written.
+
+Sections, in file order: ``datasets`` (what to read), ``data`` (how to split it), ``backbone`` (how to turn images
+into features), ``cache`` (where features are stored and how the synthetic anomalies are pre-generated). New sections
+subclass ``Section`` and are added as fields of ``SweepConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bgad_core.augment import TRANSFORMS
+from bgad_core.backbone import DEFAULT_BACKBONE
+from bgad_core.errors import ConfigError
+from bgad_core.synthetic import DEFECT_TYPES
+from bgad_core.training import TrainConfig
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys and loosely typed values are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SyntheticSpec(Section):
+    """Arguments of ``bgad_core.synthetic.make_synthetic_category`` (a generated MVTec-layout category).
+
+    The category is generated deterministically before use into ``<cache.root>/../data/<name>`` when the cache root
+    is a local path, and into ``runs/data/<name>`` (working directory) when it is a remote URI.
+    """
+
+    name: str = Field("synthetic", min_length=1, pattern=r"^[^/.][^/]*$")
+    size: int = Field(128, ge=32)
+    n_train: int = Field(40, ge=1)
+    n_test_good: int = Field(20, ge=1)
+    n_test_per_defect: int = Field(10, ge=1)
+    defect_types: list[str] = Field(default_factory=lambda: ["scratch", "spot"], min_length=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("defect_types")
+    @classmethod
+    def _known_defects(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in DEFECT_TYPES]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct names from {list(DEFECT_TYPES)}")
+        return value
+
+
+class DatasetSpec(Section):
+    """One category: an existing directory (``path`` + ``layout``) or a generated one (``synthetic``).
+
+    ``name`` is the category name used in the cache and in results; it defaults to the directory's name (or the
+    synthetic category's name) and must be unique within a sweep.
+    """
+
+    path: str | None = None
+    layout: Literal["auto", "mvtec", "btad", "folder"] = "auto"
+    name: str | None = Field(None, min_length=1)
+    synthetic: SyntheticSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of 'path' (an existing category) or 'synthetic' (a generated one)")
+        if self.synthetic is not None and (self.name is not None or self.layout != "auto"):
+            raise ValueError("'name' and 'layout' belong to 'path' datasets; synthetic.name names a synthetic one")
+        return self
+
+    @property
+    def category(self) -> str:
+        """The category name (see the class docstring)."""
+        if self.synthetic is not None:
+            return self.synthetic.name
+        return self.name or Path(str(self.path)).resolve().name
+
+
+class DataSpec(Section):
+    """How every category is split (``bgad_core.splits.make_splits``) and loaded.
+
+    ``on_bad_image``: ``error`` stops the cache build at the first unreadable image (naming it); ``skip`` leaves it
+    out with a warning and records it in the cache manifest.
+    """
+
+    image_size: int = Field(256, ge=32)
+    per_defect_type: bool = True
+    val_fraction: float = Field(0.3, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+    max_train_normals: int | None = Field(None, ge=1)
+    train_defect_types: list[str] | None = Field(None, min_length=1)
+    on_bad_image: Literal["error", "skip"] = "error"
+
+
+class BackboneSpec(Section):
+    """The frozen feature extractor (``bgad_core.backbone.FeatureExtractor``)."""
+
+    name: str = Field(DEFAULT_BACKBONE, min_length=1)
+    weights: str = Field("auto", min_length=1)
+    strides: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
+
+    @field_validator("strides")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("must be positive and strictly increasing")
+        return value
+
+
+class CacheSpec(Section):
+    """Where and how features are cached (see ``sweeper.cache`` for the layout and the cost of the choices).
+
+    Attributes:
+        root: local path or pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``) holding the caches.
+        dtype: storage type of the features (float16 halves size and read time; fp16 error ~1e-3 relative).
+        max_anomalies: K_max, real anomalies drawn per defect type once per sweep; trials use the first n <= K_max.
+        racp_depths: every RandAugment depth S a sweep may ask for; each costs a full set of synthetic rows.
+        racp_per_anomaly: M, synthetic RACP samples cached per drawn anomaly and depth (0: none).
+        racp_seed: seeds the synthetic samples.
+        batch_size: images per backbone call.
+        actors: extraction actors (one model replica each).
+        gpus_per_actor: GPUs per actor; None = 1 when the cluster has GPUs, else 0.
+        cpus_per_actor: CPUs per actor (also torch's thread count when it runs on CPU).
+        max_cpus: cap on the CPUs the build's Ray Data pipeline may use (None: all); set it when other Ray work
+            shares the cluster during the build.
+        hash_images: ``content`` (sha256 of every image and mask) or ``stat`` (size + mtime: fast, but blind to
+            edits that keep both).
+    """
+
+    root: str = Field("runs/cache", min_length=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    max_anomalies: int = Field(10, ge=0)
+    racp_depths: list[int] = Field(default_factory=lambda: [3])
+    racp_per_anomaly: int = Field(8, ge=0)
+    racp_seed: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    max_cpus: float | None = Field(None, gt=0)
+    hash_images: Literal["content", "stat"] = "content"
+
+    @field_validator("racp_depths")
+    @classmethod
+    def _valid_depths(cls, value: list[int]) -> list[int]:
+        bad = [d for d in value if not 0 <= d <= len(TRANSFORMS)]
+        if bad or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct ints in [0, {len(TRANSFORMS)}]")
+        return sorted(value)
+
+
+TUNABLE_DATA_KEYS = ("num_anomalies", "racp_depth")
+TUNABLE_KEYS = frozenset({f.name for f in fields(TrainConfig)} | set(TUNABLE_DATA_KEYS))
+
+
+class ParamSpec(Section):
+    """One searched parameter: exactly one distribution (``randint`` bounds are inclusive)."""
+
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    randint: list[int] | None = Field(None, min_length=2, max_length=2)
+    choice: list[bool | int | float | str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> ParamSpec:
+        given = [k for k in ("uniform", "loguniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of uniform, loguniform, randint, choice")
+        bounds = getattr(self, given[0])
+        if given[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: lower bound must be below the upper bound")
+        if given[0] == "loguniform" and bounds[0] <= 0:
+            raise ValueError("loguniform: bounds must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("uniform", "loguniform", "randint", "choice") if getattr(self, k) is not None)
+
+    def values(self) -> list[Any]:
+        """Every value an integer or categorical parameter can take (bounds for continuous ones)."""
+        if self.randint is not None:
+            return list(range(self.randint[0], self.randint[1] + 1))
+        return list(getattr(self, self.kind))
+
+
+class SearchSpec(Section):
+    """What to try.
+
+    Attributes:
+        algorithm: ``optuna`` (TPE over ``space``, seeded, study in ``tune.optuna_storage``) or ``grid`` (every
+            combination of ``grid``, each ``num_samples`` times).
+        num_samples: Optuna trials per category (grid: repeats of the whole grid).
+        seed: TPE sampler seed.
+        space: parameter -> distribution, for ``optuna``.
+        grid: parameter -> list of values, for ``grid``.
+        compare_paper_default: also train the paper's default configuration with the same schedule (no early
+            stopping) and report its test score beside the best trial's.
+    """
+
+    algorithm: Literal["optuna", "grid"] = "optuna"
+    num_samples: int = Field(16, ge=1)
+    seed: int = Field(0, ge=0)
+    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    grid: dict[str, list[bool | int | float | str]] = Field(default_factory=dict)
+    compare_paper_default: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpec:
+        params = self.space if self.algorithm == "optuna" else self.grid
+        other = "grid" if self.algorithm == "optuna" else "space"
+        if not params:
+            key = "space" if self.algorithm == "optuna" else "grid"
+            raise ValueError(f"search.{key} is empty: algorithm {self.algorithm!r} needs at least one parameter")
+        if getattr(self, other):
+            raise ValueError(f"search.{other} is not used by algorithm {self.algorithm!r}; remove it")
+        unknown = sorted(set(params) - TUNABLE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; tunable: {sorted(TUNABLE_KEYS)}")
+        if any(len(v) == 0 for v in self.grid.values()):
+            raise ValueError("every grid parameter needs at least one value")
+        return self
+
+    def values_of(self, key: str) -> list[Any] | None:
+        """All values ``key`` may take in this search (None when it is not searched)."""
+        if key in self.grid:
+            return list(self.grid[key])
+        if key in self.space:
+            return self.space[key].values()
+        return None
+
+
+class SchedulerSpec(Section):
+    """Early stopping: ASHA on meta-epochs (``max_t`` = train.meta_epochs), or none (``fifo``)."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneSpec(Section):
+    """How trials run.
+
+    Attributes:
+        metric: objective reported by trials (``val_aupro``, ``val_image_auroc``, ...); ``auto`` = ``val_aupro``
+            when every category has pixel masks, else ``val_image_auroc``.
+        scheduler: early stopping of weak trials.
+        max_concurrent_trials: trials running at once (one per GPU on a GPU cluster).
+        cpus_per_trial, gpus_per_trial: resources of one trial (a GPU fraction packs several trials per GPU).
+        storage_path: Tune results and checkpoints; shared storage (s3://, gs://, NFS) on a multi-node cluster.
+        max_failures: retries of a failed trial, from its last checkpoint.
+        optuna_storage: RDB URL of the Optuna studies (survive restarts; readable by optuna-dashboard).
+    """
+
+    metric: str = "auto"
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    storage_path: str = Field("runs/tune", min_length=1)
+    max_failures: int = Field(1, ge=0)
+    optuna_storage: str = Field("sqlite:///runs/optuna.db", min_length=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        if value != "auto" and not value.startswith("val_"):
+            raise ValueError("must be 'auto' or a validation metric such as 'val_aupro' (never a test metric)")
+        return value
+
+
+class MlflowSpec(Section):
+    """Tracking: ``tracking_uri`` (None: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db``)."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("bgad-sweeper", min_length=1)
+    artifact_location: str | None = "runs/mlartifacts"
+    log_plots: bool = True
+
+
+class SweepConfig(Section):
+    """A whole sweep file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1)
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    mode: Literal["per_category", "shared"] = "per_category"
+    train: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSpec
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+
+    @model_validator(mode="after")
+    def _unique_categories(self) -> SweepConfig:
+        names = [d.category for d in self.datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"datasets: category names must be unique, {duplicates} repeat (set 'name')")
+        return self
+
+    @model_validator(mode="after")
+    def _trainable_values(self) -> SweepConfig:
+        """Every fixed and searched value must make a valid TrainConfig: fail at load, not in trial 7 of 32."""
+        unknown = sorted(set(self.train) - TUNABLE_KEYS)
+        if unknown:
+            raise ValueError(f"train: unknown parameter(s) {unknown}; known: {sorted(TUNABLE_KEYS)}")
+        fixed = {k: v for k, v in self.train.items() if k not in TUNABLE_DATA_KEYS}
+        _check_train_config(fixed, "train")
+        for key, spec in self.search.space.items():
+            for value in spec.values():
+                _check_param(fixed, key, value, f"search.space.{key}")
+        for key, values in self.search.grid.items():
+            for value in values:
+                _check_param(fixed, key, value, f"search.grid.{key}")
+        for key in TUNABLE_DATA_KEYS:
+            if key in self.train:
+                _check_param(fixed, key, self.train[key], f"train.{key}")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_covers_search(self) -> SweepConfig:
+        """The cache must hold every (n anomalies, depth S) a trial can ask for; unset cache values follow the search."""
+        anomalies = self._values("num_anomalies")
+        depths = self._values("racp_depth")
+        if anomalies:
+            if "max_anomalies" not in self.cache.model_fields_set:
+                self.cache.max_anomalies = max(anomalies)
+            elif max(anomalies) > self.cache.max_anomalies:
+                raise ValueError(f"cache.max_anomalies ({self.cache.max_anomalies}) is below num_anomalies {max(anomalies)}")
+        if depths:
+            if "racp_depths" not in self.cache.model_fields_set:
+                self.cache.racp_depths = sorted(set(depths))
+            elif not set(depths) <= set(self.cache.racp_depths):
+                missing = sorted(set(depths) - set(self.cache.racp_depths))
+                raise ValueError(f"cache.racp_depths {self.cache.racp_depths} lacks racp_depth value(s) {missing}")
+        return self
+
+    def _values(self, key: str) -> list[int]:
+        searched = self.search.values_of(key)
+        values = searched if searched is not None else ([self.train[key]] if key in self.train else [])
+        return [int(v) for v in values]
+
+
+def _check_train_config(values: dict[str, Any], where: str) -> None:
+    try:
+        TrainConfig.from_dict(values)
+    except (ConfigError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _check_param(fixed: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """One searched or fixed value, checked alone against the fixed ones."""
+    if key == "num_anomalies":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}: number of anomalies must be an int >= 0, got {value!r}")
+    elif key == "racp_depth":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= len(TRANSFORMS):
+            raise ValueError(f"{where}: augmentation depth must be an int in [0, {len(TRANSFORMS)}], got {value!r}")
+    else:
+        _check_train_config({**fixed, key: value}, where)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects repeated keys: plain YAML silently keeps the last one, so a second ``cache:``
+    section would quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"repeated key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep YAML file; any problem is a ``ConfigError`` naming the file (and key)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file and line
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({getattr(err, 'strerror', None) or err})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {len(err.errors())} invalid setting(s):\n" + _describe(err)) from err
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per error: ``  key.path[0].leaf: message (got value)``."""
+    lines = []
+    for problem in err.errors():
+        key = _dotted(problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {_short(problem['input'])})"
+        lines.append(f"  {key}: {message}{got}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """``("datasets", 0, "path")`` -> ``datasets[0].path``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,156 @@
+"""MLflow bookkeeping: one parent run per sweep, one child run per trial, found again on resume.
+
+Runs are found by tags rather than remembered in memory, so a restarted driver or a retried trial continues its
+run instead of creating a duplicate. Every call goes through an explicit ``MlflowClient`` (no global active run),
+which is safe from Ray worker processes, and retries briefly on SQLite's "database is locked".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from bgad_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SWEEP_TAG = "bgad.sweep_id"
+ROLE_TAG = "bgad.role"
+TRIAL_TAG = "bgad.trial_id"
+CATEGORY_TAG = "bgad.category"
+PARENT_TAG = "mlflow.parentRunId"
+REACHABILITY_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a sweep logs: tracking server/store, experiment and the sweep's parent run."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+
+def with_retry(call: Callable[[], T], attempts: int = 8, delay_s: float = 0.25) -> T:
+    """Run an MLflow call, retrying while a SQLite store reports it is locked by another writer."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as error:
+            if "locked" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay_s * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None:
+    """Fail within ``timeout_s`` with a clear message when an HTTP tracking server does not answer.
+
+    MLflow's own client retries for minutes before giving up; a sweep should not start trials that cannot log.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (user-configured URI)
+            response.read()
+    except OSError as error:
+        raise ConfigError(f"mlflow.tracking_uri: tracking server {tracking_uri} is unreachable ({error})") from error
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Id of the experiment ``name``, created (with ``artifact_location``) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if artifact_location and "://" not in artifact_location:
+        artifact_location = Path(artifact_location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """Id of the most recent run whose tags match all of ``tags``, if any."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = with_retry(lambda: client.search_runs([experiment_id], query, max_results=1, order_by=["start_time DESC"]))
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent_run(
+    tracking_uri: str, experiment: str, artifact_location: str | None, sweep_id: str, run_name: str
+) -> Tracking:
+    """Continue the sweep's parent run if one exists (a resumed sweep), else create it."""
+    check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = with_retry(lambda: ensure_experiment(client, experiment, artifact_location))
+    tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep"}
+    run_id = find_run(client, experiment_id, tags)
+    if run_id is None:
+        run_id = with_retry(lambda: client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id)
+        log.info("MLflow: created sweep run %s in experiment %s", run_id, experiment)
+    else:
+        with_retry(lambda: client.update_run(run_id, status="RUNNING"))
+        log.info("MLflow: continuing sweep run %s", run_id)
+    return Tracking(tracking_uri, experiment_id, run_id)
+
+
+def start_child_run(tracking: Tracking, trial_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """The trial's child run: found by trial id (a retried or resumed trial continues it) or created."""
+    client = tracking.client()
+    key = {SWEEP_TAG: tags[SWEEP_TAG], TRIAL_TAG: trial_id}
+    run_id = find_run(client, tracking.experiment_id, key)
+    if run_id is not None:
+        with_retry(lambda: client.update_run(run_id, status="RUNNING"))
+        return run_id
+    all_tags = {**tags, **key, ROLE_TAG: "trial", PARENT_TAG: tracking.parent_run_id}
+    return with_retry(lambda: client.create_run(tracking.experiment_id, tags=all_tags, run_name=run_name).info.run_id)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log parameters once; values already logged with the same value (a resumed run) are skipped."""
+    existing = with_retry(lambda: client.get_run(run_id)).data.params
+    new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+    if new:
+        with_retry(lambda: client.log_batch(run_id, params=new))
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log finite numeric metrics at ``step``."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
+    if batch:
+        with_retry(lambda: client.log_batch(run_id, metrics=batch))
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    with_retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return float(value) == float(value) and abs(float(value)) != float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def default_tracking_uri(configured: str | None) -> str:
+    """Configured URI, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store (the registry needs a database)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri

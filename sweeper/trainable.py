@@ -1,0 +1,214 @@
+"""The Ray Tune trainable: train BGAD-FAS flows from the feature cache and report every meta-epoch.
+
+Thin by design: data comes from ``sweeper.cache_reader`` (no backbone here, ever), training and scoring from
+``bgad_core``; this module only wires them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
+A trial trains one category (``per_category`` mode) or every category of the sweep with one configuration
+(``shared`` mode, objective = mean over categories).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from bgad_core.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.datasets import load_image
+from bgad_core.errors import TrainingDivergedError
+from bgad_core.features import FeatureSet
+from bgad_core.model import BGADFlows
+from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
+from sweeper import plots, tracking
+from sweeper.cache_reader import open_cache, read_features, row_paths
+
+log = logging.getLogger(__name__)
+
+DATA_KEYS = ("num_anomalies", "racp_depth")  # searched like hyperparameters, but select cached rows
+STATE_FILE = "trial_state.json"
+TRAINER_FILE = "trainer.pt"
+MODEL_FILE = "model.pt"
+OVERLAY_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one Tune experiment shares (passed with ``tune.with_parameters``).
+
+    Attributes:
+        sweep_id: id of the sweep (MLflow tag, study name prefix).
+        cache_uri: the feature cache (any pyarrow URI reachable from the trial's node).
+        categories: the categories one trial trains (one, or all in ``shared`` mode).
+        fixed: training values not searched (TrainConfig fields plus ``num_anomalies`` and ``racp_depth``).
+        objective: reported metric the sweep maximises (e.g. ``val_aupro``).
+        tracking: MLflow location and parent run, or None to log nothing.
+        log_plots: log anomaly-map overlays, histograms and ROC/PR curves at the last meta-epoch.
+        threads: torch CPU threads (the trial's CPU share).
+        device: "cuda" when the trial holds a GPU, else "cpu".
+    """
+
+    sweep_id: str
+    cache_uri: str
+    categories: tuple[str, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    objective: str = "val_image_auroc"
+    tracking: tracking.Tracking | None = None
+    log_plots: bool = True
+    threads: int = 1
+    device: str = "cpu"
+
+
+def split_params(params: dict[str, Any]) -> tuple[TrainConfig, dict[str, int]]:
+    """Separate a trial's parameters into the TrainConfig and the data selection (n anomalies, depth S)."""
+    train = {k: v for k, v in params.items() if k not in DATA_KEYS}
+    data = {k: int(params[k]) for k in DATA_KEYS}
+    return TrainConfig.from_dict(train), data
+
+
+@dataclass
+class _CategoryRun:
+    """One category's trainer and validation rows inside a trial."""
+
+    name: str
+    trainer: Trainer
+    val: FeatureSet
+    last: Evaluation | None = None
+
+
+def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
+    """Tune function trainable: ``params`` are the searched values, everything else comes from ``context``."""
+    torch.set_num_threads(max(1, context.threads))
+    merged = {**context.fixed, **params}
+    config, data = split_params(merged)
+    seed_everything(config.seed)
+    manifest = open_cache(context.cache_uri)
+    image_size = (manifest["image_size"], manifest["image_size"])
+    runs = [_prepare(manifest, name, config, data, context.device) for name in context.categories]
+
+    restored = tune.get_checkpoint()
+    state: dict[str, Any] = {"mlflow_run_id": None}
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            for run in runs:
+                run.trainer.load_state_dict(torch.load(Path(folder) / run.name / TRAINER_FILE, weights_only=True))
+        log.info("resumed from meta-epoch %d", runs[0].trainer.epoch)
+
+    client = run_id = None
+    if context.tracking is not None:
+        client = context.tracking.client()
+        trial = tune.get_context()
+        run_id = state["mlflow_run_id"] or tracking.start_child_run(
+            context.tracking,
+            trial.get_trial_id(),
+            trial.get_trial_name(),
+            {tracking.SWEEP_TAG: context.sweep_id, tracking.CATEGORY_TAG: ",".join(context.categories)},
+        )
+        state["mlflow_run_id"] = run_id
+        tracking.log_params(client, run_id, {**config.to_dict(), **data})
+
+    try:
+        while runs[0].trainer.epoch < config.meta_epochs:
+            metrics = _meta_epoch(runs, image_size)
+            epoch = runs[0].trainer.epoch
+            final = epoch == config.meta_epochs
+            with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
+                _write_checkpoint(Path(folder), runs, manifest, config, state, image_size)
+                if client is not None:
+                    tracking.log_metrics(client, run_id, metrics, step=epoch)
+                    client.log_artifacts(run_id, folder, artifact_path="checkpoint")
+                    if final and context.log_plots:
+                        _log_plots(client, run_id, runs, manifest, config)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    except TrainingDivergedError as error:
+        if client is not None:
+            tracking.set_tags(client, run_id, {"bgad.failure": str(error)})
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    if client is not None:
+        client.set_terminated(run_id, status="FINISHED")
+
+
+def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str, int], device: str) -> _CategoryRun:
+    train = read_features(manifest, category, ["train"], num_anomalies=data["num_anomalies"], depth=data["racp_depth"])
+    val = read_features(manifest, category, ["val"])
+    channels = [level["channels"] for level in manifest["levels"]]
+    model = BGADFlows(channels, config.cond_dim, config.coupling_blocks, config.clamp)
+    return _CategoryRun(category, Trainer(model, config, train, device=device), val)
+
+
+def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int]) -> dict[str, float]:
+    """Train every category one meta-epoch and evaluate on validation; metrics are means over categories."""
+    per_category: dict[str, dict[str, float]] = {}
+    losses = []
+    for run in runs:
+        losses.append(run.trainer.train_meta_epoch()["loss"])
+        normalization = run.trainer.fit_normalization()
+        run.last = run.trainer.evaluate(run.val, normalization, image_size)
+        per_category[run.name] = run.last.metrics
+    keys = sorted(set.intersection(*(set(m) for m in per_category.values())))
+    metrics = {f"val_{k}": float(np.nanmean([m[k] for m in per_category.values()])) for k in keys}
+    metrics["train_loss"] = float(np.mean(losses))
+    if len(runs) > 1:
+        for name, values in per_category.items():
+            metrics.update({f"{name}/val_{k}": v for k, v in values.items()})
+    return metrics
+
+
+def _write_checkpoint(
+    folder: Path, runs: list[_CategoryRun], manifest: dict, config: TrainConfig, state: dict, image_size: tuple[int, int]
+) -> None:
+    """Per category: the servable ``model.pt`` and the resumable ``trainer.pt``; plus the trial state."""
+    backbone = dict(manifest["backbone"])
+    for run in runs:
+        target = folder / run.name
+        target.mkdir(parents=True)
+        evaluation = run.last
+        threshold = decision_threshold(evaluation, run.val.labels)
+        checkpoint = make_checkpoint(
+            run.trainer.model, config, backbone, image_size, evaluation.normalization, threshold,
+            {f"val_{k}": v for k, v in evaluation.metrics.items()}, run.trainer.epoch,
+        )
+        checkpoint["cache_key"] = manifest["key"]
+        checkpoint["category"] = run.name
+        save_checkpoint(checkpoint, target / MODEL_FILE)
+        torch.save(run.trainer.state_dict(), target / TRAINER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def _log_plots(client: Any, run_id: str, runs: list[_CategoryRun], manifest: dict, config: TrainConfig) -> None:
+    """Diagnostics of the last meta-epoch: overlays, log-likelihood histogram with b_n / b_a, ROC and PR."""
+    with tempfile.TemporaryDirectory(prefix="bgad-plots-") as folder:
+        for run in runs:
+            evaluation, labels = run.last, run.val.labels.numpy()
+            out = Path(folder) / run.name
+            scores = evaluation.scores.numpy()
+            plots.save_figure(plots.roc_pr_curves(labels, scores, title=f"{run.name} validation"), out / "roc_pr.png")
+            normal, abnormal, b_n, b_a = run.trainer.boundary_snapshot()
+            plots.save_figure(plots.loglikelihood_histogram(normal, abnormal, b_n, b_a), out / "loglikelihood_hist.png")
+            chosen = _overlay_rows(labels)
+            paths = row_paths(manifest, run.name, [run.val.ids[i] for i in chosen])
+            try:
+                images = np.stack([load_image(paths[run.val.ids[i]], manifest["image_size"]) for i in chosen])
+            except (OSError, ValueError, KeyError) as error:
+                log.warning("no anomaly-map overlays for %s: %s", run.name, error)
+                continue
+            masks = None if run.val.pixel_masks is None else run.val.pixel_masks[chosen].numpy()
+            figure = plots.anomaly_map_overlays(
+                images, evaluation.maps[chosen].numpy(), masks, scores[chosen], labels[chosen]
+            )
+            plots.save_figure(figure, out / "anomaly_maps.png")
+        client.log_artifacts(run_id, folder, artifact_path="plots")
+
+
+def _overlay_rows(labels: np.ndarray) -> list[int]:
+    """A few normal and a few anomalous validation rows, deterministic."""
+    normal = np.flatnonzero(labels == 0)[: OVERLAY_IMAGES // 2]
+    abnormal = np.flatnonzero(labels == 1)[: OVERLAY_IMAGES - len(normal)]
+    return sorted([*normal.tolist(), *abnormal.tolist()])
