@@ -29,7 +29,7 @@ from sweeper import tracking  # noqa: E402
 from sweeper.cache import build_cache  # noqa: E402
 from sweeper.cache_reader import open_cache  # noqa: E402
 from sweeper.config import load_config  # noqa: E402
-from sweeper.sweep import run_sweep, summary_table  # noqa: E402
+from sweeper.sweep import SweepInterrupted, run_sweep, summary_table  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 
@@ -38,8 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="sweep YAML (default: the quickstart)")
     parser.add_argument("--rebuild-cache", action="store_true", help="extract features again even on a cache hit")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    parser.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join; 'local' starts a private instance (default: the running one, else a new one)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (implies local)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -50,10 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus)
+        address = args.address or ("local" if args.num_cpus else None)
+        ray.init(address=address, num_cpus=args.num_cpus)
     report = build_cache(config, rebuild=args.rebuild_cache)
     print(report.summary(), flush=True)
-    summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)
+    try:
+        summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)
+    except SweepInterrupted as interrupted:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
     print(summary_table(summary))
     print(json.dumps({"sweep_id": summary["sweep_id"], "seconds": summary["seconds"]}))
     return 0

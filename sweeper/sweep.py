@@ -128,7 +128,7 @@ def run_experiment(
     if tune.Tuner.can_restore(path):
         log.info("resuming experiment %s from %s", name, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
-        return tuner.fit()
+        return _completed(tuner.fit(), name, num_samples * _grid_size(param_space))
     max_t = int(context.fixed["meta_epochs"])
     tuner = tune.Tuner(
         trainable,
@@ -150,7 +150,30 @@ def run_experiment(
             verbose=0,
         ),
     )
-    return tuner.fit()
+    return _completed(tuner.fit(), name, num_samples * _grid_size(param_space))
+
+
+class SweepInterrupted(RuntimeError):
+    """The experiment stopped before all its trials ended (Ctrl-C, SIGTERM); its state is saved for resuming."""
+
+
+def _grid_size(param_space: Mapping[str, Any]) -> int:
+    size = 1
+    for value in param_space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            size *= len(value["grid_search"])
+    return size
+
+
+def _completed(results: tune.ResultGrid, name: str, expected: int) -> tune.ResultGrid:
+    """The results if every trial ended (finished, stopped early or failed); else the sweep was interrupted."""
+    ended = results.num_terminated + results.num_errors
+    if ended < len(results) or len(results) < expected:
+        raise SweepInterrupted(
+            f"experiment {name} was interrupted with {ended} of {expected} trials ended; "
+            "run the same command again to resume it"
+        )
+    return results
 
 
 def grid_space(config: SweepConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@ sweep interrupted after some trials finished that resumes without re-running the
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_quickstart_job_on_a_token_authenticated_head(tmp_path):
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/synthetic-tiles")]
         assert "checkpoint/synthetic-tiles/model.pt" in artifacts
+    finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"]
+    plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/synthetic-tiles")}
+    assert {f"plots/synthetic-tiles/{n}.png" for n in ("roc_pr", "loglikelihood_hist", "anomaly_maps")} <= plots
     outcomes = [r.data.tags.get("bgad.outcome") for r in children]
     assert "pruned" in outcomes, outcomes  # ASHA stopped at least one trial early
     assert parents[0].data.metrics["synthetic-tiles/best_test_image_auroc"] > 0.5
@@ -76,36 +80,44 @@ def test_quickstart_job_on_a_token_authenticated_head(tmp_path):
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1}, search={"compare_paper_default": False})
+    config = load_config(config_path)
     env = token_env(tmp_path)
     env.pop("RAY_AUTH_MODE")
     command = [sys.executable, "sweeper/run.py", "--config", str(config_path), "--num-cpus", "2"]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ended = 0
+    ended: list[str] = []
     output = []
     deadline = time.monotonic() + 600
     for line in first.stdout:
         output.append(line)
-        if " finished after " in line or " pruned after " in line:
-            ended += 1
-        if ended >= 2 or time.monotonic() > deadline:
+        match = ENDED.search(line)
+        if match:
+            ended.append(match.group(1))
+        if len(ended) >= 2 or time.monotonic() > deadline:
             first.send_signal(signal.SIGINT)
             break
-    rest, _ = first.communicate(timeout=300)
-    assert ended >= 2, "".join(output)[-4000:]
+    output.append(first.communicate(timeout=300)[0])
+    log = "".join(output)
+    assert len(ended) >= 2, log[-4000:]
+    assert first.returncode == 130, log[-4000:]
+    assert "run the same command again to resume" in log
 
-    before = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if r.data.tags.get("bgad.outcome")}
-    client = MlflowClient(load_config(config_path).mlflow.tracking_uri)
-    steps_before = {t: len(client.get_metric_history(r.info.run_id, "val_aupro")) for t, r in before.items()}
-    assert len(steps_before) >= 1, "".join(output)[-4000:] + rest[-2000:]
+    client = MlflowClient(config.mlflow.tracking_uri)
+    runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags}
+    steps_before = {t: len(client.get_metric_history(runs[t].info.run_id, "val_aupro")) for t in ended}
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
-    assert "resuming experiment" in second.stdout + second.stderr
-
-    after = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if r.data.tags.get(tracking.TRIAL_TAG)}
-    config = load_config(config_path)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-6000:]
+    assert "resuming experiment" in log
+    for trial_id in ended:  # a finished trial neither reports again nor gains metric steps
+        assert f"| {trial_id} epoch" not in log
+        assert len(client.get_metric_history(runs[trial_id].info.run_id, "val_aupro")) == steps_before[trial_id]
+    after = [r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags]
     assert len(after) == config.search.num_samples
-    for trial_id, steps in steps_before.items():
-        assert len(client.get_metric_history(after[trial_id].info.run_id, "val_aupro")) == steps
+    assert all(r.data.tags.get("bgad.outcome") in ("finished", "pruned") for r in after)
     study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
     assert len(study.trials) == config.search.num_samples
+
+
+ENDED = re.compile(r"\| (\w+) (?:finished|pruned) after ")

@@ -1,0 +1,73 @@
+"""Sweep configs are validated on load: every mistake names its key and file before any Ray work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bgad_core.errors import ConfigError
+from sweeper.config import load_config
+from sweeper.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
+
+SEARCH_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SEARCH_SPACES.glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    config = load_config(SEARCH_SPACES / name)
+    assert config.search.num_samples >= 1
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def base():
+    return yaml.safe_load((SEARCH_SPACES / "quickstart.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda r: r["search"]["space"].update(betta={"uniform": [0.1, 0.2]}), "betta"),
+        (lambda r: r["search"]["space"].update(beta={"uniform": [0.5, 1.5]}), "search.space.beta"),
+        (lambda r: r["search"].update(space={}), "search.space"),
+        (lambda r: r["train"].update(beta=0.0), "train"),
+        (lambda r: r["tune"].update(metric="test_aupro"), "tune.metric"),
+        (lambda r: r["tune"].update(schedulr={}), "tune.schedulr"),
+        (lambda r: r["search"]["space"].update(racp_depth={"choice": [3, 12]}), "search.space.racp_depth"),
+        (lambda r: r["search"]["space"].update(tau={"uniform": [0.3, 0.1]}), "search.space.tau"),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path, edit, key):
+    raw = base()
+    edit(raw)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        load_config(write(tmp_path, raw))
+    assert "sweep.yaml" in str(error.value)
+
+
+def test_cache_follows_the_search_space(tmp_path):
+    raw = base()
+    raw["search"]["space"]["num_anomalies"] = {"randint": [1, 7]}
+    raw["search"]["space"]["racp_depth"] = {"choice": [0, 2, 5]}
+    config = load_config(write(tmp_path, raw))
+    assert config.cache.max_anomalies == 7 and config.cache.racp_depths == [0, 2, 5]
+    raw["cache"]["max_anomalies"] = 5
+    with pytest.raises(ConfigError, match="max_anomalies"):
+        load_config(write(tmp_path, raw))
+
+
+def test_search_translations():
+    config = load_config(SEARCH_SPACES / "paper_grid.yaml")
+    grid = grid_space(config)
+    assert grid["beta"] == {"grid_search": [0.01, 0.05, 0.1]} and grid["tau"] == {"grid_search": [0.1, 0.2, 0.3]}
+    optuna_config = load_config(SEARCH_SPACES / "default_optuna.yaml")
+    beta = optuna_distribution(optuna_config.search.space["beta"])
+    assert beta.log and beta.low == 0.005
+    fixed = fixed_params(optuna_config)
+    assert fixed["meta_epochs"] == 25 and fixed["num_anomalies"] == 10
+    paper = paper_default_params(load_config(SEARCH_SPACES / "quickstart.yaml"))
+    assert paper["beta"] == 0.01 and paper["num_anomalies"] == 3 and paper["racp_depth"] == 3
