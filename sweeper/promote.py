@@ -4,8 +4,8 @@
     python -m sweeper.promote --sweep quickstart-1a2b3c4d --run-id <run> --name bgad-tiles --alias challenger
 
 ``--sweep`` is a sweep id or an MLflow experiment name (then its most recent sweep). ``--best`` takes the trial the
-sweep found best on *validation* (its ``summary.json``; while a sweep is unfinished, the trial run with the highest
-objective); test metrics never choose. Promoting a run again creates no new version: the version whose
+sweep found best on *validation* (its ``summary.json``; while a sweep is unfinished, the trial run whose best
+meta-epoch has the highest objective); test metrics never choose. Promoting a run again creates no new version: the version whose
 ``bgad.source_run_id`` tag names the run (and category) gets the alias. Aliases only, never the deprecated stages.
 
 A version holds the model logged by ``sweeper.serving`` (checkpoint + backbone weights, no network needed) and
@@ -16,12 +16,14 @@ promoted checkpoint, and its test metrics when the sweep's summary evaluated exa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -44,6 +47,7 @@ log = logging.getLogger("sweeper.promote")
 
 SOURCE_SWEEP_TAG = "bgad.source_sweep_id"
 SOURCE_RUN_TAG = "bgad.source_run_id"
+CATEGORIES_TAG = "bgad.categories"  # on the sweep run (set by sweeper.sweep)
 CHECKPOINT_ARTIFACT = "checkpoint/{category}/model.pt"
 SUMMARY_ARTIFACT = "summary.json"
 MODEL_NAME = "model"
@@ -80,6 +84,7 @@ def promote(
     """Register the trial ``run_id`` (or the sweep's best trial when None) as a version of ``name``, set ``alias``.
 
     ``weights`` overrides the sweep's ``backbone.weights`` for rebuilding the backbone (checked by digest).
+    The tracking store at ``tracking_uri`` also holds the registry (a database store: ``sqlite:///...`` works).
     """
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     parent = find_sweep_run(client, sweep)
@@ -93,7 +98,8 @@ def promote(
         version = register(client, tracking_uri, name, source, summary, weights)
         log.info("registered %s version %s from run %s", name, version.version, source.trial.info.run_id)
     else:
-        log.info("run %s is already %s version %s; only the alias moves", source.trial.info.run_id, name, version.version)
+        log.info("run %s is already %s version %s; only the alias moves", source.trial.info.run_id, name,
+                 version.version)
     tracking.with_retry(lambda: client.set_registered_model_alias(name, alias, version.version))
     return client.get_model_version(name, version.version)
 
@@ -105,7 +111,8 @@ def find_sweep_run(client: MlflowClient, sweep: str) -> Run:
     """The parent run of sweep id ``sweep``, else the most recent sweep in the experiment named ``sweep``."""
     role = f"tags.`{tracking.ROLE_TAG}` = 'sweep'"
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"{role} and tags.`{tracking.SWEEP_TAG}` = '{sweep}'", max_results=1) if experiments else []
+    query = f"{role} and tags.`{tracking.SWEEP_TAG}` = '{sweep}'"
+    runs = client.search_runs(experiments, query, max_results=1) if experiments else []
     if runs:
         return runs[0]
     experiment = client.get_experiment_by_name(sweep)
@@ -135,10 +142,11 @@ def trial_source(client: MlflowClient, parent: Run, run_id: str, category: str |
 def best_source(client: MlflowClient, parent: Run, summary: Mapping[str, Any] | None, category: str | None) -> Source:
     """The sweep's best trial for the category: from its summary, or (unfinished sweep) by trial objective."""
     sweep_id = parent.data.tags[tracking.SWEEP_TAG]
-    chosen = pick_category(parent.data.tags.get("bgad.categories", ""), category, f"sweep {sweep_id}")
+    chosen = pick_category(parent.data.tags.get(CATEGORIES_TAG, ""), category, f"sweep {sweep_id}")
     if summary is not None and chosen in summary.get("categories", {}):
         trial_id = summary["categories"][chosen]["best"]["trial_id"]
-        run_id = tracking.find_run(client, parent.info.experiment_id, {tracking.SWEEP_TAG: sweep_id, tracking.TRIAL_TAG: trial_id})
+        tags = {tracking.SWEEP_TAG: sweep_id, tracking.TRIAL_TAG: trial_id}
+        run_id = tracking.find_run(client, parent.info.experiment_id, tags)
         if run_id is None:
             raise PromoteError(f"sweep {sweep_id}: its summary names trial {trial_id}, which has no MLflow run")
         return Source(parent, client.get_run(run_id), chosen)
@@ -146,9 +154,10 @@ def best_source(client: MlflowClient, parent: Run, summary: Mapping[str, Any] | 
 
 
 def best_trial_by_objective(client: MlflowClient, parent: Run, category: str) -> Run:
-    """Trial run of ``category`` with the highest latest value of the sweep's validation objective.
+    """Trial run of ``category`` whose best meta-epoch has the highest validation objective.
 
-    The latest value is the one of the checkpoint a trial run holds, so the choice and the promoted checkpoint agree.
+    The same choice the sweep makes for its summary (best over all epochs, ``scope="all"``), for sweeps that have
+    not written one yet.
     """
     objective = parent.data.params.get("objective")
     if not objective:
@@ -156,10 +165,15 @@ def best_trial_by_objective(client: MlflowClient, parent: Run, category: str) ->
     sweep_id = parent.data.tags[tracking.SWEEP_TAG]
     query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep_id}' and tags.`{tracking.ROLE_TAG}` = 'trial'"
     runs = client.search_runs([parent.info.experiment_id], query, max_results=10000)
-    scored = [r for r in runs if objective in r.data.metrics and category in _categories(r.data.tags.get(tracking.CATEGORY_TAG, ""))]
-    if not scored:
+    best: dict[str, float] = {}
+    for run in runs:
+        if category in _categories(run.data.tags.get(tracking.CATEGORY_TAG, "")):
+            values = [m.value for m in client.get_metric_history(run.info.run_id, objective) if m.value == m.value]
+            if values:
+                best[run.info.run_id] = max(values)
+    if not best:
         raise PromoteError(f"sweep {sweep_id}: no trial of category {category!r} has reported {objective} yet")
-    return max(scored, key=lambda r: r.data.metrics[objective])
+    return next(r for r in runs if r.info.run_id == max(best, key=best.get))
 
 
 def pick_category(tag: str, requested: str | None, owner: str) -> str:
@@ -208,34 +222,61 @@ def register(
         checkpoint = download_checkpoint(client, source, folder / "download")
         sweep_config = _sweep_config(source.parent)
         backbone = complete_backbone(checkpoint, sweep_config, f"run {run_id}")
-        extractor = rebuild_backbone(backbone, weights or _get(sweep_config, "backbone", "weights"), f"run {run_id}")
+        spec = weights or backbone.get("weights") or _get(sweep_config, "backbone", "weights")
+        extractor = rebuild_backbone(backbone, spec, f"run {run_id}")
+        served_checkpoint = save_checkpoint({**checkpoint, "backbone": backbone}, folder / "model.pt")
         artifacts = {
-            serving.CHECKPOINT_ARTIFACT: str(save_checkpoint({**checkpoint, "backbone": backbone}, folder / "model.pt")),
+            serving.CHECKPOINT_ARTIFACT: str(served_checkpoint),
             serving.BACKBONE_ARTIFACT: str(save_backbone_weights(extractor, folder / "backbone.safetensors")),
         }
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        mlflow.set_experiment(experiment_id=source.parent.info.experiment_id)
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=serving.__file__,
-            artifacts=artifacts,
-            code_paths=[str(Path(bgad_core.__file__).parent)],
-            signature=serving.SIGNATURE,
-            input_example=serving.input_example(tuple(checkpoint["image_size"])),
-            pip_requirements=pip_requirements(),
-        )
+        with fluent_mlflow(tracking_uri, source.parent.info.experiment_id):  # the registry resolves models:/ there too
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=serving.__file__,
+                artifacts=artifacts,
+                code_paths=[str(Path(bgad_core.__file__).parent)],
+                signature=serving.SIGNATURE,
+                input_example=serving.input_example(tuple(checkpoint["image_size"])),
+                pip_requirements=pip_requirements(),
+            )
+            ensure_registered_model(client, name)
+            return tracking.with_retry(lambda: client.create_model_version(
+                name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                tags=version_tags(source, checkpoint, summary),
+                description=f"BGAD {source.category} from sweep {source.sweep_id}, trial "
+                            f"{source.trial.data.tags.get(tracking.TRIAL_TAG)}, meta-epoch {checkpoint['epoch']}",
+            ))
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model ``name`` unless it exists."""
     try:
         tracking.with_retry(lambda: client.create_registered_model(name))
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    return tracking.with_retry(lambda: client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-        tags=version_tags(source, checkpoint, summary),
-        description=f"BGAD {source.category} from sweep {source.sweep_id}, trial "
-                    f"{source.trial.data.tags.get(tracking.TRIAL_TAG)}, meta-epoch {checkpoint['epoch']}",
-    ))
+
+
+@contextlib.contextmanager
+def fluent_mlflow(tracking_uri: str, experiment_id: str) -> Iterator[None]:
+    """Point MLflow's fluent API, the only one ``log_model`` speaks, at the sweep's store and experiment.
+
+    Both are process globals that MLflow also exports as environment variables to subprocesses; they are put back
+    afterwards, so promoting never changes where the caller or its children log.
+    """
+    saved = {name: os.environ.get(name) for name in (MLFLOW_TRACKING_URI.name, MLFLOW_EXPERIMENT_ID.name)}
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    os.environ[MLFLOW_EXPERIMENT_ID.name] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def download_checkpoint(client: MlflowClient, source: Source, folder: Path) -> dict[str, Any]:
@@ -252,8 +293,10 @@ def download_checkpoint(client: MlflowClient, source: Source, folder: Path) -> d
     return checkpoint
 
 
-def complete_backbone(checkpoint: Mapping[str, Any], sweep_config: Mapping[str, Any] | None, owner: str) -> dict[str, Any]:
-    """The checkpoint's backbone description with what a served model needs and a sweep checkpoint may lack
+def complete_backbone(
+    checkpoint: Mapping[str, Any], sweep_config: Mapping[str, Any] | None, owner: str
+) -> dict[str, Any]:
+    """The checkpoint's backbone description, with what a served model needs and older sweep checkpoints lack
     (strides, storage dtype of the training features) taken from the sweep's configuration."""
     backbone = dict(checkpoint["backbone"])
     fallbacks = {"strides": ("backbone", "strides"), "feature_dtype": ("cache", "dtype")}
@@ -273,7 +316,9 @@ def rebuild_backbone(backbone: Mapping[str, Any], weights: str | None, owner: st
     try:
         extractor = FeatureExtractor(backbone["name"], weights=weights, strides=backbone["strides"])
     except (ConfigError, DataError) as err:
-        raise PromoteError(f"{owner}: cannot rebuild backbone {backbone['name']} with weights {weights!r}: {err}") from err
+        raise PromoteError(
+            f"{owner}: cannot rebuild backbone {backbone['name']} with weights {weights!r}: {err}"
+        ) from err
     if extractor.weights_digest != backbone["weights_digest"]:
         raise PromoteError(
             f"{owner}: weights {weights!r} resolve to {extractor.weights_source} (digest {extractor.weights_digest}), "
@@ -299,7 +344,8 @@ def version_tags(source: Source, checkpoint: Mapping[str, Any], summary: Mapping
         "bgad.epoch": str(checkpoint["epoch"]),
         "bgad.threshold": str(checkpoint["threshold"]),
         "bgad.backbone": f"{checkpoint['backbone']['name']} {checkpoint['backbone']['weights_digest']}",
-        "bgad.val_metrics": json.dumps({k.removeprefix("val_"): v for k, v in checkpoint["metrics"].items()}, sort_keys=True),
+        "bgad.val_metrics": json.dumps({k.removeprefix("val_"): v for k, v in checkpoint["metrics"].items()},
+                                       sort_keys=True),
     }
     test = summary_test_metrics(summary, source.category, trial_id, int(checkpoint["epoch"]))
     if test is not None:
@@ -307,7 +353,9 @@ def version_tags(source: Source, checkpoint: Mapping[str, Any], summary: Mapping
     return tags
 
 
-def summary_test_metrics(summary: Mapping[str, Any] | None, category: str, trial_id: str, epoch: int) -> dict[str, float] | None:
+def summary_test_metrics(
+    summary: Mapping[str, Any] | None, category: str, trial_id: str, epoch: int
+) -> dict[str, float] | None:
     """Test metrics the sweep measured for exactly this trial and meta-epoch (best or paper default), if any."""
     entries = (summary or {}).get("categories", {}).get(category, {})
     for entry in (entries.get("best"), entries.get("paper_default")):
@@ -361,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps({"name": version.name, "version": version.version, "aliases": list(version.aliases),
-                      "source_run_id": version.tags.get(SOURCE_RUN_TAG), "model_uri": f"models:/{version.name}@{args.alias}"}))
+                      "source_run_id": version.tags.get(SOURCE_RUN_TAG),
+                      "model_uri": f"models:/{version.name}@{args.alias}"}))
     return 0
 
 

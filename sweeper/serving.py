@@ -76,15 +76,25 @@ def decode_image(value: Any, name: str) -> np.ndarray:
         return value
     if isinstance(value, (bytes, bytearray)):
         return _decode_bytes(bytes(value), name)
-    if isinstance(value, Path) or (isinstance(value, str) and Path(value).is_file()):
+    if isinstance(value, Path) or (isinstance(value, str) and _is_file(value)):
         return load_image(value, None)
     if isinstance(value, str):
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as err:
-            raise DataError(f"{name}: {value[:80]!r} is neither an existing file nor base64-encoded image bytes") from err
+            raise DataError(
+                f"{name}: {value[:80]!r} is neither an existing file nor base64-encoded image bytes"
+            ) from err
         return _decode_bytes(data, name)
     raise DataError(f"{name}: expected an array, image bytes, a path or a base64 string, got {type(value).__name__}")
+
+
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names an existing file; a long base64 string is no file name (and makes stat raise)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:

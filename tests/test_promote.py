@@ -1,0 +1,115 @@
+"""Promotion to the MLflow registry: version tags, aliases, idempotence, clear failures, and a real tiny sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.training import evaluate
+from registry_fixtures import BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, recorded_sweep, served_scores
+from sweeper import tracking
+from sweeper.cache_reader import open_cache, read_features, row_paths
+from sweeper.config import load_config
+from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, best_source, find_sweep_run, main, promote,
+                             read_summary)
+from sweeper.run import main as run_sweep
+from sweeper.sweep import sweep_id
+from test_sweep_job import quickstart_in
+
+NAME = "bgad-tiles"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
+
+
+def versions(uri: str, name: str) -> list:
+    return MlflowClient(uri).search_model_versions(f"name = '{name}'")
+
+
+def test_best_trial_is_registered_with_its_provenance_and_aliased(recorded):
+    version = promote(recorded.tracking_uri, SWEEP_ID, NAME)
+    tags = version.tags
+    assert version.aliases == ["champion"]
+    assert version.run_id == recorded.best_run_id
+    assert tags[SOURCE_RUN_TAG] == recorded.best_run_id
+    assert tags[SOURCE_SWEEP_TAG] == SWEEP_ID
+    assert tags[tracking.TRIAL_TAG] == BEST_TRIAL
+    assert tags[tracking.CATEGORY_TAG] == CATEGORY
+    assert tags["bgad.cache_key"] == CACHE_KEY
+    config = json.loads(tags["bgad.config"])
+    assert config["coupling_blocks"] == 2 and config["num_anomalies"] == 2
+    assert json.loads(tags["bgad.test_metrics"]) == pytest.approx(recorded.test_metrics)
+    assert "aupro" in json.loads(tags["bgad.val_metrics"])
+    assert MlflowClient(recorded.tracking_uri).get_model_version_by_alias(NAME, "champion").version == version.version
+
+
+def test_promoting_the_same_run_again_creates_no_new_version(recorded):
+    first = promote(recorded.tracking_uri, SWEEP_ID, NAME)
+    count = len(versions(recorded.tracking_uri, NAME))
+    again = promote(recorded.tracking_uri, EXPERIMENT, NAME, run_id=recorded.best_run_id, alias="challenger")
+    assert again.version == first.version
+    assert len(versions(recorded.tracking_uri, NAME)) == count
+    assert set(again.aliases) == {"champion", "challenger"}
+
+
+def test_another_trial_becomes_a_new_version_without_test_metrics(recorded):
+    version = promote(recorded.tracking_uri, SWEEP_ID, "bgad-tiles-other", run_id=recorded.other_run_id)
+    assert version.tags[SOURCE_RUN_TAG] == recorded.other_run_id
+    assert "bgad.test_metrics" not in version.tags  # the summary evaluated another trial on test
+
+
+def test_unfinished_sweep_picks_the_trial_with_the_best_validation_objective(recorded):
+    client = MlflowClient(recorded.tracking_uri)
+    source = best_source(client, find_sweep_run(client, SWEEP_ID), None, None)
+    assert source.trial.info.run_id == recorded.best_run_id
+    assert source.category == CATEGORY
+
+
+def test_unknown_run_id_fails_with_a_message_naming_it(recorded, capsys):
+    code = main(["--sweep", SWEEP_ID, "--run-id", "0123456789abcdef", "--name", NAME,
+                 "--tracking-uri", recorded.tracking_uri])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "0123456789abcdef" in err and "no such run" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_sweep_and_category_fail_clearly(recorded, capsys):
+    assert main(["--sweep", "no-such-sweep", "--best", "--name", NAME, "--tracking-uri", recorded.tracking_uri]) == 1
+    assert "no-such-sweep" in capsys.readouterr().err
+    assert main(["--sweep", SWEEP_ID, "--best", "--category", "bottle", "--name", NAME,
+                 "--tracking-uri", recorded.tracking_uri]) == 1
+    assert "bottle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
+    """The whole path: quickstart sweep (Ray, cache, MLflow), promote its best trial, score its cached test rows."""
+    config_path = quickstart_in(tmp_path, search={"num_samples": 2, "compare_paper_default": False})
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    config = load_config(config_path)
+    uri, sid = config.mlflow.tracking_uri, sweep_id(config)
+    version = promote(uri, sid, "quickstart-tiles")
+    assert version.aliases == ["champion"]
+    client = MlflowClient(uri)
+    parent = find_sweep_run(client, sid)
+    category = version.tags[tracking.CATEGORY_TAG]
+    best = read_summary(client, parent)["categories"][category]["best"]
+    assert version.tags[tracking.TRIAL_TAG] == best["trial_id"]
+    if int(version.tags["bgad.epoch"]) == best["epoch"]:  # the trial run holds the checkpoint the sweep tested
+        assert json.loads(version.tags["bgad.test_metrics"]) == pytest.approx(best["test"])
+
+    manifest = open_cache(parent.data.tags["bgad.cache_uri"])
+    test = read_features(manifest, category, ["test"])
+    artifact = client.download_artifacts(version.run_id, f"checkpoint/{category}/model.pt", str(tmp_path))
+    checkpoint = load_checkpoint(artifact)
+    model, train_config, normalization = model_from_checkpoint(checkpoint)
+    expected = evaluate(model, test, normalization, tuple(checkpoint["image_size"]), train_config).scores.numpy()
+    paths = row_paths(manifest, category, test.ids)
+    served = served_scores(uri, "models:/quickstart-tiles@champion", [str(paths[i]) for i in test.ids])
+    assert served["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
