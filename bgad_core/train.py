@@ -142,7 +142,11 @@ def build_feature_sets(
 
 
 def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
-    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary."""
+    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary.
+
+    Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
+    must not hand back the model that BG-SPP never touched.
+    """
     started = time.perf_counter()
     seed_everything(config.seed)
     extractor = FeatureExtractor(backbone, weights=weights, strides=strides)
@@ -164,7 +168,8 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
         result = trainer.evaluate(val, normalization, image_size)
         score = result.metrics.get(objective, float("nan"))
         log.info("meta-epoch %d loss %.4f val %s", trainer.epoch, losses["loss"], _fmt(result.metrics))
-        if best is None or score > best["score"]:
+        selectable = trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1)
+        if selectable and (best is None or score > best["score"]):
             best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()),
                     "normalization": normalization, "val": result}
     model.load_state_dict(best["state"])
