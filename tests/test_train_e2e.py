@@ -26,6 +26,7 @@ def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
     elapsed = time.perf_counter() - started
     assert summary["test"]["image_auroc"] >= 0.95, summary
     assert elapsed < 180
+    assert summary["best_epoch"] > config.normal_epochs  # the phase-1 (normal-only) model is never selected
     checkpoint = load_checkpoint(tmp_path / "model.pt")
     model, restored, normalization = model_from_checkpoint(checkpoint)
     assert restored == config
