@@ -8,8 +8,9 @@ are in ``sweeper.cache_reader``.
 
 Pipeline (``build_cache`` on a miss)::
 
-    ray.data.from_items(rows) -> map_batches(decode)            load_image/load_mask at data.image_size; synthetic
-                                                                 rows are generated from their recipe (racp_sample)
+    ray.data.from_items(rows) -> map_batches(decode)            load_image/load_mask at data.image_size (files on
+                                                                 storage URIs are fetched first); synthetic rows are
+                                                                 generated from their recipe (racp_sample)
                               -> map_batches(_Extract, ActorPoolStrategy(size=cache.actors), num_gpus=...)
                                                                  FeatureExtractor per actor; fp16/fp32 features,
                                                                  per-level masks (mask_to_grid), packed pixel masks
@@ -52,6 +53,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -82,6 +84,7 @@ from sweeper.cache_reader import (
     MASK_DTYPE,
     SHARDS,
     CacheCorruptError,
+    Downloads,
     exists,
     feature_schema,
     file_sha256,
@@ -334,10 +337,15 @@ class _Unusable(Exception):
 
 
 class _Decoder:
-    """Decodes rows at one size, loading each file at most once per batch (synthetic rows share sources)."""
+    """Decodes rows at one size, loading each file at most once per batch (synthetic rows share sources).
 
-    def __init__(self, size: int) -> None:
+    Rows name their files as every node addresses them: paths (shared filesystem or baked into the image) or
+    storage URIs, which ``files`` fetches into the batch's scratch directory.
+    """
+
+    def __init__(self, size: int, files: Downloads) -> None:
         self.size = size
+        self.files = files
         self._images: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
 
@@ -358,40 +366,44 @@ class _Decoder:
 
     def image(self, path: str) -> np.ndarray:
         if path not in self._images:
-            self._images[path] = _readable(path, lambda: load_image(path, self.size))
+            self._images[path] = self._readable(path, lambda: load_image(self.files.local(path), self.size))
         return self._images[path]
 
     def mask(self, path: str, label: int, defect_type: str, mask_path: str) -> np.ndarray:
         if path not in self._masks:
-            record = ImageRecord(Path(path), int(label), str(defect_type), Path(mask_path) if mask_path else None)
-            self._masks[path] = _readable(mask_path or path, lambda: load_mask(record, self.size))
+            def load() -> np.ndarray:
+                local_mask = Path(self.files.local(mask_path)) if mask_path else None
+                record = ImageRecord(Path(self.files.local(path)), int(label), str(defect_type), local_mask)
+                return load_mask(record, self.size)
+
+            self._masks[path] = self._readable(mask_path or path, load)
         return self._masks[path]
 
-
-def _readable(path: str, load: Callable[[], np.ndarray]) -> np.ndarray:
-    try:
-        return load()
-    except DataError as err:
-        raise _Unusable(UNREADABLE, path, str(err)) from err
+    def _readable(self, path: str, load: Callable[[], np.ndarray]) -> np.ndarray:
+        try:
+            return load()
+        except DataError as err:
+            raise _Unusable(UNREADABLE, path, self.files.named(str(err))) from err
 
 
 def _decode_batch(
     batch: dict[str, np.ndarray], image_size: int, skip_unreadable: bool, problems: Any
 ) -> dict[str, np.ndarray]:
     """Ray Data stage 1: rows -> images and masks; unusable rows are reported, then dropped or fatal."""
-    decoder = _Decoder(image_size)
     kept, images, masks, found = [], [], [], []
-    for i in range(len(batch["row"])):
-        item = {key: value[i] for key, value in batch.items()}
-        try:
-            image, mask = decoder.row(item)
-        except _Unusable as err:
-            found.append({"row": int(item["row"]), "id": str(item["id"]), "category": str(item["category"]),
-                          "kind": err.kind, "file": err.file, "reason": err.reason})
-            continue
-        kept.append(i)
-        images.append(image)
-        masks.append(mask)
+    with tempfile.TemporaryDirectory(prefix="bgad-decode-") as scratch:
+        decoder = _Decoder(image_size, Downloads(Path(scratch)))
+        for i in range(len(batch["row"])):
+            item = {key: value[i] for key, value in batch.items()}
+            try:
+                image, mask = decoder.row(item)
+            except _Unusable as err:
+                found.append({"row": int(item["row"]), "id": str(item["id"]), "category": str(item["category"]),
+                              "kind": err.kind, "file": err.file, "reason": err.reason})
+                continue
+            kept.append(i)
+            images.append(image)
+            masks.append(mask)
     if found:
         ray.get(problems.add.remote(found))
         fatal = [p for p in found if p["kind"] == UNREADABLE and not skip_unreadable]

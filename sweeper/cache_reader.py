@@ -28,8 +28,9 @@ fixed-size list, so a list column carries repetition/definition levels for every
 dominated reads (measured: 17.5 MiB shard read in 190 ms as lists, 8.5 ms as fixed-size binary, same size on
 disk). A fixed-size binary column decodes into one contiguous buffer that numpy and torch view without copying.
 
-``path`` is where the image was when the cache was built (for plots and audits; the key does not depend on it, so a
-moved dataset keeps its cache). ``row_paths`` maps row ids to it.
+``path`` is where the image was when the cache was built, as every node addresses it: a filesystem path or a storage
+URI (for plots and audits; the key does not depend on it, so a moved dataset keeps its cache). ``row_paths`` maps
+row ids to it and ``load_image_at`` reads it from either.
 
 Split names: ``train_normal``, ``train_anomaly`` (the K_max drawn real anomalies, ranked 0..K_max-1 within their
 defect type in draw order), ``synthetic`` (RACP samples of the drawn anomalies, per depth S), ``val``, ``test``.
@@ -39,9 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -53,6 +55,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from bgad_core.datasets import Size, load_image
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.features import FeatureSet
 
@@ -65,6 +68,7 @@ EVALUATION_SPLITS = frozenset({"val", "test"})
 FEATURE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 MASK_DTYPE = np.dtype("<f4")
 _HASH_CHUNK = 1 << 22
+_BUCKET_SCHEMES = frozenset({"s3", "gs", "gcs"})  # object stores whose pyarrow paths are "<bucket>/<key>"
 
 
 class CacheCorruptError(DataError):
@@ -74,16 +78,25 @@ class CacheCorruptError(DataError):
 # ----------------------------------------------------------------------------------------------------- storage
 
 
+def is_uri(location: str) -> bool:
+    """Whether ``location`` is a storage URI (``s3://bucket/key``, ``gs://...``, ``file:///...``), not a path."""
+    return "://" in location
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``uri`` and the path within it; plain paths are local (made absolute)."""
-    if "://" not in uri:
+    """The pyarrow filesystem of ``uri`` and the path within it; plain paths are local (made absolute).
+
+    Object stores take their endpoint and credentials from the environment (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ... for S3-compatible servers; see cluster/README.md).
+    """
+    if not is_uri(uri):
         return pafs.LocalFileSystem(), Path(uri).expanduser().resolve().as_posix()
     return pafs.FileSystem.from_uri(uri)
 
 
 def local_path(uri: str) -> Path | None:
     """The local directory ``uri`` names, or None for remote storage."""
-    if "://" not in uri:
+    if not is_uri(uri):
         return Path(uri).expanduser().resolve()
     parsed = urlparse(uri)
     return Path(parsed.path) if parsed.scheme == "file" else None
@@ -91,7 +104,7 @@ def local_path(uri: str) -> Path | None:
 
 def absolute_uri(uri: str) -> str:
     """``uri`` with local paths made absolute, so it means the same thing on every node and in every process."""
-    return uri.rstrip("/") if "://" in uri else Path(uri).expanduser().resolve().as_posix()
+    return uri.rstrip("/") if is_uri(uri) else Path(uri).expanduser().resolve().as_posix()
 
 
 def join(base: str, *parts: str) -> str:
@@ -119,6 +132,59 @@ def file_sha256(fs: pafs.FileSystem, path: str) -> str:
         while chunk := stream.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class Downloads:
+    """Local files for locations that are paths or storage URIs, for decoders that need a local file (PIL).
+
+    A path is used where it is; a URI is downloaded once into ``folder`` (the caller's scratch directory, removed
+    with it). Object-store filesystems are reused per bucket: creating one costs a request (the bucket's region),
+    which would otherwise double the requests per image. ``named`` rewrites a message that names a download so it
+    names the URI instead: an unreadable image is reported where it lives.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._copies: dict[str, str] = {}
+        self._buckets: dict[str, pafs.FileSystem] = {}
+
+    def local(self, location: str) -> str:
+        """A local path holding the file at ``location``; a missing or unreadable URI is a ``DataError`` naming it."""
+        if not is_uri(location):
+            return location
+        if location not in self._copies:
+            fs, path = self._filesystem(location)
+            target = self.folder / f"{len(self._copies)}{PurePosixPath(path).suffix}"
+            try:
+                target.write_bytes(read_bytes(fs, path))
+            except OSError as err:
+                raise DataError(f"cannot read {location}: {err}") from err
+            self._copies[location] = str(target)
+        return self._copies[location]
+
+    def named(self, message: str) -> str:
+        for uri, copy in self._copies.items():
+            message = message.replace(copy, uri)
+        return message
+
+    def _filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        parsed = urlparse(uri)
+        if parsed.scheme not in _BUCKET_SCHEMES or parsed.query:
+            return pafs.FileSystem.from_uri(uri)
+        bucket = f"{parsed.scheme}://{parsed.netloc}"
+        if bucket not in self._buckets:
+            self._buckets[bucket] = pafs.FileSystem.from_uri(uri)[0]
+        return self._buckets[bucket], parsed.netloc + parsed.path
+
+
+def load_image_at(location: str, size: Size | None) -> np.ndarray:
+    """``bgad_core.datasets.load_image`` of a path or a storage URI (a cache's ``path`` column holds either)."""
+    with tempfile.TemporaryDirectory(prefix="bgad-image-") as folder:
+        files = Downloads(Path(folder))
+        try:
+            return load_image(files.local(location), size)
+        except DataError as err:
+            raise DataError(files.named(str(err))) from err
 
 
 def parquet_rows(fs: pafs.FileSystem, path: str) -> int:

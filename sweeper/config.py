@@ -7,7 +7,8 @@ errors into a ``bgad_core.errors.ConfigError`` naming the file and the dotted ke
 
 Relative local paths (``datasets[].path``, ``cache.root``) are resolved against the current working directory when
 they are used, not against the YAML file, so ``python -m sweeper.cache --config configs/x.yaml`` run from the repo
-root reads ``../shared/data/...`` as written.
+root reads ``../shared/data/...`` as written. ``datasets[].path``, ``cache.root`` and ``tune.storage_path`` also take
+storage URIs (``s3://bucket/prefix``, ``gs://...``): what a multi-node cluster needs (cluster/README.md).
 
 Sections, in file order: ``datasets`` (what to read), ``data`` (how to split it), ``backbone`` (how to turn images
 into features), ``cache`` (where features are stored and how the synthetic anomalies are pre-generated). New sections
@@ -17,8 +18,9 @@ subclass ``Section`` and are added as fields of ``SweepConfig``.
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,7 +42,8 @@ class SyntheticSpec(Section):
     """Arguments of ``bgad_core.synthetic.make_synthetic_category`` (a generated MVTec-layout category).
 
     The category is generated deterministically before use into ``<cache.root>/../data/<name>`` when the cache root
-    is a local path, and into ``runs/data/<name>`` (working directory) when it is a remote URI.
+    is a local path; when it is a storage URI, into ``runs/data/generated/<digest>/<name>`` (working directory) and
+    uploaded to ``<cache.root>/datasets/<digest>/<name>``, so every node of a cluster reads the same files.
     """
 
     name: str = Field("synthetic", min_length=1, pattern=r"^[^/.][^/]*$")
@@ -63,8 +66,10 @@ class SyntheticSpec(Section):
 class DatasetSpec(Section):
     """One category: an existing directory (``path`` + ``layout``) or a generated one (``synthetic``).
 
-    ``name`` is the category name used in the cache and in results; it defaults to the directory's name (or the
-    synthetic category's name) and must be unique within a sweep.
+    ``path`` is a directory (on a multi-node cluster: on shared storage or baked into the image at the same path on
+    every node) or a storage URI such as ``s3://bucket/mvtec/bottle``. ``name`` is the category name used in the
+    cache and in results; it defaults to the directory's name (or the synthetic category's name) and must be unique
+    within a sweep.
     """
 
     path: str | None = None
@@ -85,7 +90,10 @@ class DatasetSpec(Section):
         """The category name (see the class docstring)."""
         if self.synthetic is not None:
             return self.synthetic.name
-        return self.name or Path(str(self.path)).resolve().name
+        if self.name:
+            return self.name
+        path = str(self.path)
+        return PurePosixPath(urlparse(path).path).name if "://" in path else Path(path).resolve().name
 
 
 class DataSpec(Section):
@@ -250,6 +258,9 @@ class SchedulerSpec(Section):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+_BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
+
+
 class TuneSpec(Section):
     """How trials run.
 
@@ -259,6 +270,9 @@ class TuneSpec(Section):
         scheduler: early stopping of weak trials.
         max_concurrent_trials: trials running at once (one per GPU on a GPU cluster).
         cpus_per_trial, gpus_per_trial: resources of one trial (a GPU fraction packs several trials per GPU).
+        custom_resources_per_trial: Ray custom resources each trial also requests, e.g. ``{trial_node: 1}`` to
+            keep trials on the nodes started with ``ray start --resources '{"trial_node": N}'`` (and N trials
+            per node at most).
         storage_path: Tune results and checkpoints; shared storage (s3://, gs://, NFS) on a multi-node cluster.
         max_failures: retries of a failed trial, from its last checkpoint.
         optuna_storage: RDB URL of the Optuna studies (survive restarts; readable by optuna-dashboard).
@@ -269,6 +283,7 @@ class TuneSpec(Section):
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    custom_resources_per_trial: dict[str, float] = Field(default_factory=dict)
     storage_path: str = Field("runs/tune", min_length=1)
     max_failures: int = Field(1, ge=0)
     optuna_storage: str = Field("sqlite:///runs/optuna.db", min_length=1)
@@ -280,14 +295,38 @@ class TuneSpec(Section):
             raise ValueError("must be 'auto' or a validation metric such as 'val_aupro' (never a test metric)")
         return value
 
+    @field_validator("custom_resources_per_trial")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(k for k in value if k.lower() in _BUILTIN_RESOURCES)
+        if builtin:
+            raise ValueError(f"{builtin}: set CPUs and GPUs with cpus_per_trial / gpus_per_trial")
+        if any(amount <= 0 for amount in value.values()):
+            raise ValueError("every amount must be > 0")
+        return value
+
+
+LOCAL_ARTIFACTS = "runs/mlartifacts"  # artifacts of a local (SQLite) tracking store
+
 
 class MlflowSpec(Section):
-    """Tracking: ``tracking_uri`` (None: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db``)."""
+    """Tracking: ``tracking_uri`` (None: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db``).
+
+    ``artifact_location`` is where a new experiment stores artifacts. Unset, it is ``runs/mlartifacts`` for a local
+    store and the server's own artifact store for a tracking server (``http(s)://``): trials on other nodes then
+    upload through the server instead of writing to a path only one machine has.
+    """
 
     tracking_uri: str | None = None
     experiment: str = Field("bgad-sweeper", min_length=1)
-    artifact_location: str | None = "runs/mlartifacts"
+    artifact_location: str | None = None
     log_plots: bool = True
+
+    def artifact_location_for(self, tracking_uri: str) -> str | None:
+        """The artifact location to create the experiment with, given the resolved tracking URI."""
+        if self.artifact_location is not None or tracking_uri.startswith(("http://", "https://")):
+            return self.artifact_location
+        return LOCAL_ARTIFACTS
 
 
 class SweepConfig(Section):
@@ -302,7 +341,7 @@ class SweepConfig(Section):
     cache: CacheSpec = Field(default_factory=CacheSpec)
     mode: Literal["per_category", "shared"] = "per_category"
     train: dict[str, Any] = Field(default_factory=dict)
-    search: SearchSpec
+    search: SearchSpec | None = None  # required to run a sweep; a cache-only config may leave it out
     tune: TuneSpec = Field(default_factory=TuneSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
 
@@ -322,10 +361,11 @@ class SweepConfig(Section):
             raise ValueError(f"train: unknown parameter(s) {unknown}; known: {sorted(TUNABLE_KEYS)}")
         fixed = {k: v for k, v in self.train.items() if k not in TUNABLE_DATA_KEYS}
         _check_train_config(fixed, "train")
-        for key, spec in self.search.space.items():
+        search = self.search or SearchSpec.model_construct(space={}, grid={})
+        for key, spec in search.space.items():
             for value in spec.values():
                 _check_param(fixed, key, value, f"search.space.{key}")
-        for key, values in self.search.grid.items():
+        for key, values in search.grid.items():
             for value in values:
                 _check_param(fixed, key, value, f"search.grid.{key}")
         for key in TUNABLE_DATA_KEYS:
@@ -352,7 +392,7 @@ class SweepConfig(Section):
         return self
 
     def _values(self, key: str) -> list[int]:
-        searched = self.search.values_of(key)
+        searched = self.search.values_of(key) if self.search is not None else None
         values = searched if searched is not None else ([self.train[key]] if key in self.train else [])
         return [int(v) for v in values]
 

@@ -28,7 +28,7 @@ from sweeper import tracking
 from sweeper.cache_reader import read_features
 from sweeper.config import ParamSpec, SweepConfig
 from sweeper.progress import SweepProgress
-from sweeper.trainable import DATA_KEYS, MODEL_FILE, TrialContext, train_bgad
+from sweeper.trainable import DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, TrialContext, train_bgad
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,25 @@ def optuna_distribution(spec: ParamSpec) -> optuna.distributions.BaseDistributio
     return optuna.distributions.CategoricalDistribution(spec.choice)
 
 
+class FailAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records a trial whose last result says ``failed`` (diverged training) as an Optuna FAIL.
+
+    Ray's OptunaSearch would tell Optuna COMPLETE with the trial's NaN objective, which Optuna rejects (Ray only
+    logs the error), leaving the trial RUNNING in the study forever.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get(FAILED_KEY):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
 def searcher(config: SweepConfig, metric: str, study_name: str) -> OptunaSearch | None:
     """Seeded TPE over the space, its study persisted in ``tune.optuna_storage``; None for a grid."""
     if config.search.algorithm != "optuna":
         return None
     space = {k: optuna_distribution(v) for k, v in config.search.space.items()}
-    return OptunaSearch(
+    return FailAwareOptunaSearch(
         space=space,
         metric=metric,
         mode=MODE,
@@ -123,7 +136,8 @@ def run_experiment(
     path = f"{storage}/{name}"
     trainable = tune.with_resources(
         tune.with_parameters(train_bgad, context=context),
-        {"cpu": config.tune.cpus_per_trial, "gpu": config.tune.gpus_per_trial},
+        {"cpu": config.tune.cpus_per_trial, "gpu": config.tune.gpus_per_trial,
+         **config.tune.custom_resources_per_trial},
     )
     if tune.Tuner.can_restore(path):
         log.info("resuming experiment %s from %s", name, path)
@@ -199,9 +213,19 @@ def test_evaluation(result: tune.Result, metric: str, manifest: Mapping[str, Any
     }
 
 
+class SweepFailed(RuntimeError):
+    """Every trial of an experiment failed or diverged: there is no configuration to evaluate."""
+
+
 def best_result(results: tune.ResultGrid, metric: str) -> tune.Result:
     """The trial whose best meta-epoch has the highest validation objective (test is never looked at)."""
-    return results.get_best_result(metric=metric, mode=MODE, scope="all", filter_nan_and_inf=True)
+    try:
+        return results.get_best_result(metric=metric, mode=MODE, scope="all", filter_nan_and_inf=True)
+    except RuntimeError as error:  # Tune's "No best trial found": no finite value of the metric anywhere
+        raise SweepFailed(
+            f"no trial of {results.experiment_path} reported a finite {metric} ({len(results)} trials, "
+            f"{len(results.errors)} errored; their MLflow runs carry the reason in tag {FAILURE_TAG})"
+        ) from error
 
 
 def close_child_runs(results: tune.ResultGrid, tracking_info: tracking.Tracking, sid: str, max_t: int) -> dict[str, int]:
@@ -215,10 +239,14 @@ def close_child_runs(results: tune.ResultGrid, tracking_info: tracking.Tracking,
             continue
         run_id = tracking.find_run(client, tracking_info.experiment_id, {tracking.SWEEP_TAG: sid, tracking.TRIAL_TAG: trial_id})
         iterations = result.metrics.get("training_iteration", 0)
-        outcome = "failed" if result.error else ("finished" if iterations >= max_t else "pruned")
+        failed = result.error is not None or bool(result.metrics.get(FAILED_KEY))
+        outcome = "failed" if failed else ("finished" if iterations >= max_t else "pruned")
         counts[outcome] += 1
         if run_id is not None:
-            tracking.set_tags(client, run_id, {"bgad.outcome": outcome, "bgad.meta_epochs_run": iterations})
+            tags = {"bgad.outcome": outcome, "bgad.meta_epochs_run": iterations}
+            if result.error is not None:  # the exception's own last line, e.g. "OSError: [Errno 28] No space ..."
+                tags[FAILURE_TAG] = str(result.error).strip().splitlines()[-1][:500]
+            tracking.set_tags(client, run_id, tags)
             status = {"failed": "FAILED", "finished": "FINISHED", "pruned": "KILLED"}[outcome]
             tracking.with_retry(lambda: client.set_terminated(run_id, status=status))
     return counts
@@ -230,14 +258,15 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
     sid = sweep_id(config)
     metric = objective_metric(config, manifest)
     info = tracking.start_parent_run(
-        tracking_uri, config.mlflow.experiment, config.mlflow.artifact_location, sid, run_name=config.name
+        tracking_uri, config.mlflow.experiment, config.mlflow.artifact_location_for(tracking_uri), sid,
+        run_name=config.name,
     )
     client = info.client()
     tracking.log_params(client, info.parent_run_id, {
-        "config": json.dumps(config.model_dump(mode="json"), sort_keys=True)[:6000],
+        "config": tracking.redact(json.dumps(config.model_dump(mode="json"), sort_keys=True))[:6000],
         "cache_key": manifest["key"], "objective": metric, "mode": config.mode,
     })
-    tracking.set_tags(client, info.parent_run_id, {"bgad.cache_uri": cache_uri, "bgad.categories": ",".join(manifest["categories"])})
+    tracking.set_tags(client, info.parent_run_id, {"bgad.cache_uri": tracking.redact(cache_uri), "bgad.categories": ",".join(manifest["categories"])})
     fixed = fixed_params(config)
     max_t = int(fixed["meta_epochs"])
     categories = list(manifest["categories"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,13 +26,20 @@ from bgad_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# MLflow prints "View run ... at: <tracking URI>/#/..." on every run it ends, the URI verbatim: with an HTTP server
+# given as http://user:password@host that would put the password on the console of the driver and of every trial.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 SWEEP_TAG = "bgad.sweep_id"
 ROLE_TAG = "bgad.role"
 TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
 PARENT_TAG = "mlflow.parentRunId"
-REACHABILITY_TIMEOUT_S = 10.0
+REACHABILITY_TIMEOUT_S = 5.0  # per socket operation: a silent server is reported well within 10 s
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']+@")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<key>[?&;][a-z0-9_]*(?:secret|password|passwd|token|access_key|signature)[a-z0-9_]*=)[^&;\s\"']*"
+)
 
 
 @dataclass(frozen=True)
@@ -57,19 +66,34 @@ def with_retry(call: Callable[[], T], attempts: int = 8, delay_s: float = 0.25) 
     raise AssertionError("unreachable")
 
 
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URI in it masked: ``scheme://user:password@host`` becomes
+    ``scheme://***@host`` and secret query parameters (``?secret_key=...``, ``&token=...``) become ``***``.
+
+    Applied to everything a sweep writes to MLflow params/tags and to its console log lines: URIs in a config
+    (tracking server, Optuna storage, cache or Tune storage on S3) may carry credentials.
+    """
+    return _SECRET_QUERY.sub(r"\g<key>***", _URI_USERINFO.sub(r"\g<scheme>***@", text))
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None:
     """Fail within ``timeout_s`` with a clear message when an HTTP tracking server does not answer.
 
     MLflow's own client retries for minutes before giving up; a sweep should not start trials that cannot log.
+    The probe (``/health``) needs no credentials, so any ``user:password@`` in the URI is left out of it.
     """
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    url = tracking_uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(tracking_uri)
+    host = parts.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (user-configured URI)
             response.read()
-    except OSError as error:
-        raise ConfigError(f"mlflow.tracking_uri: tracking server {tracking_uri} is unreachable ({error})") from error
+    except (OSError, ValueError) as error:  # ValueError: http.client.InvalidURL (e.g. a bad port)
+        raise ConfigError(
+            f"mlflow.tracking_uri: tracking server {redact(tracking_uri)} is unreachable ({redact(str(error))})"
+        ) from error
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -4,6 +4,12 @@ Thin by design: data comes from ``sweeper.cache_reader`` (no backbone here, ever
 ``bgad_core``; this module only wires them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
 A trial trains one category (``per_category`` mode) or every category of the sweep with one configuration
 (``shared`` mode, objective = mean over categories).
+
+Faults. A trial killed mid-way (worker process, node, driver) restarts from its last checkpoint: trainer state
+(weights, optimizer, epoch, sampling stream) and its MLflow run id, so it continues the same run and never logs a
+meta-epoch twice. A diverging loss (NaN/inf) is not a fault but an outcome of the configuration: the trial ends
+at once with ``failed`` in its last result (see ``_end_diverged``) instead of raising, so Tune's retries stay
+reserved for infrastructure faults and the sweep goes on with the other trials.
 """
 
 from __future__ import annotations
@@ -16,21 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
 from bgad_core.checkpoint import make_checkpoint, save_checkpoint
-from bgad_core.datasets import load_image
 from bgad_core.errors import TrainingDivergedError
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
 from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 from sweeper import plots, tracking
-from sweeper.cache_reader import open_cache, read_features, row_paths
+from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
 
 log = logging.getLogger(__name__)
 
 DATA_KEYS = ("num_anomalies", "racp_depth")  # searched like hyperparameters, but select cached rows
+FAILED_KEY = "failed"  # 1.0 in the last result of a trial whose training diverged (its objective is NaN)
+FAILURE_TAG = "bgad.failure"  # MLflow tag with the reason a trial failed
 STATE_FILE = "trial_state.json"
 TRAINER_FILE = "trainer.pt"
 MODEL_FILE = "model.pt"
@@ -101,6 +109,7 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
         log.info("resumed from meta-epoch %d", runs[0].trainer.epoch)
 
     client = run_id = None
+    logged_until = 0
     if context.tracking is not None:
         client = context.tracking.client()
         trial = tune.get_context()
@@ -112,27 +121,68 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
         )
         state["mlflow_run_id"] = run_id
         tracking.log_params(client, run_id, {**config.to_dict(), **data})
+        if restored is not None:
+            logged_until = _last_logged_step(client, run_id, context.objective)
 
     try:
         while runs[0].trainer.epoch < config.meta_epochs:
             metrics = _meta_epoch(runs, image_size)
+            metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node audits)
             epoch = runs[0].trainer.epoch
             final = epoch == config.meta_epochs
+            improved = _record_best(state, metrics.get(context.objective))
             with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
                 _write_checkpoint(Path(folder), runs, manifest, config, state, image_size)
                 if client is not None:
-                    tracking.log_metrics(client, run_id, metrics, step=epoch)
-                    client.log_artifacts(run_id, folder, artifact_path="checkpoint")
+                    if epoch > logged_until:
+                        tracking.log_metrics(client, run_id, metrics, step=epoch)
+                    if improved:  # the run keeps its best-validation checkpoint, the one the sweep tests
+                        client.log_artifacts(run_id, folder, artifact_path="checkpoint")
                     if final and context.log_plots:
                         _log_plots(client, run_id, runs, manifest, config)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     except TrainingDivergedError as error:
-        if client is not None:
-            tracking.set_tags(client, run_id, {"bgad.failure": str(error)})
-            client.set_terminated(run_id, status="FAILED")
-        raise
+        _end_diverged(error, client, run_id, context.objective)
+        return
     if client is not None:
-        client.set_terminated(run_id, status="FINISHED")
+        tracking.with_retry(lambda: client.set_terminated(run_id, status="FINISHED"))
+
+
+def _record_best(state: dict[str, Any], value: float | None) -> bool:
+    """Keep the best validation objective so far in ``state``; True at the first epoch and on strict improvement."""
+    value = float("nan") if value is None else float(value)
+    best = state.get("best_objective")
+    improved = best is None or (value == value and (best != best or value > best))
+    if improved:
+        state["best_objective"] = value
+    return improved
+
+
+def _last_logged_step(client: Any, run_id: str, metric: str) -> int:
+    """The last meta-epoch the run has metrics for.
+
+    An attempt killed after logging a meta-epoch but before Tune registered its checkpoint left that step in MLflow;
+    the resumed attempt trains it again and must not log it a second time.
+    """
+    history = tracking.with_retry(lambda: client.get_metric_history(run_id, metric))
+    return max((m.step for m in history), default=0)
+
+
+def _end_diverged(error: TrainingDivergedError, client: Any, run_id: str | None, objective: str) -> None:
+    """End a trial whose loss became NaN/inf as failed, without raising.
+
+    Training is seeded and resumes from the same checkpoint, so a retry would diverge again: raising would spend
+    ``tune.max_failures`` retries (meant for lost workers and nodes) on a property of the hyperparameters. The
+    reason goes to the console (the worker's log, forwarded by Ray) and to the MLflow run (tag ``bgad.failure``,
+    status FAILED); the last result carries ``failed`` and a NaN objective, which the sweep's searcher records as an
+    Optuna FAIL and which never wins the best-trial selection.
+    """
+    reason = f"training diverged: {error}"
+    log.error("trial failed: %s", reason)
+    if client is not None:
+        tracking.set_tags(client, run_id, {FAILURE_TAG: reason})
+        tracking.with_retry(lambda: client.set_terminated(run_id, status="FAILED"))
+    tune.report({objective: float("nan"), FAILED_KEY: 1.0, "failure": reason})
 
 
 def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str, int], device: str) -> _CategoryRun:
@@ -195,7 +245,7 @@ def _log_plots(client: Any, run_id: str, runs: list[_CategoryRun], manifest: dic
             chosen = _overlay_rows(labels)
             paths = row_paths(manifest, run.name, [run.val.ids[i] for i in chosen])
             try:
-                images = np.stack([load_image(paths[run.val.ids[i]], manifest["image_size"]) for i in chosen])
+                images = np.stack([load_image_at(paths[run.val.ids[i]], manifest["image_size"]) for i in chosen])
             except (OSError, ValueError, KeyError) as error:
                 log.warning("no anomaly-map overlays for %s: %s", run.name, error)
                 continue

@@ -1,0 +1,307 @@
+"""cluster/: every YAML parses, and the invariants a multi-node sweep depends on hold in every config.
+
+GPU workers request GPUs and the head none; token authentication is on wherever Ray runs or is called, with the
+token from a Secret the README creates; a sweep keeps nothing on one node's disk; the Ray image, the runtime
+environment and the MLflow servers match pyproject.toml's pins. Also the config fields that the cluster path
+added (``tune.custom_resources_per_trial``, ``mlflow.artifact_location`` for servers).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+from sqlalchemy.engine import make_url
+
+from bgad_core.errors import ConfigError
+from sweeper.config import LOCAL_ARTIFACTS, MlflowSpec, TuneSpec, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+DEPENDENCIES = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+CLUSTER_EXTRA = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["cluster"]]
+SWEEP_CONFIG = CLUSTER / "sweep-cluster.yaml"
+GPU_FAMILIES = re.compile(r"^(g\d|p\d|trn\d|inf\d|dl\d)")  # AWS instance families with accelerators
+OBJECT_STORES = ("s3", "gs", "gcs")
+
+
+def requirement(name: str) -> Requirement:
+    return next(r for r in DEPENDENCIES + CLUSTER_EXTRA if r.name.lower() == name)
+
+
+RAY_VERSION = str(next(iter(requirement("ray").specifier))).removeprefix("==")
+PYTHON_TAG = "py" + PYPROJECT["project"]["requires-python"].removeprefix(">=").replace(".", "")
+
+
+def load_all() -> dict[Path, list[Any]]:
+    return {path: list(yaml.safe_load_all(path.read_text())) for path in sorted(CLUSTER.rglob("*.y*ml"))}
+
+
+DOCUMENTS = load_all()
+K8S = [doc for docs in DOCUMENTS.values() for doc in docs if isinstance(doc, dict) and "apiVersion" in doc]
+LAUNCHER = next(docs[0] for docs in DOCUMENTS.values() if isinstance(docs[0], dict) and "provider" in docs[0])
+
+
+def k8s(kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in K8S if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def walk(node: Any) -> Iterator[dict]:
+    """Every mapping inside ``node``, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def head_containers(cluster: dict) -> list[dict]:
+    return cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+
+
+def launcher_head_start() -> str:
+    return " ".join(LAUNCHER["head_start_ray_commands"])
+
+
+def test_every_yaml_in_cluster_parses():
+    assert len(DOCUMENTS) >= 6, sorted(DOCUMENTS)
+    for path, docs in DOCUMENTS.items():
+        assert docs and all(isinstance(d, dict) for d in docs), path
+    for doc in K8S:
+        assert doc["metadata"]["name"] and doc["metadata"]["namespace"] == "bgad", doc["metadata"]
+    assert {"RayCluster", "RayJob", "Deployment", "Service", "StatefulSet"} <= {d["kind"] for d in K8S}
+    load_config(SWEEP_CONFIG)  # the sweep config is valid, not just YAML
+
+
+def test_ray_launcher_config_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())))
+
+
+def test_gpu_workers_request_gpus_and_the_head_none():
+    (cluster,) = k8s("RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    for container in head_containers(cluster):
+        assert "nvidia.com/gpu" not in str(container.get("resources", {}))
+    groups = cluster["spec"]["workerGroupSpecs"]
+    assert groups
+    for group in groups:
+        assert 0 <= group["minReplicas"] <= group["maxReplicas"] and group["maxReplicas"] >= 1
+        for container in group["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1, group["groupName"]
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
+
+    head = LAUNCHER["available_node_types"][LAUNCHER["head_node_type"]]
+    assert not head.get("resources", {}).get("GPU") and not GPU_FAMILIES.match(head["node_config"]["InstanceType"])
+    workers = [t for name, t in LAUNCHER["available_node_types"].items() if name != LAUNCHER["head_node_type"]]
+    assert workers
+    for worker in workers:
+        assert worker["resources"]["GPU"] >= 1 and GPU_FAMILIES.match(worker["node_config"]["InstanceType"])
+        assert 0 <= worker["min_workers"] <= worker["max_workers"] <= LAUNCHER["max_workers"]
+
+
+def test_token_authentication_is_on_wherever_ray_runs_or_is_called():
+    readme = (CLUSTER / "README.md").read_text()
+    (cluster,) = k8s("RayCluster")
+    auth = cluster["spec"]["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    assert secret_created(readme, auth["secretName"], "auth_token")
+
+    for job in k8s("RayJob"):
+        spec = job["spec"]
+        if "rayClusterSpec" in spec:
+            assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
+            secret = spec["rayClusterSpec"]["authOptions"]["secretName"]
+        else:
+            (target,) = k8s("RayCluster", spec["clusterSelector"]["ray.io/cluster"])
+            secret = target["spec"]["authOptions"]["secretName"]
+        for container in spec["submitterPodTemplate"]["spec"]["containers"]:
+            env = env_of(container)
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "auth_token"}
+
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in LAUNCHER[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert command.index("RAY_AUTH_MODE=token") < command.index("ray start"), command
+    assert LAUNCHER["file_mounts"]["~/.ray/auth_token"]
+
+
+def secret_created(readme: str, name: str, key: str) -> bool:
+    """Whether the README creates Secret ``name`` with ``key`` (``kubectl create secret generic``)."""
+    for command in re.findall(r"create secret generic [^\n]*(?:\\\n[^\n]*)*", readme):
+        words = shlex.split(command.replace("\\\n", " "))
+        if words[3] == name and any(w.startswith(f"--from-literal={key}=") for w in words):
+            return True
+    return False
+
+
+def test_every_secret_the_manifests_use_is_created_in_the_readme():
+    readme = (CLUSTER / "README.md").read_text()
+    used = set()
+    for node in walk(K8S):
+        if "secretKeyRef" in node:
+            used.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
+        if "secretRef" in node:
+            used.add((node["secretRef"]["name"], None))
+    assert used
+    for name, key in used:
+        if key is not None:
+            assert secret_created(readme, name, key), (name, key)
+        else:
+            assert f"create secret generic {name} " in readme, name
+
+
+def shared_location(uri: str, mounts: set[str]) -> bool:
+    """An object-store URI, or a path under a volume mounted on every node."""
+    if urlparse(uri).scheme in OBJECT_STORES:
+        return True
+    return any(Path(uri).is_relative_to(m) for m in mounts)
+
+
+def mounted_everywhere(cluster: dict) -> set[str]:
+    """Mount paths of volumes (other than shared memory) that the head and every worker group mount."""
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    per_template = []
+    for template in templates:
+        memory = {v["name"] for v in template["spec"].get("volumes", []) if v.get("emptyDir", {}).get("medium")}
+        per_template.append({m["mountPath"] for c in template["spec"]["containers"]
+                             for m in c.get("volumeMounts", []) if m["name"] not in memory})
+    return set.intersection(*per_template)
+
+
+def test_the_cluster_sweep_keeps_nothing_on_one_nodes_disk():
+    config = load_config(SWEEP_CONFIG)
+    (cluster,) = k8s("RayCluster")
+    mounts = mounted_everywhere(cluster)
+    assert shared_location(config.cache.root, mounts)
+    assert shared_location(config.tune.storage_path, mounts)
+    for dataset in config.datasets:
+        assert dataset.synthetic is not None or shared_location(str(dataset.path), mounts), dataset
+    study = make_url(config.tune.optuna_storage)
+    assert study.get_backend_name() in ("postgresql", "mysql") and study.password is None  # never SQLite on a node
+
+
+def test_the_head_points_the_driver_at_the_mlflow_server_and_the_database():
+    config = load_config(SWEEP_CONFIG)
+    assert config.mlflow.tracking_uri is None  # taken from each platform's head: $MLFLOW_TRACKING_URI
+    (cluster,) = k8s("RayCluster")
+    (head,) = head_containers(cluster)
+    env = env_of(head)
+    tracking = urlparse(env["MLFLOW_TRACKING_URI"]["value"])
+    (service,) = k8s("Service", "bgad-mlflow")
+    assert tracking.scheme == "http" and tracking.hostname.split(".")[0] == service["metadata"]["name"]
+    assert tracking.port == service["spec"]["ports"][0]["port"]
+    (database,) = k8s("Service", "bgad-postgres")
+    assert env["PGHOST"]["value"].split(".")[0] == database["metadata"]["name"]
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "bgad-postgres"
+    assert "MLFLOW_TRACKING_URI=http://" in launcher_head_start()
+    assert ". ~/bgad.env" in launcher_head_start() and "~/bgad.env" in LAUNCHER["file_mounts"]
+
+
+def test_mlflow_server_stores_runs_in_postgresql_and_artifacts_in_s3():
+    (deployment,) = k8s("Deployment", "bgad-mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = shlex.split(" ".join(container["args"]))
+    backend = make_url(command[command.index("--backend-store-uri") + 1])
+    assert backend.get_backend_name() == "postgresql" and backend.password is None
+    assert backend.host.split(".")[0] == "bgad-postgres"
+    assert urlparse(command[command.index("--artifacts-destination") + 1]).scheme == "s3"
+    assert env_of(container)["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "bgad-postgres"
+    assert any(e.get("secretRef", {}).get("name") == "bgad-s3" for e in container["envFrom"])
+    (database,) = k8s("StatefulSet", "bgad-postgres")
+    assert database["spec"]["volumeClaimTemplates"]  # the database outlives its pod
+
+    launcher = shlex.split(launcher_head_start().replace(";", " ; "))
+    assert launcher[launcher.index("--backend-store-uri") + 1].startswith("postgresql")
+    assert urlparse(launcher[launcher.index("--artifacts-destination") + 1]).scheme == "s3"
+
+
+def test_concurrent_trials_fit_the_gpus_at_full_scale():
+    config = load_config(SWEEP_CONFIG)
+    needed = config.tune.max_concurrent_trials * config.tune.gpus_per_trial
+    (cluster,) = k8s("RayCluster")
+    kuberay = sum(g["maxReplicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
+                  for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+    launcher = sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in LAUNCHER["available_node_types"].values()
+                   if "max_workers" in t)
+    assert config.tune.gpus_per_trial > 0 and needed <= kuberay and needed <= launcher
+
+
+def test_ray_images_match_the_pinned_ray_and_python():
+    images = [node["image"] for node in walk(K8S) if str(node.get("image", "")).startswith("rayproject/ray")]
+    images += [LAUNCHER["docker"][k] for k in ("image", "head_image", "worker_image") if k in LAUNCHER["docker"]]
+    assert images
+    for image in images:
+        assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY_VERSION)}-{PYTHON_TAG}(-gpu)?", image), image
+    (cluster,) = k8s("RayCluster")
+    assert cluster["spec"]["rayVersion"] == RAY_VERSION
+    gpu_groups = [c["image"] for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert all(image.endswith("-gpu") for image in gpu_groups)
+
+
+def test_runtime_environments_install_pyprojects_requirements_minus_ray():
+    expected = [str(r) for r in DEPENDENCIES if r.name != "ray"] + [str(r) for r in CLUSTER_EXTRA]
+    runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert [str(Requirement(r)) for r in runtime_env["pip"]] == expected
+    assert runtime_env["working_dir"] == "."
+    for job in k8s("RayJob"):
+        embedded = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert [str(Requirement(r)) for r in embedded["pip"]] == expected
+        assert urlparse(embedded["working_dir"]).scheme in ("https", "s3", "gs")  # the cluster must download it
+        entrypoint = shlex.split(job["spec"]["entrypoint"])
+        assert entrypoint[:2] == ["python", "sweeper/run.py"]
+        assert REPO / entrypoint[entrypoint.index("--config") + 1] == SWEEP_CONFIG
+
+
+def test_mlflow_servers_run_versions_pyproject_allows():
+    (deployment,) = k8s("Deployment", "bgad-mlflow")
+    installs = [" ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"]),
+                " ".join(LAUNCHER["head_setup_commands"])]
+    for install in installs:
+        pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", install))
+        assert Version(pins["mlflow"]) in requirement("mlflow").specifier, install
+        assert Version(pins["psycopg2-binary"]) in requirement("psycopg2-binary").specifier, install
+
+
+def test_custom_resources_per_trial_reject_builtin_names_and_non_positive_amounts():
+    assert TuneSpec.model_validate({"custom_resources_per_trial": {"trial_node": 1}}).custom_resources_per_trial \
+        == {"trial_node": 1.0}
+    for bad in ({"CPU": 1}, {"gpu": 1}, {"trial_node": 0}):
+        with pytest.raises(ValueError):
+            TuneSpec.model_validate({"custom_resources_per_trial": bad})
+
+
+def test_custom_resources_errors_name_the_key(tmp_path):
+    raw = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
+    raw["tune"]["custom_resources_per_trial"] = {"CPU": 2}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"tune\.custom_resources_per_trial"):
+        load_config(path)
+
+
+def test_artifacts_default_to_the_server_for_a_tracking_server_and_to_a_folder_otherwise():
+    assert MlflowSpec().artifact_location_for("http://mlflow:5000") is None
+    assert MlflowSpec().artifact_location_for("sqlite:///runs/mlflow.db") == LOCAL_ARTIFACTS
+    assert MlflowSpec(artifact_location="s3://b/a").artifact_location_for("http://mlflow:5000") == "s3://b/a"
