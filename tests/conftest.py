@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,7 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+# The fault-injection suite (tests/faults, ~8-12 min) runs on request: BGAD_FAULTS=1 pytest tests/faults
+collect_ignore = [] if os.environ.get("BGAD_FAULTS") == "1" else ["faults"]

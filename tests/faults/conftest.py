@@ -1,0 +1,282 @@
+"""Shared pieces of the fault suite: a tiny quickstart sweep, its feature cache built once per session, the sweep
+job as a subprocess whose output is read as it runs, and readers of what Tune, MLflow and Optuna recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ray_processes import REPO, VENV_BIN, RayHead, free_port, stop_group, token_env
+from sweeper import tracking
+from sweeper.cache import build_cache
+from sweeper.config import load_config
+from sweeper.sweep import sweep_id
+from test_sweep_job import quickstart_in, trial_runs
+
+CATEGORY = "synthetic-tiles"
+OBJECTIVE = "val_aupro"
+# The quickstart at its smallest useful size: a few trials of a few meta-epochs, no early stopping (a trial killed
+# by a test must still be running when killed), no plots, no paper-default reference run.
+TINY = {
+    "search": {"num_samples": 3, "compare_paper_default": False},
+    "train": {"meta_epochs": 3},
+    "tune": {"scheduler": {"type": "fifo"}},
+    "mlflow": {"log_plots": False},
+}
+
+
+def tiny_sweep(folder: Path, **overrides: dict) -> Path:
+    """The tiny quickstart config with every output under ``folder``; ``overrides`` update its sections."""
+    sections = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return quickstart_in(folder, **sections)
+
+
+def edit_config(path: Path, edit: Callable[[dict], None]) -> Path:
+    """Apply ``edit`` to the raw YAML of ``path`` (for values ``quickstart_in`` cannot set, e.g. ``datasets``)."""
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(ray_cluster, tmp_path_factory) -> Path:
+    """A folder holding the tiny sweep's generated data and complete feature cache, built once per session."""
+    folder = tmp_path_factory.mktemp("tiny-cache")
+    build_cache(load_config(tiny_sweep(folder)))
+    return folder
+
+
+def with_cache(folder: Path, tiny_cache: Path) -> None:
+    """Give a test folder a copy of the session's cache (the key is content-addressed, so it is a hit)."""
+    for name in ("cache", "data"):
+        shutil.copytree(tiny_cache / name, folder / name)
+
+
+def local_env(folder: Path, **extra: str) -> dict[str, str]:
+    """Environment of a sweep job that starts its own local Ray (token auth as Ray defaults to, own token file)."""
+    env = token_env(folder)
+    env.pop("RAY_AUTH_MODE")
+    env.update(extra)
+    return env
+
+
+class SweepJob:
+    """``python sweeper/run.py`` as a subprocess in its own process group; its output is collected as it comes.
+
+    Leaving the ``with`` block kills whatever is left of the group (a driver killed by a test, or one that
+    overran), so no Ray instance outlives its test.
+    """
+
+    def __init__(self, config_path: Path, env: dict[str, str], *args: str) -> None:
+        command = [sys.executable, "sweeper/run.py", "--config", str(config_path), *args]
+        self.log_path = _unused(config_path.parent / "job.log")  # kept for post-mortems (pytest --basetemp)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Poll ``condition`` until it holds; fail with the job's output tail if it does not in time."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if self.process.poll() is not None:
+                pytest.fail(f"sweep exited ({self.process.returncode}) before {what}:\n{self.log[-6000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout_s} s:\n{self.log[-6000:]}")
+            time.sleep(0.5)
+
+    def wait(self, timeout_s: float = 600) -> int:
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"sweep still running after {timeout_s} s:\n{self.log[-6000:]}")
+        self._reader.join(timeout=30)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the driver alone, as a crash or the OOM killer would."""
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+    def __enter__(self) -> SweepJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=60)
+        self._reader.join(timeout=30)
+        self.log_path.write_text(self.log)
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3``... when it exists (a test that runs the job twice)."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+@contextmanager
+def head_node(folder: Path, num_cpus: int = 2) -> Iterator[RayHead]:
+    """A token-authenticated head node (``ray_processes.RayHead``) that is SIGKILLed when done with: a graceful
+    ``ray start`` shutdown drains for 30 s, and these clusters hold nothing worth draining."""
+    with RayHead(folder, num_cpus=num_cpus) as head:
+        yield head
+        os.killpg(head.process.pid, signal.SIGKILL)
+        head.process.wait(timeout=60)
+
+
+def active_nodes(head: RayHead) -> set[str]:
+    """Ids of the nodes ``ray status`` lists as active: the GCS's own view, which sees a node die within seconds."""
+    status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", head.address], env=head.env,
+                            capture_output=True, text=True, timeout=120)
+    return set(re.findall(r"node_([0-9a-f]+)", status.stdout.partition("Active:")[2].partition("Pending:")[0]))
+
+
+class WorkerNode:
+    """A second node joining ``head`` on this machine (``ray start --block`` in its own process group and temp dir);
+    ``node_id`` is the id the head gives it.
+
+    Joining is observed with ``ray status``, whose node list comes from the GCS (in this setup the state API behind
+    ``ray list nodes`` did not list a worker that ``ray status`` and ``ray.nodes()`` showed alive).
+    """
+
+    def __init__(self, head: RayHead, num_cpus: int) -> None:
+        self.head = head
+        self.num_cpus = num_cpus
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+        self.process: subprocess.Popen | None = None
+        self.node_id = ""
+
+    def __enter__(self) -> WorkerNode:
+        existing = _wait_for(lambda: active_nodes(self.head), "the head node in ray status")
+        command = [
+            str(VENV_BIN / "ray"), "start", f"--address={self.head.address}", "--block", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.num_cpus}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+        ]
+        with open(self.head.folder / "ray-worker-node.log", "w") as log:
+            self.process = subprocess.Popen(command, env=self.head.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        try:
+            self.node_id = _wait_for(lambda: active_nodes(self.head) - existing, "the worker node in ray status").pop()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """The node disappears at once, as a machine that loses power: SIGKILL to raylet, agents and workers."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def __exit__(self, *exc: object) -> None:
+        stop_group(self.process)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _wait_for(probe: Callable[[], set[str]], what: str, timeout_s: float = 120) -> set[str]:
+    deadline = time.monotonic() + timeout_s
+    while not (found := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout_s} s")
+        time.sleep(2)
+    return found
+
+
+def run_job(config_path: Path, env: dict[str, str], *args: str, timeout_s: float = 600) -> tuple[int, str]:
+    """Run the sweep job to its end; (exit code, output)."""
+    with SweepJob(config_path, env, *args) as job:
+        code = job.wait(timeout_s)
+    return code, job.log
+
+
+def experiment_dir(config_path: Path) -> Path:
+    """Where Tune keeps the (per-category) experiment of the sweep."""
+    config = load_config(config_path)
+    return Path(config.tune.storage_path) / sweep_id(config) / CATEGORY
+
+
+def trial_dirs(config_path: Path) -> dict[str, Path]:
+    """Trial id -> trial directory (``train_bgad_<id>_...``)."""
+    root = experiment_dir(config_path)
+    return {d.name.split("_")[2]: d for d in root.glob("train_bgad_*") if d.is_dir()} if root.is_dir() else {}
+
+
+def results(trial_dir: Path) -> list[dict]:
+    """The trial's reported results in order (Tune appends one JSON line per report, across restarts)."""
+    path = trial_dir / "result.json"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line still being written
+            break
+    return rows
+
+
+def metric_steps(config_path: Path, run_id: str, metric: str = OBJECTIVE) -> list[int]:
+    client = MlflowClient(load_config(config_path).mlflow.tracking_uri)
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def trial_runs_by_id(config_path: Path) -> dict[str, object]:
+    return {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags}
+
+
+def sweep_runs(config_path: Path) -> list:
+    return [r for r in trial_runs(config_path) if r.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+
+
+def study_of(config_path: Path) -> optuna.Study:
+    config = load_config(config_path)
+    return optuna.load_study(study_name=f"{sweep_id(config)}/{CATEGORY}", storage=config.tune.optuna_storage)
+
+
+def assert_every_trial_accounted_for(config_path: Path) -> dict[str, object]:
+    """num_samples trials in MLflow (each with an outcome), one finished sweep run, num_samples ended in Optuna."""
+    config = load_config(config_path)
+    runs = trial_runs_by_id(config_path)
+    assert len(runs) == config.search.num_samples, sorted(runs)
+    outcomes = {t: r.data.tags.get("bgad.outcome") for t, r in runs.items()}
+    assert set(outcomes.values()) <= {"finished", "pruned", "failed"} and None not in outcomes.values(), outcomes
+    parents = sweep_runs(config_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = study_of(config_path).trials
+    assert len(trials) == config.search.num_samples, [t.state for t in trials]
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    return runs

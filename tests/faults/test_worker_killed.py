@@ -1,0 +1,56 @@
+"""A trial's worker process is SIGKILLed mid-trial: the trial resumes from its last checkpoint and the sweep
+finishes with every trial accounted for."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from faults.conftest import (
+    SweepJob, assert_every_trial_accounted_for, local_env, metric_steps, results, tiny_sweep, trial_dirs, with_cache,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def test_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, tiny_cache):
+    with_cache(tmp_path, tiny_cache)
+    config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 4})
+    victim: dict = {}
+
+    def reported_one_epoch() -> bool:  # a trial that has a checkpoint and still has epochs to go
+        for trial_id, folder in trial_dirs(config_path).items():
+            rows = results(folder)
+            if rows and 1 <= rows[-1]["training_iteration"] < 4:
+                victim.update(trial_id=trial_id, folder=folder, pid=rows[-1]["pid"], seen=len(rows))
+                return True
+        return False
+
+    with SweepJob(config_path, local_env(tmp_path), "--num-cpus", "2") as job:
+        job.wait_for(reported_one_epoch, 300, "trial that reported a meta-epoch")
+        assert "ray::" in _cmdline(victim["pid"]), _cmdline(victim["pid"])  # Tune's pid is the trial's worker
+        os.kill(victim["pid"], signal.SIGKILL)
+        code = job.wait()
+    log = job.log
+    assert code == 0, log[-6000:]
+
+    rows = results(victim["folder"])
+    iterations = [r["training_iteration"] for r in rows]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 4, iterations  # never restarted from epoch 1
+    assert len({r["pid"] for r in rows}) == 2, rows  # the second attempt ran in a new worker
+    assert "Failure # 1" in (victim["folder"] / "error.txt").read_text()
+    assert f"{victim['trial_id']} failed (" in log and "retrying from its last checkpoint" in log
+
+    runs = assert_every_trial_accounted_for(config_path)
+    assert metric_steps(config_path, runs[victim["trial_id"]].info.run_id) == [1, 2, 3, 4]  # no epoch logged twice
+    assert runs[victim["trial_id"]].data.tags["bgad.outcome"] == "finished"
