@@ -49,25 +49,27 @@ def test_killed_driver_resumes_without_rerunning_ended_trials(head, tmp_path, ti
     args = ("--address", head.address)
     cut: dict = {}
 
-    def a_trial_is_midway() -> bool:  # reported a meta-epoch (so it has a checkpoint) and has more to go
+    def a_trial_has_just_started() -> bool:  # it has a checkpoint and at least two meta-epochs to go
         for trial_id, folder in trial_dirs(config_path).items():
             rows = results(folder)
-            if trial_id not in ENDED.findall(first.log) and rows and rows[-1]["training_iteration"] < 4:
+            if rows and rows[-1]["training_iteration"] <= 2 and trial_id not in ENDED.findall(first.log):
                 cut.update(trial_id=trial_id, folder=folder)
                 return True
         return False
 
     with SweepJob(config_path, head.env, *args) as first:
         first.wait_for(lambda: ENDED.search(first.log) is not None, 400, "an ended trial")
-        first.wait_for(a_trial_is_midway, 300, "a trial midway through its meta-epochs")
-        time.sleep(SNAPSHOT_S)
+        time.sleep(SNAPSHOT_S)  # Tune's saved state knows that trial ended
+        first.wait_for(a_trial_has_just_started, 300, "a trial started after the first one ended")
+        time.sleep(0.5)  # Tune saves its state right after registering a checkpoint
         ended = ENDED.findall(first.log)
         runs = trial_runs_by_id(config_path)
         steps_before = {t: metric_steps(config_path, runs[t].info.run_id) for t in ended}
         [parent] = sweep_runs(config_path)
+        reported = results(cut["folder"])[-1]["training_iteration"]
         first.kill()
     assert first.process.returncode == -9
-    assert cut["trial_id"] not in ended, "the trial meant to be cut off by the kill ended before it"
+    assert reported < 4 and cut["trial_id"] not in ended, (reported, ended)  # it was cut off mid-way
 
     code, log = run_job(config_path, head.env, *args)
     assert code == 0, log[-6000:]
@@ -78,7 +80,8 @@ def test_killed_driver_resumes_without_rerunning_ended_trials(head, tmp_path, ti
     assert [r.info.run_id for r in sweep_runs(config_path)] == [parent.info.run_id]  # continued, not duplicated
 
     runs = assert_every_trial_accounted_for(config_path)
-    assert f"| {cut['trial_id']} epoch 1 " not in log  # the cut-off trial resumed from its checkpoint...
+    assert f"| {cut['trial_id']} epoch {reported + 1} " in log  # the cut-off trial resumed after its checkpoint...
+    assert f"| {cut['trial_id']} epoch 1 " not in log
     for trial_id, folder in trial_dirs(config_path).items():  # ...and no trial reported or logged an epoch twice
         iterations = [r["training_iteration"] for r in results(folder)]
         assert iterations == [1, 2, 3, 4], (trial_id, iterations)

@@ -23,7 +23,7 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
         def worker_trial_reported() -> bool:
             for trial_id, folder in trial_dirs(config_path).items():
                 rows = results(folder)
-                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["training_iteration"] < 4:
+                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["training_iteration"] <= 2:
                     victim.update(trial_id=trial_id, folder=folder)
                     return True
             return False

@@ -28,11 +28,11 @@ def test_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, tiny
     config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 4})
     victim: dict = {}
 
-    def reported_one_epoch() -> bool:  # a trial that has a checkpoint and still has epochs to go
+    def reported_one_epoch() -> bool:  # a trial with a checkpoint and at least two meta-epochs to go
         for trial_id, folder in trial_dirs(config_path).items():
             rows = results(folder)
-            if rows and 1 <= rows[-1]["training_iteration"] < 4:
-                victim.update(trial_id=trial_id, folder=folder, pid=rows[-1]["pid"], seen=len(rows))
+            if rows and rows[-1]["training_iteration"] <= 2:
+                victim.update(trial_id=trial_id, folder=folder, pid=rows[-1]["pid"])
                 return True
         return False
 
