@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bgad_core.flow import build_flow, log_likelihood
+from bgad_core.fast_flow import check_supported, distinct_positions, positioned_log_likelihood
+from bgad_core.flow import build_flow
 from bgad_core.positional import positional_encoding_2d
 
 
@@ -32,6 +33,8 @@ class BGADFlows(nn.Module):
         self.channels = tuple(int(c) for c in channels)
         self.cond_dim = cond_dim
         self.flows = nn.ModuleList(build_flow(c, cond_dim, coupling_blocks, clamp) for c in self.channels)
+        for flow in self.flows:
+            check_supported(flow)
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     def positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -42,10 +45,16 @@ class BGADFlows(nn.Module):
             self._positions[key] = encoding.flatten(1).T.contiguous()
         return self._positions[key].to(device)
 
-    def vector_logps(self, level: int, vectors: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """Per-dim log-likelihoods (log p(x) / C) of ``(N, C)`` feature vectors with ``(N, cond_dim)`` positions."""
-        z, log_jac_det = self.flows[level](vectors, c=[conditions])
-        return log_likelihood(z, log_jac_det) / self.channels[level]
+    def cell_logps(
+        self, level: int, vectors: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int], precision: str = "fp32"
+    ) -> torch.Tensor:
+        """Per-dim log-likelihoods (log p(x) / C) of ``(N, C)`` vectors at flat cell indices ``cells`` of ``grid``.
+
+        The flow is conditioned on each cell's positional encoding; each distinct cell's condition term is
+        computed once (``fast_flow``), which gives FrEIA's result at a fraction of the cost.
+        """
+        conditions, index = distinct_positions(cells, self.positions(*grid, vectors.device))
+        return positioned_log_likelihood(self.flows[level], vectors, conditions, index, precision) / self.channels[level]
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-dim log-likelihood map ``(B, H_l, W_l)`` for each level's ``(B, C_l, H_l, W_l)`` feature map."""
@@ -53,6 +62,8 @@ class BGADFlows(nn.Module):
         for level, feature in enumerate(features):
             batch, channels, height, width = feature.shape
             vectors = feature.permute(0, 2, 3, 1).reshape(-1, channels).float()
-            conditions = self.positions(height, width, feature.device).repeat(batch, 1)
-            maps.append(self.vector_logps(level, vectors, conditions).reshape(batch, height, width))
+            index = torch.arange(height * width, device=feature.device).repeat(batch)
+            conditions = self.positions(height, width, feature.device)
+            logps = positioned_log_likelihood(self.flows[level], vectors, conditions, index) / channels
+            maps.append(logps.reshape(batch, height, width))
         return maps

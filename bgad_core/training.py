@@ -16,6 +16,7 @@ import torch
 
 from bgad_core.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
+from bgad_core.fast_flow import PRECISIONS
 from bgad_core.features import FeatureSet
 from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.metrics import compute_metrics, f1_max
@@ -47,6 +48,8 @@ class TrainConfig:
         coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
+        precision: matmul precision of training steps: "fp32", or "bf16" (bfloat16 matmuls, float32 coupling,
+            log-det and loss; about 1.3x faster on a CPU with AVX-512 bf16, more on GPU). Evaluation is float32.
         seed: seeds flow initialisation and sampling.
     """
 
@@ -68,6 +71,7 @@ class TrainConfig:
     cond_dim: int = 128
     blur_sigma: float = 4.0
     image_score: str = "max"
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.abnormal_fraction <= 1.0:
             raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.image_score not in IMAGE_SCORE_REDUCTIONS:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
 
@@ -173,11 +179,8 @@ class Trainer:
     def _step_loss(self, level: int, fibers: torch.Tensor, phase2: bool) -> torch.Tensor:
         cfg = self.config
         data = self.levels[level]
-        vectors = data.vectors[fibers]
         labels = data.labels[fibers]
-        grid_positions = self.model.positions(*data.grid, self.device)
-        conditions = grid_positions[fibers % data.cells]
-        logps = self.model.vector_logps(level, vectors, conditions)
+        logps = self.model.cell_logps(level, data.vectors[fibers], fibers % data.cells, data.grid, cfg.precision)
         normal = labels == 0
         weights = focal_weights(logps, labels, cfg.normalizer) if (phase2 and cfg.focal_weighting) else None
         loss = ml_loss(logps[normal], None if weights is None else weights[normal])
@@ -242,8 +245,7 @@ class Trainer:
         for level, data in enumerate(self.levels):
             fibers = data.fibers_of(images)
             fibers = fibers[torch.randperm(len(fibers), generator=torch.Generator().manual_seed(level))[:max_vectors]]
-            conditions = self.model.positions(*data.grid, self.device)[fibers % data.cells]
-            logps.append(self.model.vector_logps(level, data.vectors[fibers], conditions).cpu())
+            logps.append(self.model.cell_logps(level, data.vectors[fibers], fibers % data.cells, data.grid).cpu())
             labels.append(data.labels[fibers].cpu())
         all_logps, all_labels = torch.cat(logps), torch.cat(labels)
         boundary = find_boundary(all_logps, all_labels, cfg.beta, cfg.tau, cfg.normalizer)

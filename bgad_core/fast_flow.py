@@ -1,0 +1,93 @@
+"""The same conditional flow as ``flow.build_flow``, evaluated faster on position-conditioned feature vectors.
+
+FrEIA's ``AllInOneBlock`` feeds ``cat(x1, c)`` to its subnet's first ``Linear`` in every coupling. Here the
+condition ``c`` is a 2-D positional encoding, so it takes only H*W distinct values, while a training step holds
+thousands of vectors (and an evaluation batch repeats every position once per image). Splitting that ``Linear``
+as ``W_x x1 + (W_c c + b)`` lets the condition term be computed once per distinct position and gathered, which
+is the same function of the same parameters with most of the subnet's FLOPs (and their backward) gone. The
+flow's parameters stay those of the FrEIA model: checkpoints and the FrEIA definition are unchanged, and the
+tests check output and log-det against FrEIA.
+
+Optionally the matmuls run in bfloat16 while the coupling, the log-determinant and the log-likelihood stay in
+float32 ("bf16 matmuls, fp32 accumulation"): the part of the flow whose rounding would bias log p(x).
+"""
+
+from __future__ import annotations
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bgad_core.flow import log_likelihood
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_supported(flow: Ff.SequenceINN) -> None:
+    """Fail loudly if ``flow`` is not the AllInOneBlock stack that ``positioned_log_likelihood`` reproduces."""
+    for block in flow.module_list:
+        subnet = getattr(block, "subnet", None)
+        supported = (
+            isinstance(block, Fm.AllInOneBlock)
+            and not block.GIN
+            and not block.householder
+            and not block.reverse_pre_permute
+            and isinstance(subnet, nn.Sequential)
+            and len(subnet) == 3
+            and isinstance(subnet[0], nn.Linear)
+            and isinstance(subnet[1], nn.ReLU)
+            and isinstance(subnet[2], nn.Linear)
+        )
+        if not supported:
+            raise TypeError(f"fast evaluation supports the AllInOneBlock flow of build_flow only, got {block}")
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``F.linear`` with its inputs in ``dtype`` and the result back in float32."""
+    if dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return out.float()
+
+
+def positioned_log_likelihood(
+    flow: Ff.SequenceINN,
+    vectors: torch.Tensor,
+    conditions: torch.Tensor,
+    index: torch.Tensor,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """log p(x) of ``(N, C)`` vectors whose condition is ``conditions[index]``; equals FrEIA's ``flow(x, c=[...])``.
+
+    Args:
+        flow: a flow from ``build_flow`` (its parameters are used as they are, gradients flow into them).
+        vectors: feature vectors, float32.
+        conditions: ``(P, cond_dim)`` distinct conditions (positional encodings), P usually << N.
+        index: ``(N,)`` row of ``conditions`` for each vector.
+        precision: "fp32", or "bf16" for bfloat16 matmuls with float32 coupling and log-det.
+    """
+    dtype = PRECISIONS[precision]
+    x = vectors
+    log_det = vectors.new_zeros(vectors.shape[0])
+    for block in flow.module_list:
+        first, _, second = block.subnet
+        split_x, split_2 = block.splits
+        x1, x2 = x.split(block.splits, dim=1)
+        weight_x, weight_c = first.weight.split([split_x, first.in_features - split_x], dim=1)
+        condition_term = _linear(conditions, weight_c, first.bias, dtype)
+        hidden = F.relu(_linear(x1, weight_x, None, dtype) + condition_term.index_select(0, index))
+        a = 0.1 * _linear(hidden, second.weight, second.bias, dtype)
+        log_scale = block.clamp * torch.tanh(a[:, :split_2])
+        x2 = x2 * torch.exp(log_scale) + a[:, split_2:]
+        scale = block.global_scale_activation(block.global_scale)
+        x = F.linear(torch.cat((x1, x2), dim=1) * scale + block.global_offset, block.w_perm)
+        log_det = log_det + log_scale.sum(dim=1) + torch.log(scale).sum()
+    return log_likelihood(x, log_det)
+
+
+def distinct_positions(cells: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a ``(H*W, cond_dim)`` position table used by ``cells`` and each cell's row among them."""
+    used, index = torch.unique(cells, return_inverse=True)
+    return table[used], index
