@@ -5,6 +5,7 @@ excluded from evaluation, lite0 at 256 px, beta 1 %, tau 0.1, normalizer 10, lam
 3 meta-epochs x 2 sub-epochs. Epochs are selected on validation; test is evaluated once.
 
     .venv/bin/python -m benchmarks.bench_mtd [--data ../shared/data/mtd/magnetic_tile] [--meta-epochs 3]
+        [--precision bf16]
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ def main() -> None:
     parser.add_argument("--meta-epochs", type=int, default=3)
     parser.add_argument("--sub-epochs", type=int, default=2)
     parser.add_argument("--train-normals", type=int, default=200)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="matmuls of the training steps")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"skipped: real data not found at {args.data}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, warmup_epochs=1)
+    config = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, warmup_epochs=1,
+                         precision=args.precision)
     rows = []
     for label, anomalies in (("BGAD, no anomalies", 0), ("BGAD-FAS, 10 anomalies/type", 10)):
         data = DataConfig(str(args.data), image_size=args.image_size, num_anomalies=anomalies,

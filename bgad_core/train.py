@@ -20,7 +20,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bgad_core.augment import racp_samples
 from bgad_core.backbone import DEFAULT_BACKBONE, FeatureExtractor
@@ -99,10 +98,20 @@ class DataConfig:
     held_out_anomalies: int | None = None
 
 
-def build_feature_sets(
-    data: DataConfig, extractor: FeatureExtractor
-) -> tuple[Splits, bool, FeatureSet, FeatureSet, FeatureSet]:
-    """Read the category, split it, synthesise anomalies and extract features of train, validation and test."""
+@dataclass
+class TrainingImages:
+    """The decoded training images of a run: normals, drawn real anomalies and their RACP samples, in that order."""
+
+    splits: Splits
+    has_masks: bool
+    images: np.ndarray
+    masks: np.ndarray
+    labels: list[int]
+    ids: list[str]
+
+
+def load_training_images(data: DataConfig) -> TrainingImages:
+    """Read and split the category, decode the training images and synthesise the RACP anomalies."""
     index = read_category(data.data)
     held_out = data.num_anomalies if data.held_out_anomalies is None else data.held_out_anomalies
     if held_out < data.num_anomalies:
@@ -126,19 +135,32 @@ def build_feature_sets(
     synth, synth_masks, synth_ids = synthetic_anomalies(
         normals, anomalies, anomaly_masks, anomaly_ids, data.racp_depth, data.racp_per_anomaly, data.split_seed
     )
-    train_images = np.concatenate([normals, anomalies, synth])
-    train_masks = np.concatenate([normal_masks, anomaly_masks, synth_masks])
-    train_labels = [0] * len(normals) + [1] * (len(anomalies) + len(synth))
-    train_ids = [r.record_id for r in splits.train_normal] + anomaly_ids + synth_ids
-    train = extract_feature_set(extractor, train_images, train_masks, train_labels, train_ids)
+    return TrainingImages(
+        splits=splits,
+        has_masks=index.has_masks,
+        images=np.concatenate([normals, anomalies, synth]),
+        masks=np.concatenate([normal_masks, anomaly_masks, synth_masks]),
+        labels=[0] * len(normals) + [1] * (len(anomalies) + len(synth)),
+        ids=[r.record_id for r in splits.train_normal] + anomaly_ids + synth_ids,
+    )
+
+
+def build_feature_sets(
+    data: DataConfig, extractor: FeatureExtractor
+) -> tuple[Splits, bool, FeatureSet, FeatureSet, FeatureSet]:
+    """Read the category, split it, synthesise anomalies and extract features of train, validation and test."""
+    training = load_training_images(data)
+    splits, size = training.splits, data.image_size
+    train = extract_feature_set(extractor, training.images, training.masks, training.labels, training.ids)
     evaluation = []
     for records in (splits.val, splits.test):
         images, masks = load_records(records, size)
         labels = [r.label for r in records]
         evaluation.append(
-            extract_feature_set(extractor, images, masks, labels, [r.record_id for r in records], keep_pixel_masks=index.has_masks)
+            extract_feature_set(extractor, images, masks, labels, [r.record_id for r in records],
+                                keep_pixel_masks=training.has_masks)
         )
-    return splits, index.has_masks, train, evaluation[0], evaluation[1]
+    return splits, training.has_masks, train, evaluation[0], evaluation[1]
 
 
 def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
@@ -164,16 +186,14 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
     best: dict | None = None
     for _ in range(config.meta_epochs):
         losses = trainer.train_meta_epoch()
-        normalization = trainer.fit_normalization()
-        result = trainer.evaluate(val, normalization, image_size)
+        result = trainer.evaluate(val, trainer.fit_normalization(), image_size)
         score = result.metrics.get(objective, float("nan"))
         log.info("meta-epoch %d loss %.4f val %s", trainer.epoch, losses["loss"], _fmt(result.metrics))
         selectable = trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1)
         if selectable and (best is None or score > best["score"]):
-            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()),
-                    "normalization": normalization, "val": result}
+            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
     model.load_state_dict(best["state"])
-    test_result = trainer.evaluate(test, best["normalization"], image_size)
+    test_result = trainer.evaluate(test, best["val"].normalization, image_size)
     threshold = decision_threshold(best["val"], val.labels)
     summary = {
         "objective": objective,
@@ -187,7 +207,7 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
         backbone_info = {"name": backbone, "weights_source": extractor.weights_source,
                          "weights_digest": extractor.weights_digest, "strides": list(extractor.strides),
                          "mean": list(extractor.mean), "std": list(extractor.std)}
-        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best["normalization"], threshold,
+        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best["val"].normalization, threshold,
                                      {f"val_{k}": v for k, v in best["val"].metrics.items()}, best["epoch"])
         save_checkpoint(checkpoint, output / "model.pt")
         (output / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,3 @@ def ray_cluster():
     if started:
         ray.shutdown()
 
-
-# The fault-injection suite (tests/faults, ~8-12 min) runs on request: BGAD_FAULTS=1 pytest tests/faults
-collect_ignore = [] if os.environ.get("BGAD_FAULTS") == "1" else ["faults"]

@@ -182,6 +182,11 @@ class RayWorker:
             raise RuntimeError(f"ray worker exited: {self.log.read_text()[-3000:]}")
         return self.head.active_nodes() - existing
 
+    def kill(self) -> None:
+        """The node disappears at once, as a machine that loses power: SIGKILL to raylet, agents and workers."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=60)
+
     def __exit__(self, *exc: object) -> None:
         stop_group(self.process)
         if self.temp_dir is not None:

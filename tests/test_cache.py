@@ -242,20 +242,23 @@ def test_object_store_publish_writes_the_manifest_last(tmp_path):
     assert (final / MANIFEST).read_text() == '{"new": true}' and not tmp.exists()
 
 
-def test_config_errors_name_the_file_and_key(tmp_path):
+CONFIG_ERRORS = {
+    "unknown key": ("name: x\ndatasets:\n  - synthetic: {size: 64}\ncache:\n  racp_depht: [1]\n",
+                    r"(?s)sweep\.yaml.*cache\.racp_depht: unknown key"),
+    "wrong type": ("name: x\ndatasets:\n  - {synthetic: {size: 64}}\ndata:\n  image_size: tiny\n",
+                   r"(?s)sweep\.yaml.*data\.image_size: .*integer.*'tiny'"),
+    "two sources": ("name: x\ndatasets:\n  - {path: a, synthetic: {size: 64}}\n",
+                    r"(?s)sweep\.yaml.*datasets\[0\]: give exactly one"),
+    "bad YAML": ("name: [x\n", r"sweep\.yaml: invalid YAML"),
+    "repeated key": ("name: x\ndatasets: [{synthetic: {}}]\ncache: {max_anomalies: 1}\ncache: {dtype: float32}\n",
+                     r"(?s)sweep\.yaml: invalid YAML: repeated key 'cache'.*line 4"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_errors_name_the_file_and_key(case, tmp_path):
+    text, pattern = CONFIG_ERRORS[case]
     path = tmp_path / "sweep.yaml"
-    path.write_text("name: x\ndatasets:\n  - synthetic: {size: 64}\ncache:\n  racp_depht: [1]\n")
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.yaml.*cache\.racp_depht: unknown key"):
-        load_config(path)
-    path.write_text("name: x\ndatasets:\n  - {synthetic: {size: 64}}\ndata:\n  image_size: tiny\n")
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.yaml.*data\.image_size: .*integer.*'tiny'"):
-        load_config(path)
-    path.write_text("name: x\ndatasets:\n  - {path: a, synthetic: {size: 64}}\n")
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.yaml.*datasets\[0\]: give exactly one"):
-        load_config(path)
-    path.write_text("name: [x\n")
-    with pytest.raises(ConfigError, match=r"sweep\.yaml: invalid YAML"):
-        load_config(path)
-    path.write_text("name: x\ndatasets: [{synthetic: {}}]\ncache: {max_anomalies: 1}\ncache: {dtype: float32}\n")
-    with pytest.raises(ConfigError, match=r"(?s)sweep\.yaml: invalid YAML: repeated key 'cache'.*line 4"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
         load_config(path)

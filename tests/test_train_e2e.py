@@ -4,7 +4,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.synthetic import make_synthetic_category
@@ -37,3 +36,16 @@ def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
 def test_cli_rejects_beta_outside_unit_interval(category):
     with pytest.raises(ValueError, match="beta"):
         main(["--data", str(category), "--beta", "1.5"])
+
+
+@pytest.mark.slow
+def test_bf16_training_keeps_fp32_auroc(category):
+    """bf16 matmuls in the training steps: the trained model's test AUROCs and PRO stay within 0.02 of fp32's."""
+    data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
+    tests = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048,
+                             precision=precision)
+        tests[precision] = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), None)["test"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(tests["bf16"][key] - tests["fp32"][key]) <= 0.02, (key, tests)

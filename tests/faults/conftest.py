@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +20,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ray_processes import REPO, VENV_BIN, RayHead, free_port, stop_group, token_env
+from ray_processes import REPO, RayHead, token_env
+import sweeper.run
 from sweeper import tracking
 from sweeper.cache import build_cache
 from sweeper.config import load_config
@@ -47,6 +46,16 @@ def tiny_sweep(folder: Path, **overrides: dict) -> Path:
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)
     return quickstart_in(folder, **sections)
+
+
+@pytest.fixture
+def no_ray_work(monkeypatch):
+    """Fail the test if the job starts Ray or touches the cache: its checks must stop it before either."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray work started although the job's checks should have stopped it")
+
+    monkeypatch.setattr(sweeper.run.ray, "init", forbidden)
+    monkeypatch.setattr(sweeper.run, "build_cache", forbidden)
 
 
 def edit_config(path: Path, edit: Callable[[dict], None]) -> Path:
@@ -158,64 +167,6 @@ def head_node(folder: Path, num_cpus: int = 2) -> Iterator[RayHead]:
         yield head
         os.killpg(head.process.pid, signal.SIGKILL)
         head.process.wait(timeout=60)
-
-
-def active_nodes(head: RayHead) -> set[str]:
-    """Ids of the nodes ``ray status`` lists as active: the GCS's own view, which sees a node die within seconds."""
-    status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", head.address], env=head.env,
-                            capture_output=True, text=True, timeout=120)
-    return set(re.findall(r"node_([0-9a-f]+)", status.stdout.partition("Active:")[2].partition("Pending:")[0]))
-
-
-class WorkerNode:
-    """A second node joining ``head`` on this machine (``ray start --block`` in its own process group and temp dir);
-    ``node_id`` is the id the head gives it.
-
-    Joining is observed with ``ray status``, whose node list comes from the GCS (in this setup the state API behind
-    ``ray list nodes`` did not list a worker that ``ray status`` and ``ray.nodes()`` showed alive).
-    """
-
-    def __init__(self, head: RayHead, num_cpus: int) -> None:
-        self.head = head
-        self.num_cpus = num_cpus
-        self.temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
-        self.process: subprocess.Popen | None = None
-        self.node_id = ""
-
-    def __enter__(self) -> WorkerNode:
-        existing = _wait_for(lambda: active_nodes(self.head), "the head node in ray status")
-        command = [
-            str(VENV_BIN / "ray"), "start", f"--address={self.head.address}", "--block", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={self.num_cpus}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}",
-        ]
-        with open(self.head.folder / "ray-worker-node.log", "w") as log:
-            self.process = subprocess.Popen(command, env=self.head.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        try:
-            self.node_id = _wait_for(lambda: active_nodes(self.head) - existing, "the worker node in ray status").pop()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def kill(self) -> None:
-        """The node disappears at once, as a machine that loses power: SIGKILL to raylet, agents and workers."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=60)
-
-    def __exit__(self, *exc: object) -> None:
-        stop_group(self.process)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _wait_for(probe: Callable[[], set[str]], what: str, timeout_s: float = 120) -> set[str]:
-    deadline = time.monotonic() + timeout_s
-    while not (found := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout_s} s")
-        time.sleep(2)
-    return found
 
 
 def run_job(config_path: Path, env: dict[str, str], *args: str, timeout_s: float = 600) -> tuple[int, str]:

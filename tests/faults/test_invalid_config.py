@@ -25,16 +25,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def no_ray_work(monkeypatch):
-    """Fail the test if the job starts Ray or touches the cache."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("Ray work started for an invalid config")
-
-    monkeypatch.setattr(sweeper.run.ray, "init", forbidden)
-    monkeypatch.setattr(sweeper.run, "build_cache", forbidden)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_invalid_config_is_named_before_any_ray_work(case, tmp_path, capsys, no_ray_work):
     edit, expected = CASES[case]

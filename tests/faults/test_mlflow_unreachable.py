@@ -14,15 +14,6 @@ from ray_processes import free_port
 
 
 @pytest.fixture
-def no_ray_work(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("Ray work started although the tracking server is unreachable")
-
-    monkeypatch.setattr(sweeper.run.ray, "init", forbidden)
-    monkeypatch.setattr(sweeper.run, "build_cache", forbidden)
-
-
-@pytest.fixture
 def silent_server():
     """A port that accepts TCP connections (the kernel completes the handshake) but never answers a request."""
     with socket.socket() as server:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from faults.conftest import (
-    SweepJob, WorkerNode, active_nodes, assert_every_trial_accounted_for, head_node, metric_steps, results,
-    tiny_sweep, trial_dirs, with_cache,
+    SweepJob, assert_every_trial_accounted_for, head_node, metric_steps, results, tiny_sweep, trial_dirs, with_cache,
 )
+from ray_processes import RayWorker
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
     config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 4})
     victim: dict = {}
     # One CPU per node and two concurrent one-CPU trials: one trial runs on each node.
-    with head_node(tmp_path, num_cpus=1) as head, WorkerNode(head, num_cpus=1) as worker:
+    with head_node(tmp_path, num_cpus=1) as head, RayWorker(head, num_cpus=1) as worker:
 
         def worker_trial_reported() -> bool:
             for trial_id, folder in trial_dirs(config_path).items():
@@ -33,7 +33,7 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
             worker.kill()
             code = job.wait()
         log = job.log
-        survivors = active_nodes(head)
+        survivors = head.active_nodes()
     assert code == 0, log[-6000:]
     assert worker.node_id not in survivors and len(survivors) == 1
 

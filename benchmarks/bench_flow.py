@@ -1,0 +1,114 @@
+"""Flow training throughput: our trainer vs a loop with the official BGAD code's structure, side by side.
+
+The reference mirrors the official ``train_meta_epoch`` minus its backbone call: per level, the 2-D positional
+encoding is built and repeated for every image, the vectors are shuffled, and each 4096-vector fiber batch goes
+through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
+images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
+smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
+features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls.
+
+    .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from bgad_core.features import FeatureSet
+from bgad_core.flow import log_likelihood
+from bgad_core.losses import ml_loss
+from bgad_core.model import BGADFlows
+from bgad_core.positional import positional_encoding_2d
+from bgad_core.training import Trainer, TrainConfig
+
+# Feature widths at strides 4/8/16 (timm features_only channels).
+BACKBONE_WIDTHS = {"tf_efficientnet_lite0": (24, 40, 112), "tf_efficientnet_b6": (40, 72, 200)}
+GRIDS = ((64, 64), (32, 32), (16, 16))  # 256 px input
+FIBER_BATCH = 4096
+
+
+def random_features(widths: tuple[int, ...], images: int) -> FeatureSet:
+    """Normal-only training features shaped like a 256 px backbone output (values do not affect speed)."""
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(images, c, h, w, generator=generator).half() for c, (h, w) in zip(widths, GRIDS)]
+    masks = [torch.zeros(images, h, w) for h, w in GRIDS]
+    return FeatureSet(features, masks, torch.zeros(images, dtype=torch.long), [str(i) for i in range(images)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_sub_epoch(model: BGADFlows, optimizer: torch.optim.Optimizer, train: FeatureSet, device: torch.device) -> int:
+    """One sub-epoch the official way; returns the number of feature vectors trained on."""
+    vectors_seen = 0
+    for level, feature in enumerate(train.features):
+        batch, channels, height, width = feature.shape
+        encoding = positional_encoding_2d(model.cond_dim, height, width).to(device).unsqueeze(0).repeat(batch, 1, 1, 1)
+        conditions = encoding.reshape(batch, model.cond_dim, -1).transpose(1, 2).reshape(-1, model.cond_dim)
+        vectors = feature.to(device).float().reshape(batch, channels, -1).transpose(1, 2).reshape(-1, channels)
+        order = torch.randperm(len(vectors), device=device)
+        for chunk in order.split(FIBER_BATCH):
+            z, log_jac_det = model.flows[level](vectors[chunk], c=[conditions[chunk]])
+            loss = ml_loss(log_likelihood(z, log_jac_det) / channels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            vectors_seen += len(chunk)
+    return vectors_seen
+
+
+def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch.device) -> dict[str, float]:
+    """Vectors/s of the reference loop and of the trainer (fp32, bf16), after one warm-up sub-epoch each."""
+    train = random_features(widths, images)
+    vectors_per_sub_epoch = images * sum(h * w for h, w in GRIDS)
+    torch.manual_seed(0)
+    reference_model = BGADFlows(widths).to(device)
+    optimizer = torch.optim.Adam(reference_model.parameters(), lr=2e-4)
+    reference_sub_epoch(reference_model, optimizer, train, device)
+    sync(device)
+    started = time.perf_counter()
+    seen = sum(reference_sub_epoch(reference_model, optimizer, train, device) for _ in range(sub_epochs))
+    sync(device)
+    rates = {"reference fp32": seen / (time.perf_counter() - started)}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        config = TrainConfig(meta_epochs=sub_epochs + 1, sub_epochs=1, normal_epochs=sub_epochs + 1,
+                             warmup_epochs=0, precision=precision)
+        trainer = Trainer(BGADFlows(widths), config, train, device)
+        trainer.train_meta_epoch()
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(sub_epochs):
+            trainer.train_meta_epoch()
+        sync(device)
+        rates[f"ours {precision}"] = sub_epochs * vectors_per_sub_epoch / (time.perf_counter() - started)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32, help="training images (256 px) per sub-epoch")
+    parser.add_argument("--sub-epochs", type=int, default=2, help="timed sub-epochs per arm, after one warm-up")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.images} images x {sum(h * w for h, w in GRIDS)} vectors per sub-epoch, fiber batch {FIBER_BATCH}")
+    print("| backbone widths | arm | vectors/s | vs reference |")
+    print("|---|---|---|---|")
+    for backbone, widths in BACKBONE_WIDTHS.items():
+        rates = measure(widths, args.images, args.sub_epochs, device)
+        base = rates["reference fp32"]
+        for arm, rate in rates.items():
+            print(f"| {backbone} {widths} | {arm} | {rate:,.0f} | {rate / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
