@@ -8,8 +8,9 @@ is the same function of the same parameters with most of the subnet's FLOPs (and
 flow's parameters stay those of the FrEIA model: checkpoints and the FrEIA definition are unchanged, and the
 tests check output and log-det against FrEIA.
 
-Optionally the matmuls run in bfloat16 while the coupling, the log-determinant and the log-likelihood stay in
-float32 ("bf16 matmuls, fp32 accumulation"): the part of the flow whose rounding would bias log p(x).
+Optionally the subnets' matmuls run in bfloat16 while the coupling, the permutation, the log-determinant and the
+log-likelihood stay float32: the feature path and log|det J| carry no bf16 rounding (with the permutation in bf16
+too, the error on log p(x) grew tenfold for about 10 % more speed).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def positioned_log_likelihood(
         vectors: feature vectors, float32.
         conditions: ``(P, cond_dim)`` distinct conditions (positional encodings), P usually << N.
         index: ``(N,)`` row of ``conditions`` for each vector.
-        precision: "fp32", or "bf16" for bfloat16 matmuls with float32 coupling and log-det.
+        precision: "fp32", or "bf16" for bfloat16 subnet matmuls (feature path and log-det stay float32).
     """
     dtype = PRECISIONS[precision]
     conditions = conditions.to(dtype)

@@ -48,8 +48,8 @@ class TrainConfig:
         coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
-        precision: matmul precision of training steps: "fp32", or "bf16" (bfloat16 matmuls, float32 coupling,
-            log-det and loss; about 1.3x faster on a CPU with AVX-512 bf16, more on GPU). Evaluation is float32.
+        precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
+            loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, BENCHMARKS.md). Evaluation is float32.
         seed: seeds flow initialisation and sampling.
     """
 

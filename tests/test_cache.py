@@ -7,6 +7,8 @@ copy or on their own dataset.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,13 @@ def test_second_build_is_a_hit_without_backbone_passes(built, monkeypatch):
     manifest = open_cache(second.uri)
     assert manifest["key"] == first.key and manifest["total_rows"] == 34
     assert [level["grid"] for level in manifest["levels"]] == [[16, 16], [8, 8], [4, 4]]
+
+
+def test_trials_cannot_run_the_backbone():
+    """The trainable's whole import graph lacks the backbone: a trial has no way to make a backbone pass."""
+    probe = "import sys, sweeper.trainable; print(sorted(m for m in ('timm', 'bgad_core.backbone') if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
 
 
 def test_features_read_back_equal_a_direct_backbone_call(built, extractor):
