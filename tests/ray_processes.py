@@ -187,6 +187,16 @@ class RayWorker:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=60)
 
+    def survivors(self, timeout_s: float = 180) -> set[str]:
+        """The head's active nodes once it has dropped this (killed) node: the GCS marks a node dead only after its
+        health checks fail, which can take longer than the work that outlives it."""
+
+        def without_this_node() -> set[str]:
+            nodes = self.head.active_nodes()
+            return set() if self.node_id in nodes else nodes
+
+        return _wait_for(without_this_node, "removal of the killed worker from ray status", timeout_s)
+
     def __exit__(self, *exc: object) -> None:
         stop_group(self.process)
         if self.temp_dir is not None:
