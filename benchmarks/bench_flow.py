@@ -5,7 +5,8 @@ encoding is built and repeated for every image, the vectors are shuffled, and ea
 through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
-features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls.
+features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls. On a CPU it
+also prints how much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give).
 
     .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu]
 """
@@ -91,6 +92,37 @@ def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch
     return rates
 
 
+def subnet_matmul_speedups(channels: int, vectors: int = FIBER_BATCH, repeats: int = 20) -> dict[str, float]:
+    """bf16 / fp32 speed ratio of each matmul of one coupling subnet step (forward and both backward products).
+
+    The subnet of a level with ``channels`` features maps ``channels / 2 + 128`` inputs to twice that many hidden
+    units and back to ``channels`` outputs; this shows how much of the flow's work a bf16 matmul unit (AMX) can
+    speed up at all, apart from the element-wise passes that stay memory-bound.
+    """
+    inputs = channels // 2 + 128
+    hidden = 2 * inputs
+    shapes = {  # name: (left, right) operand shapes of the product
+        "forward 1": ((vectors, inputs), (inputs, hidden)),
+        "weight grad 1": ((hidden, vectors), (vectors, inputs)),
+        "input grad 1": ((vectors, hidden), (hidden, inputs)),
+        "forward 2": ((vectors, hidden), (hidden, channels)),
+        "weight grad 2": ((channels, vectors), (vectors, hidden)),
+        "input grad 2": ((vectors, channels), (channels, hidden)),
+    }
+    ratios = {}
+    for name, (left, right) in shapes.items():
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(left, dtype=dtype), torch.randn(right, dtype=dtype)
+            a @ b
+            started = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            seconds[dtype] = time.perf_counter() - started
+        ratios[name] = seconds[torch.float32] / seconds[torch.bfloat16]
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32, help="training images (256 px) per sub-epoch")
@@ -108,6 +140,14 @@ def main() -> None:
         base = rates["reference fp32"]
         for arm, rate in rates.items():
             print(f"| {backbone} {widths} | {arm} | {rate:,.0f} | {rate / base:.2f}x |", flush=True)
+    if device.type == "cpu":
+        widths = sorted(set(BACKBONE_WIDTHS["tf_efficientnet_lite0"] + BACKBONE_WIDTHS["tf_efficientnet_b6"]))
+        print("\nbf16 speed-up of the subnet matmuls alone (fp32 time / bf16 time), 4096 vectors:")
+        table = {channels: subnet_matmul_speedups(channels) for channels in widths}
+        print("| channels | " + " | ".join(next(iter(table.values()))) + " |")
+        print("|---" * (len(next(iter(table.values()))) + 1) + "|")
+        for channels, ratios in table.items():
+            print(f"| {channels} | " + " | ".join(f"{ratio:.1f}x" for ratio in ratios.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def positioned_log_likelihood(
         x1, x2 = x.split(block.splits, dim=1)
         weight_x, weight_c = first.weight.to(dtype).split([split_x, first.in_features - split_x], dim=1)
         condition_term = F.linear(conditions, weight_c, first.bias.to(dtype))
-        # subnet(cat(x1, c)) with the condition term gathered per vector and added inside the matmul
-        hidden = torch.addmm(gather_rows(condition_term, index), x1.to(dtype), weight_x.t()).relu_()
+        # subnet(cat(x1, c)): the x1 term is accumulated in place into the gathered condition term (the
+        # out-of-place addmm would first copy that (N, hidden) tensor, which costs as much as the bf16 matmul)
+        hidden = gather_rows(condition_term, index).addmm_(x1.to(dtype), weight_x.t()).relu_()
         # FrEIA scales the subnet output by 0.1; scaling the weights instead spares a pass over (N, C)
         a = F.linear(hidden, (0.1 * second.weight).to(dtype), (0.1 * second.bias).to(dtype)).float()
         log_scale = block.clamp * torch.tanh(a[:, :split_2])
@@ -80,7 +81,7 @@ def positioned_log_likelihood(
         # global affine then soft permutation, (cat(x1, x2) * s + o) @ W.T, as y @ (W * s).T + W @ o without the cat
         scale = block.global_scale_activation(block.global_scale)
         mixing = (block.w_perm * scale).t()
-        x = torch.addmm(torch.addmm(block.w_perm @ block.global_offset[0], x1, mixing[:split_x]), x2, mixing[split_x:])
+        x = torch.addmm(block.w_perm @ block.global_offset[0], x1, mixing[:split_x]).addmm_(x2, mixing[split_x:])
         log_det = log_det + log_scale.sum(dim=1) + torch.log(scale).sum()
     return log_likelihood(x, log_det)
 
