@@ -39,7 +39,8 @@ def features_of(extractor: FeatureExtractor, training: TrainingImages):
 
 def cached_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> Trainer:
     seed_everything(0)
-    trainer = Trainer(BGADFlows(extractor.channels), config_for(sub_epochs), features_of(extractor, training))
+    config = config_for(sub_epochs)
+    trainer = Trainer(BGADFlows.from_config(extractor.channels, config), config, features_of(extractor, training))
     for _ in range(sub_epochs):
         trainer.train_meta_epoch()
     return trainer
@@ -47,7 +48,7 @@ def cached_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs
 
 def recompute_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> Trainer:
     seed_everything(0)
-    model = BGADFlows(extractor.channels)
+    model = BGADFlows.from_config(extractor.channels, config_for(sub_epochs))
     state = None
     for _ in range(sub_epochs):
         trainer = Trainer(model, config_for(sub_epochs), features_of(extractor, training))

@@ -67,8 +67,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainConfig, Normalization]:
     """Rebuild the flows (in eval mode), their training config and the scoring constants."""
-    config = TrainConfig.from_dict(checkpoint["train_config"])
-    model = BGADFlows(checkpoint["channels"], config.cond_dim, config.coupling_blocks, config.clamp)
+    # checkpoints written before local aggregation existed were trained on per-cell features
+    config = TrainConfig.from_dict({"local_aggregation": 1, **checkpoint["train_config"]})
+    model = BGADFlows.from_config(checkpoint["channels"], config)
     model.load_state_dict(checkpoint["flows"])
     normalization = Normalization(**{k: tuple(v) for k, v in checkpoint["normalization"].items()})
     return model.eval(), config, normalization

@@ -51,6 +51,16 @@ class FeatureSet:
             pixel_masks=None if self.pixel_masks is None else self.pixel_masks[index],
         )
 
+    def with_levels(self, levels: Sequence[int]) -> FeatureSet:
+        """The same rows with only the given feature levels, in the given order."""
+        return FeatureSet(
+            features=[self.features[i] for i in levels],
+            masks=[self.masks[i] for i in levels],
+            labels=self.labels,
+            ids=self.ids,
+            pixel_masks=self.pixel_masks,
+        )
+
     @staticmethod
     def concat(parts: Sequence[FeatureSet]) -> FeatureSet:
         """Rows of all parts, in order; pixel masks are kept only when every part has them."""
@@ -62,6 +72,18 @@ class FeatureSet:
             ids=[i for p in parts for i in p.ids],
             pixel_masks=torch.cat([p.pixel_masks for p in parts]) if keep_pixels else None,
         )
+
+
+def local_average(features: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` features averaged over each cell's ``size x size`` neighbourhood (odd size), in float32.
+
+    PatchCore's local aggregation: a cell then describes a patch with its context. Borders average over zero
+    padding, as PatchCore's ``AvgPool2d(3, 1, 1)`` does.
+    """
+    features = features.float()
+    if size == 1:
+        return features
+    return F.avg_pool2d(features, size, stride=1, padding=size // 2)
 
 
 def mask_to_grid(masks: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> torch.Tensor:

@@ -2,18 +2,29 @@
 
 A pure ``nn.Module``: it maps backbone feature maps to per-dim log-likelihood maps. Training glue lives in
 ``training.py``, turning likelihoods into anomaly maps in ``scoring.py``.
+
+Before a level reaches its flow, each feature vector can be replaced by the mean of its ``aggregation x
+aggregation`` neighbourhood (PatchCore's local aggregation). A single backbone cell is a noisy, very local
+description; its neighbourhood mean describes a patch with context, whose density a flow estimates far better
+(on MTD-200 it lifted test image AUROC from 0.67 to 0.82 at the same schedule, BENCHMARKS.md). ``aggregation=1``
+is the paper's model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bgad_core.fast_flow import check_supported, distinct_positions, positioned_log_likelihood
+from bgad_core.features import local_average
 from bgad_core.flow import build_flow
 from bgad_core.positional import positional_encoding_2d
+
+if TYPE_CHECKING:
+    from bgad_core.training import TrainConfig
 
 
 class BGADFlows(nn.Module):
@@ -24,18 +35,38 @@ class BGADFlows(nn.Module):
         cond_dim: positional-encoding width used as the flow condition (paper: 128).
         coupling_blocks: AllInOneBlock couplings per flow (paper: 8).
         clamp: affine clamping of the couplings (paper: 1.9).
+        aggregation: side of the square neighbourhood each feature is averaged over before its flow (odd; 1 = none,
+            the paper's model). Border cells average over zero padding, as PatchCore's: on MTD-200 this scored 0.82
+            test image AUROC against 0.77 when borders averaged only the cells that exist (BENCHMARKS.md).
     """
 
     def __init__(
-        self, channels: Sequence[int], cond_dim: int = 128, coupling_blocks: int = 8, clamp: float = 1.9
+        self,
+        channels: Sequence[int],
+        cond_dim: int = 128,
+        coupling_blocks: int = 8,
+        clamp: float = 1.9,
+        aggregation: int = 1,
     ) -> None:
         super().__init__()
+        if aggregation < 1 or aggregation % 2 == 0:
+            raise ValueError(f"aggregation must be an odd number >= 1, got {aggregation}")
         self.channels = tuple(int(c) for c in channels)
         self.cond_dim = cond_dim
+        self.aggregation = int(aggregation)
         self.flows = nn.ModuleList(build_flow(c, cond_dim, coupling_blocks, clamp) for c in self.channels)
         for flow in self.flows:
             check_supported(flow)
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, channels: Sequence[int], config: TrainConfig) -> BGADFlows:
+        """The flows a ``TrainConfig`` describes, for features of the given level widths."""
+        return cls(channels, config.cond_dim, config.coupling_blocks, config.clamp, config.local_aggregation)
+
+    def aggregate(self, feature: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` features averaged over each cell's ``aggregation``-neighbourhood, in float32."""
+        return local_average(feature, self.aggregation)
 
     def positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Positional condition for every cell of a ``height x width`` grid, shape ``(H*W, cond_dim)``, cached."""
@@ -61,7 +92,7 @@ class BGADFlows(nn.Module):
         maps = []
         for level, feature in enumerate(features):
             batch, channels, height, width = feature.shape
-            vectors = feature.permute(0, 2, 3, 1).reshape(-1, channels).float()
+            vectors = self.aggregate(feature).permute(0, 2, 3, 1).reshape(-1, channels)
             index = torch.arange(height * width, device=feature.device).repeat(batch)
             conditions = self.positions(height, width, feature.device)
             logps = positioned_log_likelihood(self.flows[level], vectors, conditions, index) / channels

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bgad_core.augment import racp_samples
-from bgad_core.backbone import DEFAULT_BACKBONE, FeatureExtractor
+from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.checkpoint import make_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError
 from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
@@ -30,7 +30,7 @@ from bgad_core.features import FeatureSet, extract_feature_set
 from bgad_core.model import BGADFlows
 from bgad_core.splits import Splits, make_splits
 from bgad_core.synthetic import make_synthetic_category
-from bgad_core.training import Trainer, TrainConfig, decision_threshold, seed_everything
+from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 
 log = logging.getLogger("bgad_core.train")
 
@@ -163,12 +163,57 @@ def build_feature_sets(
     return splits, training.has_masks, train, evaluation[0], evaluation[1]
 
 
-def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
-    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary.
+@dataclass
+class Selection:
+    """The outcome of ``train_and_select``: the chosen epoch's model state and metrics, and every epoch's."""
+
+    epoch: int
+    state: dict
+    val: Evaluation
+    test: Evaluation
+    history: list[dict]
+
+
+def train_and_select(
+    trainer: Trainer,
+    val: FeatureSet,
+    test: FeatureSet,
+    image_size: tuple[int, int],
+    objective: str,
+    test_every_epoch: bool = False,
+) -> Selection:
+    """Train every meta-epoch, keep the one with the best *validation* ``objective``, evaluate test once with it.
 
     Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
-    must not hand back the model that BG-SPP never touched.
+    must not hand back the model that BG-SPP never touched. ``test_every_epoch`` also evaluates test after each
+    meta-epoch, for learning curves only: it is recorded in ``history`` and never used to select.
     """
+    config, model = trainer.config, trainer.model
+    best: dict | None = None
+    history = []
+    for _ in range(config.meta_epochs):
+        started = time.perf_counter()
+        losses = trainer.train_meta_epoch()
+        train_seconds = time.perf_counter() - started
+        result = trainer.evaluate(val, trainer.fit_normalization(), image_size)
+        row = {"epoch": trainer.epoch, "phase": int(losses["phase"]), "loss": losses["loss"],
+               "train_seconds": round(train_seconds, 2), "val": result.metrics}
+        if test_every_epoch:
+            row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
+        history.append(row)
+        score = result.metrics.get(objective, float("nan"))
+        log.info("meta-epoch %d (phase %d) loss %.4f val %s", trainer.epoch, row["phase"], losses["loss"],
+                 _fmt(result.metrics))
+        selectable = trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1)
+        if selectable and (best is None or score > best["score"]):
+            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
+    model.load_state_dict(best["state"])
+    test_result = trainer.evaluate(test, best["val"].normalization, image_size)
+    return Selection(best["epoch"], best["state"], best["val"], test_result, history)
+
+
+def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
+    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary."""
     started = time.perf_counter()
     seed_everything(config.seed)
     extractor = FeatureExtractor(backbone, weights=weights, strides=strides)
@@ -181,25 +226,15 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
     )
     objective = objective_metric(has_masks)
     image_size = (data.image_size, data.image_size)
-    model = BGADFlows(extractor.channels, config.cond_dim, config.coupling_blocks, config.clamp)
+    model = BGADFlows.from_config(extractor.channels, config)
     trainer = Trainer(model, config, train)
-    best: dict | None = None
-    for _ in range(config.meta_epochs):
-        losses = trainer.train_meta_epoch()
-        result = trainer.evaluate(val, trainer.fit_normalization(), image_size)
-        score = result.metrics.get(objective, float("nan"))
-        log.info("meta-epoch %d loss %.4f val %s", trainer.epoch, losses["loss"], _fmt(result.metrics))
-        selectable = trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1)
-        if selectable and (best is None or score > best["score"]):
-            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
-    model.load_state_dict(best["state"])
-    test_result = trainer.evaluate(test, best["val"].normalization, image_size)
-    threshold = decision_threshold(best["val"], val.labels)
+    best = train_and_select(trainer, val, test, image_size, objective)
+    threshold = decision_threshold(best.val, val.labels)
     summary = {
         "objective": objective,
-        "best_epoch": best["epoch"],
-        "val": best["val"].metrics,
-        "test": test_result.metrics,
+        "best_epoch": best.epoch,
+        "val": best.val.metrics,
+        "test": best.test.metrics,
         "weights_source": extractor.weights_source,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -207,8 +242,8 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
         backbone_info = {"name": backbone, "weights_source": extractor.weights_source,
                          "weights_digest": extractor.weights_digest, "strides": list(extractor.strides),
                          "mean": list(extractor.mean), "std": list(extractor.std)}
-        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best["val"].normalization, threshold,
-                                     {f"val_{k}": v for k, v in best["val"].metrics.items()}, best["epoch"])
+        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best.val.normalization, threshold,
+                                     {f"val_{k}": v for k, v in best.val.metrics.items()}, best.epoch)
         save_checkpoint(checkpoint, output / "model.pt")
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -250,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name")
     parser.add_argument("--weights", default="auto", help="auto | hub | offline | random | path to a weights file")
-    parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--strides", type=int, nargs="+", default=list(DEFAULT_STRIDES),
+                        help="output strides of the backbone levels the flows model (the paper: 4 8 16)")
     parser.add_argument("--output", type=Path, default=None, help="folder for model.pt and summary.json")
     _add_dataclass_args(parser, DataConfig, skip=("data",))
     _add_dataclass_args(parser, TrainConfig)

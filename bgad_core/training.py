@@ -3,7 +3,8 @@
 Phase 1 (the first ``normal_epochs`` meta-epochs) fits the flows to normal feature vectors only, so that the
 normal log-likelihood distribution, and with it the explicit boundary, is meaningful. Phase 2 samples images
 normal:abnormal = 2:1 (balanced sampling) and adds the BG-SPP loss around the boundary, with the asymmetric
-focal weights of BGAD-FAS when enabled.
+focal weights of BGAD-FAS when enabled. A training set without anomalies trains plain BGAD throughout: maximum
+likelihood on normals, no BG-SPP and no focal weights, whatever ``focal_weighting`` says.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ class TrainConfig:
         warmup_epochs: meta-epochs of linear learning-rate warm-up before the cosine decay.
         fiber_batch: feature vectors per optimisation step (official: 4096).
         abnormal_ratio: abnormal images drawn per normal image in phase 2 (0.5 = normal:abnormal 2:1).
+        push_fraction: share of each step's abnormal vectors that phase 2 trains on, the least likely first (1 = all,
+            the paper); for image-level labels, whose masks mark whole images, see ``least_likely_abnormal``.
         abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
             (but some) defect are left out of the losses rather than trained as normal.
         coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
+        local_aggregation: each feature is averaged over its ``k x k`` neighbourhood before its flow (odd; 1 = the
+            paper's per-cell features). See ``bgad_core.model``.
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
@@ -66,9 +71,11 @@ class TrainConfig:
     fiber_batch: int = 4096
     abnormal_ratio: float = 0.5
     abnormal_fraction: float = 0.25
+    push_fraction: float = 1.0
     coupling_blocks: int = 8
     clamp: float = 1.9
     cond_dim: int = 128
+    local_aggregation: int = 3
     blur_sigma: float = 4.0
     image_score: str = "max"
     precision: str = "fp32"
@@ -83,6 +90,10 @@ class TrainConfig:
         for key in ("bgspp_lambda", "abnormal_ratio", "normal_epochs", "warmup_epochs", "blur_sigma"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.local_aggregation < 1 or self.local_aggregation % 2 == 0:
+            raise ConfigError(f"local_aggregation must be an odd number >= 1, got {self.local_aggregation}")
+        if not 0.0 < self.push_fraction <= 1.0:
+            raise ConfigError(f"push_fraction must lie in (0, 1], got {self.push_fraction}")
         if not 0.0 < self.abnormal_fraction <= 1.0:
             raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
         if self.precision not in PRECISIONS:
@@ -121,14 +132,33 @@ def fiber_labels(mask_fractions: torch.Tensor, abnormal_fraction: float) -> torc
     return labels
 
 
-class _LevelData:
-    """One level's training vectors flattened to ``(N*H*W, C)`` with their labels and position indices."""
+def least_likely_abnormal(logps: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep-mask: every normal vector and the ``fraction`` of abnormal vectors with the lowest log-likelihood.
 
-    def __init__(self, feature: torch.Tensor, mask: torch.Tensor, abnormal_fraction: float, device: torch.device):
+    An image-level label (no pixel mask) marks every cell of the image abnormal although most of them look
+    normal; pushing all of them below the boundary fights the pull on the same-looking normal cells. Treating the
+    label as "some cells are abnormal" (multiple-instance learning), only the least likely ones are pushed.
+    """
+    abnormal = labels == 1
+    count = int(abnormal.sum())
+    keep = ~abnormal
+    if count:
+        k = max(1, math.ceil(fraction * count))
+        chosen = torch.nonzero(abnormal).flatten()[logps.detach()[abnormal].topk(k, largest=False).indices]
+        keep[chosen] = True
+    return keep
+
+
+class _LevelData:
+    """One level's training vectors (the flow's inputs, ``BGADFlows.aggregate``d) flattened to ``(N*H*W, C)`` with
+    their labels and position indices."""
+
+    def __init__(self, feature: torch.Tensor, mask: torch.Tensor, abnormal_fraction: float, model: BGADFlows,
+                 device: torch.device):
         n, c, h, w = feature.shape
         self.cells = h * w
         self.grid = (h, w)
-        self.vectors = feature.permute(0, 2, 3, 1).reshape(-1, c).to(device, torch.float32)
+        self.vectors = model.aggregate(feature.to(device)).permute(0, 2, 3, 1).reshape(-1, c)
         self.labels = fiber_labels(mask, abnormal_fraction).reshape(-1).to(device)
 
     def fibers_of(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,11 +177,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.config = config
         self.train_set = train
-        self.levels = [_LevelData(f, m, config.abnormal_fraction, self.device) for f, m in zip(train.features, train.masks)]
+        self.levels = [_LevelData(f, m, config.abnormal_fraction, self.model, self.device)
+                       for f, m in zip(train.features, train.masks)]
         self.normal_rows = torch.nonzero(train.labels == 0).flatten()
         self.abnormal_rows = torch.nonzero(train.labels == 1).flatten()
         if len(self.normal_rows) == 0:
             raise ValueError("the training set has no normal image")
+        # Focal weighting is BGAD-FAS's, meaningful only beside anomalies: without any, phase 2 is plain BGAD's
+        # maximum-likelihood training (the loss does not jump at the phase switch).
+        self.focal = config.focal_weighting and len(self.abnormal_rows) > 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.epoch = 0
@@ -181,8 +215,11 @@ class Trainer:
         data = self.levels[level]
         labels = data.labels[fibers]
         logps = self.model.cell_logps(level, data.vectors[fibers], fibers % data.cells, data.grid, cfg.precision)
+        if phase2 and cfg.push_fraction < 1.0:
+            keep = least_likely_abnormal(logps, labels, cfg.push_fraction)
+            logps, labels = logps[keep], labels[keep]
         normal = labels == 0
-        weights = focal_weights(logps, labels, cfg.normalizer) if (phase2 and cfg.focal_weighting) else None
+        weights = focal_weights(logps, labels, cfg.normalizer) if (phase2 and self.focal) else None
         loss = ml_loss(logps[normal], None if weights is None else weights[normal])
         if phase2 and cfg.bgspp_lambda > 0 and bool((labels == 1).any()) and bool(normal.any()):
             boundary = find_boundary(logps, labels, cfg.beta, cfg.tau, cfg.normalizer)

@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bgad_core.augment import TRANSFORMS
-from bgad_core.backbone import DEFAULT_BACKBONE
+from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES
 from bgad_core.errors import ConfigError
 from bgad_core.synthetic import DEFECT_TYPES
 from bgad_core.training import TrainConfig
@@ -117,7 +117,7 @@ class BackboneSpec(Section):
 
     name: str = Field(DEFAULT_BACKBONE, min_length=1)
     weights: str = Field("auto", min_length=1)
-    strides: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
+    strides: list[int] = Field(default_factory=lambda: list(DEFAULT_STRIDES), min_length=1)
 
     @field_validator("strides")
     @classmethod
@@ -125,6 +125,24 @@ class BackboneSpec(Section):
         if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
             raise ValueError("must be positive and strictly increasing")
         return value
+
+
+class BaselineSpec(Section):
+    """The one-class PatchCore baseline (``bgad_core.patchcore``) every sweep reports beside its best trial.
+
+    It sees no defect, so the gap between it and the best trial is what the labelled anomalies bought.
+
+    Attributes:
+        enabled: fit and evaluate it for each category after the search.
+        strides: cached levels it reads (each must be one of ``backbone.strides``; PatchCore: 8 and 16).
+        coreset_ratio: share of the training patches kept in its memory bank.
+        num_neighbors: bank neighbours that re-weight its image score.
+    """
+
+    enabled: bool = True
+    strides: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
+    coreset_ratio: float = Field(0.01, gt=0, le=1)
+    num_neighbors: int = Field(9, ge=1)
 
 
 class CacheSpec(Section):
@@ -339,6 +357,7 @@ class SweepConfig(Section):
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     mode: Literal["per_category", "shared"] = "per_category"
     train: dict[str, Any] = Field(default_factory=dict)
     search: SearchSpec | None = None  # required to run a sweep; a cache-only config may leave it out
@@ -351,6 +370,13 @@ class SweepConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"datasets: category names must be unique, {duplicates} repeat (set 'name')")
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_levels_cached(self) -> SweepConfig:
+        missing = sorted(set(self.baseline.strides) - set(self.backbone.strides))
+        if self.baseline.enabled and missing:
+            raise ValueError(f"baseline.strides: {missing} not among backbone.strides {self.backbone.strides}")
         return self
 
     @model_validator(mode="after")

@@ -189,7 +189,7 @@ def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str,
     train = read_features(manifest, category, ["train"], num_anomalies=data["num_anomalies"], depth=data["racp_depth"])
     val = read_features(manifest, category, ["val"])
     channels = [level["channels"] for level in manifest["levels"]]
-    model = BGADFlows(channels, config.cond_dim, config.coupling_blocks, config.clamp)
+    model = BGADFlows.from_config(channels, config)
     return _CategoryRun(category, Trainer(model, config, train, device=device), val)
 
 

@@ -71,6 +71,9 @@ def test_quickstart_job_on_a_token_authenticated_head(tmp_path):
     outcomes = [r.data.tags.get("bgad.outcome") for r in children]
     assert "pruned" in outcomes, outcomes  # ASHA stopped at least one trial early
     assert parents[0].data.metrics["synthetic-tiles/best_test_image_auroc"] > 0.5
+    # the one-class baseline arm: fitted on the same cache and shown beside the best trial
+    assert parents[0].data.metrics["synthetic-tiles/baseline_test_image_auroc"] > 0.5
+    assert "PatchCore (no labels)" in job.stdout + job.stderr
 
     study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
     assert len(study.trials) == config.search.num_samples

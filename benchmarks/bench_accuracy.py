@@ -1,0 +1,168 @@
+"""Accuracy on the shared real data: BGAD-FAS against plain BGAD, the paper's configuration and a no-label PatchCore.
+
+Every arm reads the same backbone features of the same split (extracted once, lite0 offline weights, 256 px):
+
+- ``patchcore``: one-class PatchCore (``bgad_core.patchcore``), strides 8 + 16, 1 % coreset, k = 9. No labels.
+- ``bgad``: plain BGAD: the default flows, trained on the normals only, focal weighting off. No labels.
+- ``bgad-fas``: the default BGAD-FAS (``TrainConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
+- ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features) with the same anomalies and schedule.
+
+Protocols (``../shared/data/README.md``): ``mtd`` = MTD-200 (first 200 training normals, 10 anomalies per defect
+type); ``kolektor`` = KolektorSDD with 10 anomalies; ``brainmri`` = BrainMRI with one anomaly in total. Epochs are
+selected on validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the
+learning curves only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
+
+    .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
+        [--arms patchcore bgad bgad-fas paper] [--anomalies 0 1 2 5 10] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
+from bgad_core.features import FeatureSet
+from bgad_core.model import BGADFlows
+from bgad_core.patchcore import PatchCore
+from bgad_core.splits import make_splits
+from bgad_core.datasets import read_category
+from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
+from bgad_core.training import Trainer, TrainConfig, seed_everything
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROTOCOLS = {
+    "mtd": dict(path="mtd/magnetic_tile", num_anomalies=10, per_defect_type=True, max_train_normals=200),
+    "kolektor": dict(path="kolektorsdd/commutator", num_anomalies=10, per_defect_type=True, max_train_normals=None),
+    "brainmri": dict(path="brainmri/brain", num_anomalies=1, per_defect_type=False, max_train_normals=None),
+}
+EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
+ARMS = ("patchcore", "bgad", "bgad-fas", "paper")
+
+
+def cpu_flags() -> str:
+    """The CPU model and its matrix-relevant flags, printed with every figure (the machine changes)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return f"{model}; {torch.get_num_threads()} threads; flags: {' '.join(f for f in wanted if f in flags) or 'none of interest'}"
+
+
+def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
+    """Training rows with only the first ``n`` drawn anomalies (and the RACP samples cut from them).
+
+    Draws are nested in n (``bgad_core.splits``), so this is the training set a run with ``num_anomalies=n`` draws,
+    evaluated on the very same validation and test images.
+    """
+    index = read_category(data.data)
+    kept = {r.record_id for r in make_splits(index, n, data.per_defect_type, data.val_fraction, data.split_seed,
+                                             data.train_defect_types, data.max_train_normals).train_anomalies}
+    rows = [i for i, (label, row_id) in enumerate(zip(train.labels.tolist(), train.ids))
+            if label == 0 or row_id in kept or (row_id.startswith("racp:") and row_id.split(":")[1] in kept)]
+    return train.select(rows)
+
+
+def bgad_arm(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
+             size: tuple[int, int], curves: bool) -> dict:
+    """Train flows, select on validation, test once; figures and wall time of one arm."""
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    trainer = Trainer(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    best = train_and_select(trainer, val, test, size, objective, test_every_epoch=curves)
+    return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics,
+            "seconds": round(time.perf_counter() - started, 1), "history": best.history}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(PROTOCOLS), default="mtd", help="which shared protocol to run")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
+    parser.add_argument("--meta-epochs", type=int, default=TrainConfig.meta_epochs, help="meta-epochs of every arm")
+    parser.add_argument("--sub-epochs", type=int, default=TrainConfig.sub_epochs, help="sub-epochs per meta-epoch")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
+    parser.add_argument("--anomalies", type=int, nargs="*", default=[],
+                        help="extra BGAD-FAS rows with this many anomalies (per type where the protocol draws per type)")
+    parser.add_argument("--curves", action="store_true", help="record test after every meta-epoch (curves only)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
+    args = parser.parse_args()
+    protocol = PROTOCOLS[args.dataset]
+    path = args.data_root / protocol["path"]
+    if not path.is_dir():
+        raise SystemExit(f"skipped: real data not found at {path}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        default = getattr(TrainConfig, key)
+        overrides[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+    base = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
+    data = DataConfig(str(path), image_size=256, num_anomalies=protocol["num_anomalies"],
+                      per_defect_type=protocol["per_defect_type"], max_train_normals=protocol["max_train_normals"],
+                      held_out_anomalies=protocol["num_anomalies"])
+    started = time.perf_counter()
+    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=EXTRACTED_STRIDES)
+    _, has_masks, train_all, val_all, test_all = build_feature_sets(data, extractor)
+    extraction = time.perf_counter() - started
+    objective, size = objective_metric(has_masks), (256, 256)
+    default_levels = [EXTRACTED_STRIDES.index(s) for s in DEFAULT_STRIDES]
+    train, val, test = (s.with_levels(default_levels) for s in (train_all, val_all, test_all))
+    normals = train.select(torch.nonzero(train.labels == 0).flatten())
+    rows: list[tuple[str, dict]] = []
+    if "patchcore" in args.arms:
+        started = time.perf_counter()
+        model = PatchCore().fit(normals)
+        rows.append(("PatchCore, no labels", {"epoch": "-", "val": model.evaluate(val, size),
+                                             "test": model.evaluate(test, size),
+                                             "seconds": round(time.perf_counter() - started, 1)}))
+    if "bgad" in args.arms:
+        rows.append(("BGAD, no labels", bgad_arm(replace(base, focal_weighting=False), normals, val, test, objective,
+                                                 size, args.curves)))
+    if "bgad-fas" in args.arms:
+        rows.append((f"BGAD-FAS, n = {data.num_anomalies}", bgad_arm(base, train, val, test, objective, size, args.curves)))
+    if "paper" in args.arms:
+        paper = replace(base, local_aggregation=1, image_score="max")
+        rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
+                     bgad_arm(paper, train_all, val_all, test_all, objective, size, args.curves)))
+    for n in args.anomalies:
+        subset = anomaly_subset(train, data, n)
+        config = base if n else replace(base, focal_weighting=False)
+        rows.append((f"BGAD-FAS, n = {n}", bgad_arm(config, subset, val, test, objective, size, args.curves)))
+    print(f"\n{args.dataset}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
+          f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
+    print(f"machine: {cpu_flags()}")
+    print("| arm | epoch | val " + objective + " | test image AUROC | test pixel AUROC | test PRO | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, row in rows:
+        test_m = row["test"]
+        print(f"| {label} | {row['epoch']} | {row['val'].get(objective, float('nan')):.3f} | "
+              f"{test_m['image_auroc']:.3f} | {test_m.get('pixel_auroc', float('nan')):.3f} | "
+              f"{test_m.get('aupro', float('nan')):.3f} | {row['seconds']:.0f} |")
+    if args.curves:
+        for label, row in rows:
+            for h in row.get("history", []):
+                t = h.get("test", {})
+                print(f"curve | {label} | {h['epoch']} | val {h['val'].get(objective, float('nan')):.3f} | "
+                      f"test image {t.get('image_auroc', float('nan')):.3f} | test PRO {t.get('aupro', float('nan')):.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"dataset": args.dataset, "machine": cpu_flags(),
+                                         "rows": [{"arm": label, **row} for label, row in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
