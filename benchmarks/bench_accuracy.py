@@ -5,6 +5,7 @@ Every arm reads the same backbone features of the same split (extracted once, li
 - ``patchcore``: one-class PatchCore (``bgad_core.patchcore``), strides 8 + 16, 1 % coreset, k = 9. No labels.
 - ``bgad``: plain BGAD: the default flows, trained on the normals only, focal weighting off. No labels.
 - ``bgad-fas``: the default BGAD-FAS (``TrainConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
+  ``--strides`` and ``--set KEY=VALUE`` change what the ``bgad`` and ``bgad-fas`` arms model, for ablations.
 - ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features) with the same anomalies and schedule.
 
 Protocols (``../shared/data/README.md``): ``mtd`` = MTD-200 (first 200 training normals, 10 anomalies per defect
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--anomalies", type=int, nargs="*", default=[],
                         help="extra BGAD-FAS rows with this many anomalies (per type where the protocol draws per type)")
     parser.add_argument("--curves", action="store_true", help="record test after every meta-epoch (curves only)")
+    parser.add_argument("--strides", type=int, nargs="+", choices=EXTRACTED_STRIDES, default=list(DEFAULT_STRIDES),
+                        help="levels the bgad and bgad-fas arms model (PatchCore keeps 8 16, the paper arm 4 8 16)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
@@ -120,15 +123,16 @@ def main() -> None:
     _, has_masks, train_all, val_all, test_all = build_feature_sets(data, extractor)
     extraction = time.perf_counter() - started
     objective, size = objective_metric(has_masks), (256, 256)
-    default_levels = [EXTRACTED_STRIDES.index(s) for s in DEFAULT_STRIDES]
-    train, val, test = (s.with_levels(default_levels) for s in (train_all, val_all, test_all))
+    levels = [EXTRACTED_STRIDES.index(s) for s in sorted(args.strides)]
+    train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
     normals = train.select(torch.nonzero(train.labels == 0).flatten())
     rows: list[tuple[str, dict]] = []
     if "patchcore" in args.arms:
         started = time.perf_counter()
-        model = PatchCore().fit(normals)
-        rows.append(("PatchCore, no labels", {"epoch": "-", "val": model.evaluate(val, size),
-                                             "test": model.evaluate(test, size),
+        patchcore_levels = [EXTRACTED_STRIDES.index(s) for s in (8, 16)]
+        model = PatchCore(levels=patchcore_levels).fit(train_all)
+        rows.append(("PatchCore, no labels", {"epoch": "-", "val": model.evaluate(val_all, size),
+                                             "test": model.evaluate(test_all, size),
                                              "seconds": round(time.perf_counter() - started, 1)}))
     if "bgad" in args.arms:
         rows.append(("BGAD, no labels", bgad_arm(replace(base, focal_weighting=False), normals, val, test, objective,

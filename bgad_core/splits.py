@@ -67,6 +67,23 @@ def make_splits(
     return Splits(list(train_normal), drawn, val, test)
 
 
+def check_validation(splits: Splits, name: str) -> None:
+    """Raise unless validation holds normals and every defect type that is evaluated.
+
+    A group of one image stays in test, so drawing nearly all anomalies of a type (or a category with very few)
+    leaves that type out of validation: epoch selection is then blind to it, or, without any anomaly or normal in
+    validation, every validation metric is NaN and so is the decision threshold.
+    """
+    evaluated = splits.val + splits.test
+    missing = sorted({r.defect_type for r in evaluated} - {r.defect_type for r in splits.val})
+    if missing:
+        counts = {kind: sum(r.defect_type == kind for r in evaluated) for kind in missing}
+        raise ConfigError(
+            f"{name}: validation has no image of {missing} (left for evaluation: {counts}); draw fewer anomalies "
+            "(num_anomalies / held_out_anomalies) or add images of these types"
+        )
+
+
 def _validate(num_anomalies: int, val_fraction: float, seed: int, max_train_normals: int | None) -> None:
     if not _is_int(num_anomalies) or num_anomalies < 0:
         raise ConfigError(f"num_anomalies must be an int >= 0, got {num_anomalies!r}")

@@ -13,6 +13,8 @@ import copy
 import functools
 import json
 import logging
+import math
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,11 +26,11 @@ import numpy as np
 from bgad_core.augment import racp_samples
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.checkpoint import make_checkpoint, save_checkpoint
-from bgad_core.errors import ConfigError
+from bgad_core.errors import ConfigError, DataError, TrainingDivergedError
 from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
 from bgad_core.features import FeatureSet, extract_feature_set
 from bgad_core.model import BGADFlows
-from bgad_core.splits import Splits, make_splits
+from bgad_core.splits import Splits, check_validation, make_splits
 from bgad_core.synthetic import make_synthetic_category
 from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 
@@ -128,6 +130,7 @@ def load_training_images(data: DataConfig) -> TrainingImages:
     splits = split(num_anomalies=held_out)
     if held_out != data.num_anomalies:  # draws are nested: the first n of a seed are among its first K
         splits.train_anomalies = split(num_anomalies=data.num_anomalies).train_anomalies
+    check_validation(splits, data.data)  # before any image is decoded
     size = data.image_size
     normals, normal_masks = load_records(splits.train_normal, size)
     anomalies, anomaly_masks = load_records(splits.train_anomalies, size)
@@ -245,7 +248,7 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
         checkpoint = make_checkpoint(model, config, backbone_info, image_size, best.val.normalization, threshold,
                                      {f"val_{k}": v for k, v in best.val.metrics.items()}, best.epoch)
         save_checkpoint(checkpoint, output / "model.pt")
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        (output / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return summary
 
 
@@ -253,21 +256,45 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field descriptions from the ``Attributes:`` section of a dataclass docstring (``a, b: text`` covers both)."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    in_section = False
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            in_section = True
+        elif in_section and text:
+            head, colon, rest = text.partition(": ")
+            candidates = [n.strip() for n in head.split(",")]
+            if colon and all(n.isidentifier() for n in candidates):
+                names = candidates
+                for name in names:
+                    docs[name] = rest
+            else:
+                for name in names:
+                    docs[name] += " " + text
+    return docs
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Expose each dataclass field as ``--field-name`` with its default and type."""
+    """Expose each dataclass field as ``--field-name`` with its default, type and documented meaning."""
+    docs = attribute_docs(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        described = {"help": docs[f.name].replace("%", "%%") + " (default: %(default)s)"}
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, default=default, metavar="{true,false}")
+            parser.add_argument(flag, type=_parse_bool, default=default, metavar="{true,false}", **described)
         elif f.name == "train_defect_types":
-            parser.add_argument(flag, nargs="+", default=None)
+            parser.add_argument(flag, nargs="+", default=None, **described)
         elif default is None:
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, default=None, **described)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, **described)
 
 
 def _parse_bool(text: str) -> bool:
@@ -278,7 +305,27 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def strict_json(value: object) -> object:
+    """``value`` with every non-finite float as None, so that the file is JSON any parser reads (no bare NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line entry point: one-line ``error:`` messages and exit status 2 for bad input or divergence."""
+    try:
+        return _main(argv)
+    except (ConfigError, DataError, TrainingDivergedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv: Sequence[str] | None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data", default=None, help="category directory (MVTec AD, BTAD or folder layout); default: generated images"
@@ -299,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             log.info("no --data given: training on generated defect images in %s", args["data"])
         data = DataConfig(**{f.name: args[f.name] for f in fields(DataConfig)})
         summary = run(data, config, args["backbone"], args["weights"], args["strides"], args["output"])
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return summary
 
 

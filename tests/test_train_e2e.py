@@ -49,3 +49,22 @@ def test_bf16_training_keeps_fp32_auroc(category):
         tests[precision] = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), None)["test"]
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert abs(tests["bf16"][key] - tests["fp32"][key]) <= 0.02, (key, tests)
+
+
+def test_too_few_anomalies_for_validation_is_a_one_line_error(tmp_path, capsys):
+    """Drawing all but one anomaly of a type leaves it out of validation: exit 2 before any image is decoded."""
+    small = make_synthetic_category(tmp_path, size=64, n_train=4, n_test_good=4, n_test_per_defect=3, seed=2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(small), "--image-size", "64", "--num-anomalies", "2", "--weights", "random"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "validation has no image of" in err[0], err
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_summary_json_is_strict(tmp_path):
+    """NaN metrics (a split without masks) are written as null, not as bare NaN that JSON parsers reject."""
+    from bgad_core.train import strict_json
+
+    text = json.dumps(strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}}), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
