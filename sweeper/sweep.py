@@ -323,7 +323,8 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
 def summary_table(summary: Mapping[str, Any]) -> str:
     """Markdown table: per category and arm (best trial, paper default, one-class baseline), val and test scores."""
     metric = summary["objective"].removeprefix("val_")
-    lines = [f"| category | arm | val {metric} | test image AUROC | test pixel AUROC | test PRO |", "|---" * 6 + "|"]
+    lines = [f"| category | trials (fin/pruned/failed) | arm | val {metric} | test image AUROC | test pixel AUROC | "
+             "test PRO |", "|---" * 7 + "|"]
     arms = (("best", "best trial"), ("paper_default", "paper default"), ("baseline", "PatchCore (no labels)"))
     for name, entry in summary["categories"].items():
         t = entry["trials"]
@@ -331,11 +332,11 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             if key not in entry:
                 continue
             arm = entry[key]
-            if key == "best":
-                label += f" ({t['finished']} finished / {t['pruned']} pruned / {t['failed']} failed)"
+            trials = f"{t['finished']}/{t['pruned']}/{t['failed']}" if key == "best" else "-"
             lines.append(
-                f"| {name} | {label} | {_num(arm['val'].get(metric))} | {_num(arm['test'].get('image_auroc'))} | "
-                f"{_num(arm['test'].get('pixel_auroc'))} | {_num(arm['test'].get('aupro'))} |"
+                f"| {name} | {trials} | {label} | {_num(arm['val'].get(metric))} | "
+                f"{_num(arm['test'].get('image_auroc'))} | {_num(arm['test'].get('pixel_auroc'))} | "
+                f"{_num(arm['test'].get('aupro'))} |"
             )
     return "\n".join(lines)
 

@@ -75,9 +75,12 @@ def test_lukemelas_mapping_rejects_shape_mismatch() -> None:
 
 def test_levels_channels_and_sizes(offline: FeatureExtractor, images: torch.Tensor) -> None:
     features = offline.extract(images)
-    assert offline.strides == DEFAULT_STRIDES
-    assert offline.channels == (24, 40, 112)
-    assert [tuple(f.shape) for f in features] == [(2, 24, 32, 32), (2, 40, 16, 16), (2, 112, 8, 8)]
+    assert offline.strides == DEFAULT_STRIDES == (8, 16)
+    assert offline.channels == (40, 112)
+    assert [tuple(f.shape) for f in features] == [(2, 40, 16, 16), (2, 112, 8, 8)]
+    paper = FeatureExtractor(weights="offline", strides=(4, 8, 16))
+    assert paper.channels == (24, 40, 112)
+    assert [tuple(f.shape) for f in paper.extract(images)] == [(2, 24, 32, 32), (2, 40, 16, 16), (2, 112, 8, 8)]
     assert offline.mean == offline.std == (0.5, 0.5, 0.5)
 
 

@@ -85,7 +85,7 @@ def test_second_build_is_a_hit_without_backbone_passes(built, monkeypatch):
     assert second.hit and second.uri == first.uri and second.rows == first.rows
     manifest = open_cache(second.uri)
     assert manifest["key"] == first.key and manifest["total_rows"] == 34
-    assert [level["grid"] for level in manifest["levels"]] == [[16, 16], [8, 8], [4, 4]]
+    assert [level["grid"] for level in manifest["levels"]] == [[8, 8], [4, 4]]  # strides 8 and 16
 
 
 def test_trials_cannot_run_the_backbone():
@@ -124,7 +124,7 @@ def test_key_changes_with_image_size_and_backbone(built):
     assert plan_cache(config).key == report.key
     resized = make_config(Path(config.cache.root), data={"image_size": 96})
     random_weights = make_config(Path(config.cache.root), backbone={"weights": "random"})
-    other_levels = make_config(Path(config.cache.root), backbone={"strides": [8, 16]})
+    other_levels = make_config(Path(config.cache.root), backbone={"strides": [4, 8, 16]})
     keys = {report.key, *(plan_cache(c).key for c in (resized, random_weights, other_levels))}
     assert len(keys) == 4
 

@@ -75,3 +75,13 @@ def test_search_translations():
     assert fixed["meta_epochs"] == 25 and fixed["num_anomalies"] == 10
     paper = paper_default_params(load_config(SEARCH_SPACES / "quickstart.yaml"))
     assert paper["beta"] == 0.01 and paper["num_anomalies"] == 3 and paper["racp_depth"] == 3
+
+
+def test_summary_table_shows_every_arm_beside_the_trial_counts():
+    from sweeper.sweep import summary_table
+
+    arm = {"val": {"aupro": 0.5}, "test": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}}
+    entry = {"trials": {"finished": 2, "pruned": 1, "failed": 0}, "best": arm, "paper_default": arm, "baseline": arm}
+    table = summary_table({"objective": "val_aupro", "categories": {"tiles": entry}}).splitlines()
+    assert table[2].startswith("| tiles | 2/1/0 | best trial | 0.5000 | 0.9000 |")
+    assert [row.split(" | ")[2] for row in table[2:]] == ["best trial", "paper default", "PatchCore (no labels)"]

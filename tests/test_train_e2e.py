@@ -33,9 +33,11 @@ def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == checkpoint["epoch"]
 
 
-def test_cli_rejects_beta_outside_unit_interval(category):
-    with pytest.raises(ValueError, match="beta"):
+def test_cli_rejects_beta_outside_unit_interval(category, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(category), "--beta", "1.5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: beta must lie in (0, 1)")
 
 
 @pytest.mark.slow
