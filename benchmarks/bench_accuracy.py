@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
+from bgad_core.datasets import read_category
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
 from bgad_core.patchcore import PatchCore
 from bgad_core.splits import make_splits
-from bgad_core.datasets import read_category
 from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
 from bgad_core.training import Trainer, TrainConfig, seed_everything
 

@@ -12,7 +12,7 @@ how isolated its nearest bank entry is among its ``num_neighbors`` neighbours.
 
 Example:
     >>> import torch
-    >>> from bgad_core.features import FeatureSet, local_average
+    >>> from bgad_core.features import FeatureSet
     >>> def rows(n):
     ...     return FeatureSet([torch.randn(n, 8, 8, 8), torch.randn(n, 16, 4, 4)],
     ...                       [torch.zeros(n, 8, 8), torch.zeros(n, 4, 4)], torch.zeros(n, dtype=torch.long),
@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,6 @@ class PatchCoreConfig:
             raise ConfigError(f"patchcore coreset_ratio must lie in (0, 1], got {self.coreset_ratio}")
         if self.num_neighbors < 1:
             raise ConfigError(f"patchcore num_neighbors must be >= 1, got {self.num_neighbors}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def patch_embeddings(features: Sequence[torch.Tensor], levels: Sequence[int] | None = None) -> torch.Tensor:

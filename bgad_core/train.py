@@ -168,10 +168,9 @@ def build_feature_sets(
 
 @dataclass
 class Selection:
-    """The outcome of ``train_and_select``: the chosen epoch's model state and metrics, and every epoch's."""
+    """The outcome of ``train_and_select`` (whose trainer's model then holds the chosen epoch's weights)."""
 
     epoch: int
-    state: dict
     val: Evaluation
     test: Evaluation
     history: list[dict]
@@ -212,7 +211,7 @@ def train_and_select(
             best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
     model.load_state_dict(best["state"])
     test_result = trainer.evaluate(test, best["val"].normalization, image_size)
-    return Selection(best["epoch"], best["state"], best["val"], test_result, history)
+    return Selection(best["epoch"], best["val"], test_result, history)
 
 
 def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
