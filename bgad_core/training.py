@@ -17,11 +17,11 @@ import torch
 
 from bgad_core.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
-from bgad_core.fast_flow import PRECISIONS
 from bgad_core.features import FeatureSet
 from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.metrics import compute_metrics, f1_max
 from bgad_core.model import BGADFlows
+from bgad_core.precision import PRECISION_CHOICES, resolve_precision
 from bgad_core.scoring import IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
 
 IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
@@ -50,11 +50,15 @@ class TrainConfig:
             (but some) defect are left out of the losses rather than trained as normal.
         coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
         local_aggregation: each feature is averaged over its ``k x k`` neighbourhood before its flow (odd; 1 = the
-            paper's per-cell features). See ``bgad_core.model``.
+            paper's per-cell features). See ``bgad_core.model``. Meant for grids of 16+ cells a side (256 px at
+            stride 16); on small inputs (96 px: 12 and 6 cells) a 3x3 window spans much of the image and costs
+            accuracy, so use 1 there.
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
-            loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, BENCHMARKS.md). Evaluation is float32.
+            loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, 2x slower on one without bf16
+            instructions, BENCHMARKS.md); "auto" (default) takes bf16 only on a GPU or a CPU with bf16 hardware
+            (``bgad_core.precision``) and warns when "bf16" is forced without it. Evaluation is float32.
         seed: seeds flow initialisation and sampling.
     """
 
@@ -78,7 +82,7 @@ class TrainConfig:
     local_aggregation: int = 3
     blur_sigma: float = 4.0
     image_score: str = "max"
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,8 +100,8 @@ class TrainConfig:
             raise ConfigError(f"push_fraction must lie in (0, 1], got {self.push_fraction}")
         if not 0.0 < self.abnormal_fraction <= 1.0:
             raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.image_score not in IMAGE_SCORE_REDUCTIONS:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
 
@@ -176,6 +180,7 @@ class Trainer:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
+        self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only on bf16 hardware
         self.train_set = train
         self.levels = [_LevelData(f, m, config.abnormal_fraction, self.model, self.device)
                        for f, m in zip(train.features, train.masks)]
@@ -214,7 +219,7 @@ class Trainer:
         cfg = self.config
         data = self.levels[level]
         labels = data.labels[fibers]
-        logps = self.model.cell_logps(level, data.vectors[fibers], fibers % data.cells, data.grid, cfg.precision)
+        logps = self.model.cell_logps(level, data.vectors[fibers], fibers % data.cells, data.grid, self.precision)
         if phase2 and cfg.push_fraction < 1.0:
             keep = least_likely_abnormal(logps, labels, cfg.push_fraction)
             logps, labels = logps[keep], labels[keep]

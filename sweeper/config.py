@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bgad_core.augment import TRANSFORMS
-from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES
+from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.synthetic import DEFECT_TYPES
 from bgad_core.training import TrainConfig
@@ -364,6 +364,26 @@ class SweepConfig(Section):
     tune: TuneSpec = Field(default_factory=TuneSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
 
+    def relative_locations(self, tracking_uri: str) -> list[str]:
+        """``key (value)`` of every local location given as a relative path, defaults included.
+
+        ``tracking_uri`` is the tracking store as it will be used (configured, else ``$MLFLOW_TRACKING_URI``, else
+        the default), before it is made absolute.
+
+        They resolve against the working directory, which under ``ray job submit`` is Ray's temporary copy of
+        ``--working-dir``: ``sweeper/run.py`` refuses them there unless told which directory they mean.
+        """
+        locations = {f"datasets[{i}].path": d.path for i, d in enumerate(self.datasets) if d.path is not None}
+        if self.backbone.weights not in WEIGHT_MODES:
+            locations["backbone.weights"] = self.backbone.weights
+        locations |= {"cache.root": self.cache.root, "tune.storage_path": self.tune.storage_path,
+                      "tune.optuna_storage": self.tune.optuna_storage}
+        locations["mlflow.tracking_uri"] = tracking_uri
+        artifacts = self.mlflow.artifact_location_for(tracking_uri)
+        if artifacts is not None:
+            locations["mlflow.artifact_location"] = artifacts
+        return [f"{key} ({value})" for key, value in locations.items() if _is_relative(value)]
+
     @model_validator(mode="after")
     def _unique_categories(self) -> SweepConfig:
         names = [d.category for d in self.datasets]
@@ -456,6 +476,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _is_relative(location: str) -> bool:
+    """Whether a path, or the file of a ``sqlite:///`` URI, is relative; other URIs are not."""
+    if location.startswith("sqlite:///"):
+        return not location.startswith("sqlite:////")
+    return "://" not in location and not Path(location).expanduser().is_absolute()
 
 
 def load_config(path: str | Path) -> SweepConfig:

@@ -1,4 +1,10 @@
-"""One console line per event that matters: trials running, finished, pruned, failed, retried, best so far, elapsed."""
+"""One console line per event that matters: trials ended of the total, best so far, elapsed time and an ETA.
+
+    [synthetic-tiles]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro 0.9687 (f69d176c) | ETA <= 52s | 4e1075a2 epoch 2 val_aupro=0.9539
+
+The ETA is an upper bound: it assumes every trial still to run or running goes the full ``max_t`` meta-epochs at the
+rate measured so far (ASHA stops most of them earlier).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 from ray import tune
 
+from sweeper.interrupt import STOP
 from sweeper.trainable import FAILED_KEY
 
 
@@ -19,21 +26,28 @@ class SweepProgress(tune.Callback):
     callback as it was when the experiment was created).
     """
 
-    def __init__(self, experiment: str, metric: str, max_t: int) -> None:
+    def __init__(self, experiment: str, metric: str, max_t: int, total: int) -> None:
         self.experiment = experiment
         self.metric = metric
         self.max_t = max_t
+        self.total = total
         self.started = time.monotonic()
+        self.reports = 0
         self.best: tuple[float, str] | None = None
 
     def setup(self, **info: Any) -> None:
         self.started = time.monotonic()  # elapsed time of this run of the experiment, also after a resume
+        self.reports = 0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        STOP.forward_to_tune()  # a Ctrl-C / SIGTERM since the last step ends the experiment gracefully
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(FAILED_KEY):
             self._print(trials, f"{trial.trial_id} FAILED in meta-epoch {result.get('training_iteration')}: "
                                 f"{result.get('failure')}", ending={trial.trial_id: "failed"})  # it returns right after
             return
+        self.reports += 1
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and not math.isnan(value) and (self.best is None or value > self.best[0]):
             self.best = (float(value), trial.trial_id)
@@ -69,13 +83,25 @@ class SweepProgress(tune.Callback):
         ending = ending or {}
         outcomes = [ending.get(t.trial_id) or self._outcome(t) for t in trials]
         running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in ending)
+        ended = sum(o is not None for o in outcomes)
         best = "-" if self.best is None else f"{self.best[0]:.4f} ({self.best[1]})"
+        elapsed = time.monotonic() - self.started
         print(
-            f"[{self.experiment}] {time.monotonic() - self.started:6.0f}s | running {running} "
-            f"finished {outcomes.count('finished')} pruned {outcomes.count('pruned')} "
-            f"failed {outcomes.count('failed')} | best {self.metric} {best} | {event}",
+            f"[{self.experiment}] {elapsed:6.0f}s | {ended}/{self.total} trials ended (running {running}, "
+            f"finished {outcomes.count('finished')}, pruned {outcomes.count('pruned')}, "
+            f"failed {outcomes.count('failed')}) | best {self.metric} {best} | ETA {self._eta(trials, outcomes, elapsed)}"
+            f" | {event}",
             flush=True,
         )
+
+    def _eta(self, trials: list, outcomes: list[str | None], elapsed: float) -> str:
+        """Upper bound on the time left: meta-epochs still possible at the rate of this run's reports so far."""
+        if self.reports == 0 or elapsed <= 0:
+            return "-"
+        left = sum(self.max_t - (t.last_result or {}).get("training_iteration", 0)
+                   for t, outcome in zip(trials, outcomes) if outcome is None)
+        left += max(0, self.total - len(trials)) * self.max_t
+        return "<= " + _duration(left * elapsed / self.reports)
 
 
 def _last_error(trial: Any) -> str:
@@ -83,3 +109,13 @@ def _last_error(trial: Any) -> str:
     path = trial.error_file
     lines = Path(path).read_text(errors="replace").strip().splitlines() if path and Path(path).is_file() else []
     return lines[-1].strip()[:300] if lines else "unknown"
+
+
+def _duration(seconds: float) -> str:
+    """``52s``, ``3m05s``, ``2h10m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

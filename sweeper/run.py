@@ -1,15 +1,24 @@
 """The sweep job: validate the config, build or reuse the feature cache, run the sweep, print the summary.
 
-    ray job submit --working-dir . -- python sweeper/run.py --config search_spaces/quickstart.yaml
-    python sweeper/run.py --config search_spaces/quickstart.yaml      # one machine: starts a local Ray
+    .venv/bin/python sweeper/run.py --config search_spaces/quickstart.yaml      # one machine: starts a local Ray
+    ray job submit --working-dir . -- "$PWD/.venv/bin/python" sweeper/run.py \
+        --config search_spaces/quickstart.yaml --project-dir "$PWD"                # a head on this machine
 
-Running the same command again after an interruption resumes the sweep: finished trials are not re-run.
+Relative paths of the config (datasets, ``cache.root``, ``tune.storage_path``, SQLite stores) and the results
+folder ``runs/`` resolve against the project directory: the current one, or ``--project-dir``. Under ``ray job
+submit`` the current directory is Ray's temporary copy of ``--working-dir``, where results would be lost on the
+next submit, so there a relative location without ``--project-dir`` is an error.
 
-Exit codes: 0 done; 1 the sweep ran but no trial produced a usable result; 2 a bad config, dataset or cache (the
-message names the key or file; nothing ran, or the cache build stopped without publishing anything); 130
-interrupted (resumable). Expected errors print one ``error: ...`` line, never a traceback. Credentials inside URIs
-(``user:password@``, ``?secret_key=``) are masked in every log line this process formats and in what the sweep
-logs to MLflow.
+Running the same command again after an interruption resumes the sweep: finished trials are not re-run. One process
+runs a sweep at a time (``sweeper.lock``). The console shows the sweep's own lines; the full log, Ray's and
+Optuna's messages included, goes to ``runs/logs/<sweep id>.log``.
+
+Exit codes: 0 done; 1 the sweep ran but no trial produced a usable result; 2 a bad config, dataset or cache, or the
+sweep is already running (the message names the key, file or process; nothing ran, or the cache build stopped
+without publishing anything); 130 interrupted by Ctrl-C, SIGTERM or ``ray job stop`` (one ``interrupted:`` line;
+MLflow runs KILLED and Optuna trials FAIL, tagged interrupted; resumable). Expected errors print one ``error: ...``
+line, never a traceback. Credentials inside URIs (``user:password@``, ``?secret_key=``) are masked in every log
+line this process formats and in what the sweep logs to MLflow.
 """
 
 from __future__ import annotations
@@ -31,18 +40,24 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # default ("auto", at least 10 s) lets a killed driver lose up to 10 s of bookkeeping, e.g. a trial that finished
 # just before and would then train again on resume. The state of a sweep of this size takes milliseconds to write.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Tune's legacy console output is silent at verbose=0; the new one still prints a header box per experiment.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import ray  # noqa: E402
 
 from bgad_core.errors import ConfigError, DataError  # noqa: E402
 from sweeper import tracking  # noqa: E402
 from sweeper.cache import build_cache  # noqa: E402
-from sweeper.cache_reader import is_uri, open_cache  # noqa: E402
+from sweeper.cache_reader import absolute_uri, is_uri, open_cache  # noqa: E402
 from sweeper.config import SweepConfig, load_config  # noqa: E402
-from sweeper.sweep import SweepFailed, SweepInterrupted, run_sweep, summary_table  # noqa: E402
+from sweeper.interrupt import STOP  # noqa: E402
+from sweeper.lock import SweepLock, SweepLocked  # noqa: E402
+from sweeper.sweep import SweepFailed, SweepInterrupted, run_sweep, summary_table, sweep_id  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+RESULTS = Path("runs")  # in the project directory
+CONSOLE_LOGGERS = ("sweeper", "bgad_core", "__main__")  # INFO on the console; everyone else's only from WARNING
 
 
 class RedactingFormatter(logging.Formatter):
@@ -62,9 +77,77 @@ def check_datasets(config: SweepConfig, path: Path) -> None:
             raise ConfigError(f"{path}: datasets[{index}].path: directory not found: {Path(spec.path).resolve()}")
 
 
+def in_ray_job() -> bool:
+    """Whether this process is the entrypoint of a ``ray job submit`` (Ray's job supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def enter_project_dir(project_dir: Path | None, config: SweepConfig, path: Path) -> Path:
+    """Make the project directory current, so every relative location of ``config`` resolves against it."""
+    if project_dir is None:
+        relative = config.relative_locations(tracking.configured_tracking_uri(config.mlflow.tracking_uri))
+        if in_ray_job() and relative:
+            raise ConfigError(
+                f"{path}: {', '.join(relative)}: relative, and under ray job submit the current directory is Ray's "
+                "temporary copy of --working-dir (results there are lost on the next submit): pass "
+                '--project-dir "$PWD" to resolve them against the directory you submit from (a head on this '
+                "machine), or make them absolute paths or storage URIs (cluster/README.md)"
+            )
+        return Path.cwd()
+    if not project_dir.is_dir():
+        raise ConfigError(f"--project-dir {project_dir}: not a directory")
+    os.chdir(project_dir)
+    return Path.cwd()
+
+
+def log_to_file(path: Path) -> None:
+    """Everything logged at INFO, whoever logs it, goes to ``path``; the console keeps the sweep's own lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    for name in ("ray", "optuna"):  # libraries that print through handlers of their own
+        logger = logging.getLogger(name)
+        for own in list(logger.handlers):
+            logger.removeHandler(own)
+        logger.propagate = True
+
+
+def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_file: Path) -> str:
+    """After the table: each category's best trial and its hyperparameters, where the results are, what to run next."""
+    searched = sorted({*config.search.space, *config.search.grid})
+    python = sys.executable
+    default = tracking_uri == tracking.default_tracking_uri(None)  # what promote and serve read unless told
+    store = "" if default else f" --tracking-uri {tracking.redact(tracking_uri)}"
+    lines = [""]
+    for category, entry in summary["categories"].items():
+        best = entry["best"]
+        params = ", ".join(f"{k}={_short(best['config'].get(k))}" for k in searched) or "(no searched parameters)"
+        lines.append(f"best trial for {category}: {best['trial_id']} (meta-epoch {best['epoch']}): {params}")
+    lines += [
+        f"results: {RESULTS.resolve()} (log: {log_file.resolve()})",
+        f"MLflow: sweep run of {summary['sweep_id']} in experiment {config.mlflow.experiment!r} at "
+        f"{tracking.redact(tracking_uri)}",
+        "next:",
+        f"  {python} -m mlflow ui --backend-store-uri {tracking.redact(tracking_uri)}",
+        f"  {python} -m sweeper.promote --sweep {config.name} --best --name {config.name}-model{store}",
+        f"  {python} -m sweeper.serve {config.name}-model@champion{store}",
+    ]
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="sweep YAML (default: the quickstart)")
+    parser.add_argument(
+        "--project-dir", type=Path, default=os.environ.get("BGAD_PROJECT_DIR"),
+        help="directory that the config's relative paths and the results folder runs/ resolve against (default: "
+             "$BGAD_PROJECT_DIR, else the current directory); under ray job submit pass --project-dir \"$PWD\"",
+    )
     parser.add_argument("--rebuild-cache", action="store_true", help="extract features again even on a cache hit")
     parser.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"),
@@ -74,30 +157,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] in CONSOLE_LOGGERS)
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    STOP.install()
+    config_path = args.config.resolve()  # before entering the project directory
     try:
-        config = load_config(args.config)  # every config error surfaces here, before any Ray work
+        config = load_config(config_path)  # every config error surfaces here, before any Ray work
         if config.search is None:
-            raise ConfigError(f"{args.config}: search: a sweep needs a search section (see search_spaces/)")
-        check_datasets(config, args.config)
+            raise ConfigError(f"{config_path}: search: a sweep needs a search section (see search_spaces/)")
+        enter_project_dir(args.project_dir, config, config_path)
+        check_datasets(config, config_path)
+        sid = sweep_id(config)
+        log_file = RESULTS / "logs" / f"{sid}.log"
+        log_to_file(log_file)
+        print(f"sweep {sid}: results in {RESULTS.resolve()}, full log in {log_file.resolve()}", flush=True)
         tracking_uri = tracking.default_tracking_uri(config.mlflow.tracking_uri)
         tracking.check_reachable(tracking_uri)
-        if not ray.is_initialized():
-            address = args.address or ("local" if args.num_cpus else None)
-            ray.init(address=address, num_cpus=args.num_cpus)
-        report = build_cache(config, rebuild=args.rebuild_cache)
-        print(tracking.redact(report.summary()), flush=True)
-        summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)
-    except (ConfigError, DataError) as error:  # DataError covers CacheCorruptError
+        with SweepLock(sid, absolute_uri(config.tune.storage_path)):
+            if not ray.is_initialized():
+                address = args.address or ("local" if args.num_cpus else None)
+                ray.init(address=address, num_cpus=args.num_cpus, log_to_driver=False)
+            report = build_cache(config, rebuild=args.rebuild_cache)
+            print(tracking.redact(report.summary()), flush=True)
+            summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)
+    except (ConfigError, DataError, SweepLocked) as error:  # DataError covers CacheCorruptError
         print(f"error: {tracking.redact(str(error))}", file=sys.stderr)
         return 2
     except SweepFailed as failed:
         print(f"error: {tracking.redact(str(failed))}", file=sys.stderr)
         return 1
-    except SweepInterrupted as interrupted:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except (SweepInterrupted, KeyboardInterrupt) as interrupted:
+        STOP.wait_for_callbacks()
+        reason = str(interrupted) or (f"stopped by {STOP.name} before the search started (the feature cache "
+                                      "publishes only complete builds); run the same command again")
+        print(f"interrupted: {reason}", file=sys.stderr)
         return 130
     print(summary_table(summary))
+    print(closing_lines(summary, config, tracking_uri, log_file))
     print(json.dumps({"sweep_id": summary["sweep_id"], "seconds": summary["seconds"]}))
     return 0
 

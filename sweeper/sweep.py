@@ -28,6 +28,7 @@ from bgad_core.training import TrainConfig, evaluate
 from sweeper import tracking
 from sweeper.cache_reader import read_features
 from sweeper.config import ParamSpec, SweepConfig
+from sweeper.interrupt import STOP
 from sweeper.progress import SweepProgress
 from sweeper.trainable import DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, TrialContext, train_bgad
 
@@ -63,31 +64,88 @@ def optuna_distribution(spec: ParamSpec) -> optuna.distributions.BaseDistributio
     return optuna.distributions.CategoricalDistribution(spec.choice)
 
 
-class FailAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that records a trial whose last result says ``failed`` (diverged training) as an Optuna FAIL.
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch that records in the study how each trial really ended, and where to find it.
 
-    Ray's OptunaSearch would tell Optuna COMPLETE with the trial's NaN objective, which Optuna rejects (Ray only
-    logs the error), leaving the trial RUNNING in the study forever.
+    Ray's OptunaSearch tells Optuna COMPLETE for every trial that reported: an ASHA-stopped trial then competes
+    with its low-budget value, and a diverged one (NaN objective) is rejected by Optuna and stays RUNNING forever.
+    Here a trial whose last result says ``failed`` is a FAIL, one stopped before ``max_t`` meta-epochs is PRUNED
+    (TPE reads its intermediate values), and every trial carries user attributes ``tune_trial_id`` and
+    ``mlflow_run_id``. A trial that an interruption marked FAIL (``bgad.interrupted``) and that completes after the
+    resume is recorded again as a new study trial with the same parameters, as Optuna never reopens a trial.
     """
 
+    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_t = max_t
+        self._resumed: dict[str, dict[int, float]] = {}  # intermediate values of interrupted trials that resumed
+
+    def _stored(self, trial_id: str) -> optuna.trial.FrozenTrial:
+        return self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials and (trial_id in self._resumed or self._stored(trial_id).state.is_finished()):
+            value = result.get(self.metric)
+            if value is not None and value == value:
+                self._resumed.setdefault(trial_id, {})[int(result["training_iteration"])] = float(value)
+            return
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and result.get(FAILED_KEY):
-            result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        result = result or {}
+        attrs = {"tune_trial_id": trial_id, "mlflow_run_id": result.get("mlflow_run_id")}
+        value = result.get(self.metric)
+        if error or result.get(FAILED_KEY) or value is None:
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif result.get("training_iteration", 0) < self.max_t:
+            state, value = optuna.trial.TrialState.PRUNED, None
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+        stored = self._stored(trial_id)
+        if stored.state.is_finished():  # marked interrupted; it resumed and has now ended
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=state, value=value, params=stored.params, distributions=stored.distributions,
+                intermediate_values={**stored.intermediate_values, **self._resumed.pop(trial_id, {})},
+                user_attrs={**{k: v for k, v in stored.user_attrs.items() if k != tracking.INTERRUPTED_TAG},
+                            **attrs, "resumed_from_trial": stored.number},
+            ))
+        else:
+            for key, attr in attrs.items():
+                ot_trial.set_user_attr(key, attr)
+            self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
 
 
-def searcher(config: SweepConfig, metric: str, study_name: str) -> OptunaSearch | None:
+def mark_study_interrupted(storage: str, study_names: list[str]) -> None:
+    """Running trials of the sweep's studies -> FAIL with ``bgad.interrupted`` (Optuna has no "interrupted")."""
+    rdb = optuna.storages.RDBStorage(storage)
+    for name in study_names:
+        try:
+            study_id = rdb.get_study_id_from_name(name)
+        except KeyError:  # the stop came before this experiment's study existed
+            continue
+        for trial in rdb.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            rdb.set_trial_user_attr(trial._trial_id, tracking.INTERRUPTED_TAG, True)
+            rdb.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def searcher(config: SweepConfig, metric: str, study_name: str, max_t: int) -> OptunaSearch | None:
     """Seeded TPE over the space, its study persisted in ``tune.optuna_storage``; None for a grid."""
     if config.search.algorithm != "optuna":
         return None
     space = {k: optuna_distribution(v) for k, v in config.search.space.items()}
-    return FailAwareOptunaSearch(
+    return SweepOptunaSearch(
         space=space,
         metric=metric,
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=config.search.seed),
         study_name=study_name,
         storage=optuna.storages.RDBStorage(config.tune.optuna_storage),
+        max_t=max_t,
     )
 
 
@@ -140,10 +198,11 @@ def run_experiment(
         {"cpu": config.tune.cpus_per_trial, "gpu": config.tune.gpus_per_trial,
          **config.tune.custom_resources_per_trial},
     )
+    expected = num_samples * _grid_size(param_space)
     if tune.Tuner.can_restore(path):
         log.info("resuming experiment %s from %s", name, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
-        return _completed(tuner.fit(), name, num_samples * _grid_size(param_space))
+        return _fit(tuner, name, expected)
     max_t = int(context.fixed["meta_epochs"])
     tuner = tune.Tuner(
         trainable,
@@ -161,11 +220,22 @@ def run_experiment(
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=MODE
             ),
-            callbacks=[SweepProgress(name, metric, max_t)],
+            callbacks=[SweepProgress(name, metric, max_t, expected)],
             verbose=0,
         ),
     )
-    return _completed(tuner.fit(), name, num_samples * _grid_size(param_space))
+    return _fit(tuner, name, expected)
+
+
+def _fit(tuner: tune.Tuner, name: str, expected: int) -> tune.ResultGrid:
+    """Run the experiment; a stop request (see ``sweeper.interrupt``) ends it resumably as ``SweepInterrupted``."""
+    if STOP.requested:
+        raise SweepInterrupted(f"experiment {name} was not started: the sweep was asked to stop ({STOP.name})")
+    with STOP.forwarded_to_tune():
+        results = tuner.fit()
+    if STOP.requested:
+        raise SweepInterrupted(f"experiment {name} was stopped by {STOP.name}; run the same command again to resume it")
+    return _completed(results, name, expected)
 
 
 class SweepInterrupted(RuntimeError):
@@ -286,18 +356,40 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
         "cache_key": manifest["key"], "objective": metric, "mode": config.mode,
     })
     tracking.set_tags(client, info.parent_run_id, {"bgad.cache_uri": tracking.redact(cache_uri), "bgad.categories": ",".join(manifest["categories"])})
-    fixed = fixed_params(config)
-    max_t = int(fixed["meta_epochs"])
     categories = list(manifest["categories"])
     groups = [(c, (c,)) for c in categories] if config.mode == "per_category" else [("shared", tuple(categories))]
+    summary: dict[str, Any] = {"sweep_id": sid, "objective": metric, "categories": {}}
+    studies = [f"{sid}/{name}" for name, _ in groups] if config.search.algorithm == "optuna" else []
+    STOP.on_stop(lambda: _mark_interrupted(info, sid, config.tune.optuna_storage, studies))
+    try:
+        _search_groups(config, sid, metric, manifest, info, cache_uri, groups, summary)
+    except KeyboardInterrupt as stop:  # a stop outside an experiment (test evaluation, baseline, ...)
+        raise SweepInterrupted(f"sweep {sid} was stopped by {STOP.name}; run the same command again to resume it") from stop
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    _log_summary(client, info.parent_run_id, summary)
+    return summary
+
+
+def _mark_interrupted(info: tracking.Tracking, sid: str, optuna_storage: str, studies: list[str]) -> None:
+    """What a stop request leaves behind: MLflow runs KILLED and Optuna trials FAIL, both tagged interrupted."""
+    tracking.mark_interrupted(info, sid, f"stopped by {STOP.name}")
+    mark_study_interrupted(optuna_storage, studies)
+
+
+def _search_groups(
+    config: SweepConfig, sid: str, metric: str, manifest: Mapping[str, Any], info: tracking.Tracking, cache_uri: str,
+    groups: list[tuple[str, tuple[str, ...]]], summary: dict[str, Any],
+) -> None:
+    """Run each group's experiments (search, then the paper default) and evaluate its winner into ``summary``."""
+    fixed = fixed_params(config)
+    max_t = int(fixed["meta_epochs"])
     device = "cuda" if config.tune.gpus_per_trial > 0 else "cpu"
     threads = max(1, int(config.tune.cpus_per_trial))
-    summary: dict[str, Any] = {"sweep_id": sid, "objective": metric, "categories": {}}
     for name, members in groups:
         context = TrialContext(sid, cache_uri, members, fixed, metric, info, config.mlflow.log_plots, threads, device)
         if config.search.algorithm == "optuna":
-            results = run_experiment(config, sid, name, context, metric, {}, searcher(config, metric, f"{sid}/{name}"),
-                                     config.search.num_samples, True)
+            results = run_experiment(config, sid, name, context, metric, {},
+                                     searcher(config, metric, f"{sid}/{name}", max_t), config.search.num_samples, True)
         else:
             results = run_experiment(config, sid, name, context, metric, grid_space(config), None,
                                      config.search.num_samples, True)
@@ -315,9 +407,6 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
             if config.baseline.enabled:
                 entry["baseline"] = baseline_evaluation(config, manifest, category)
             summary["categories"][category] = entry
-    summary["seconds"] = round(time.monotonic() - started, 1)
-    _log_summary(client, info.parent_run_id, summary)
-    return summary
 
 
 def summary_table(summary: Mapping[str, Any]) -> str:
@@ -356,6 +445,10 @@ def _log_summary(client: Any, run_id: str, summary: Mapping[str, Any]) -> None:
         if "baseline" in entry:
             metrics.update({f"{name}/baseline_test_{k}": v for k, v in entry["baseline"]["test"].items()})
     tracking.log_metrics(client, run_id, metrics, step=0)
+    tracking.set_tags(client, run_id, {f"bgad.best_trial.{name}": entry["best"]["trial_id"]
+                                       for name, entry in summary["categories"].items()})
+    tracking.log_params(client, run_id, {f"best.{name}.{key}": value for name, entry in summary["categories"].items()
+                                         for key, value in entry["best"]["config"].items()})
     client.log_dict(run_id, dict(summary), "summary.json")
     client.log_text(run_id, summary_table(summary), "summary.md")
     tracking.with_retry(lambda: client.set_terminated(run_id, status="FINISHED"))

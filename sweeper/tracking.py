@@ -35,6 +35,8 @@ ROLE_TAG = "bgad.role"
 TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
 PARENT_TAG = "mlflow.parentRunId"
+INTERRUPTED_TAG = "bgad.interrupted"
+LOCAL_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the project directory (sweeper/run.py --project-dir)
 REACHABILITY_TIMEOUT_S = 5.0  # per socket operation: a silent server is reported well within 10 s
 _URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']+@")
 _SECRET_QUERY = re.compile(
@@ -143,6 +145,19 @@ def start_child_run(tracking: Tracking, trial_id: str, run_name: str, tags: Mapp
     return with_retry(lambda: client.create_run(tracking.experiment_id, tags=all_tags, run_name=run_name).info.run_id)
 
 
+def mark_interrupted(tracking: Tracking, sweep_id: str, reason: str) -> None:
+    """The sweep run and its still-running trial runs -> KILLED, tagged ``bgad.interrupted`` with ``reason``.
+
+    A resumed sweep reopens them (RUNNING) as it continues them; until then nothing reads as running or finished.
+    """
+    client = tracking.client()
+    query = f"tags.`{SWEEP_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'"
+    runs = with_retry(lambda: client.search_runs([tracking.experiment_id], query, max_results=10_000))
+    for run in runs:
+        with_retry(lambda: client.set_tag(run.info.run_id, INTERRUPTED_TAG, reason))
+        with_retry(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     """Log parameters once; values already logged with the same value (a resumed run) are skipped."""
     existing = with_retry(lambda: client.get_run(run_id)).data.params
@@ -170,9 +185,14 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def default_tracking_uri(configured: str | None) -> str:
+def configured_tracking_uri(configured: str | None) -> str:
     """Configured URI, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store (the registry needs a database)."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI
+
+
+def default_tracking_uri(configured: str | None) -> str:
+    """``configured_tracking_uri`` with a relative SQLite file made absolute (and its folder created)."""
+    uri = configured_tracking_uri(configured)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///") :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
                         client.log_artifacts(run_id, folder, artifact_path="checkpoint")
                     if final and context.log_plots:
                         _log_plots(client, run_id, runs, manifest, config)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+                tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(folder))
     except TrainingDivergedError as error:
         _end_diverged(error, client, run_id, context.objective)
         return
@@ -196,15 +196,19 @@ def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str,
 def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int]) -> dict[str, float]:
     """Train every category one meta-epoch and evaluate on validation; metrics are means over categories."""
     per_category: dict[str, dict[str, float]] = {}
-    losses = []
+    losses, phase = [], 1
     for run in runs:
-        losses.append(run.trainer.train_meta_epoch()["loss"])
+        epoch = run.trainer.train_meta_epoch()
+        losses.append(epoch["loss"])
+        phase = int(epoch["phase"])
         normalization = run.trainer.fit_normalization()
         run.last = run.trainer.evaluate(run.val, normalization, image_size)
         per_category[run.name] = run.last.metrics
     keys = sorted(set.intersection(*(set(m) for m in per_category.values())))
     metrics = {f"val_{k}": float(np.nanmean([m[k] for m in per_category.values()])) for k in keys}
     metrics["train_loss"] = float(np.mean(losses))
+    # the loss changes meaning at the phase switch (likelihood of normals -> BG-SPP): one curve per phase in MLflow
+    metrics[f"train_loss_phase{phase}"] = metrics["train_loss"]
     if len(runs) > 1:
         for name, values in per_category.items():
             metrics.update({f"{name}/val_{k}": v for k, v in values.items()})

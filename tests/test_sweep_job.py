@@ -37,11 +37,14 @@ def quickstart_in(folder: Path, **overrides) -> Path:
     return path
 
 
-def trial_runs(config_path: Path) -> list:
+def trial_runs(config_path: Path, role: str | None = None) -> list:
+    """The sweep's MLflow runs: all of them, or those of one role ("sweep" for the parent, "trial")."""
     config = load_config(config_path)
     client = MlflowClient(config.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
     query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep_id(config)}'"
+    if role is not None:
+        query += f" and tags.`{tracking.ROLE_TAG}` = '{role}'"
     return client.search_runs([experiment.experiment_id], query, max_results=1000)
 
 
@@ -102,7 +105,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     log = "".join(output)
     assert len(ended) >= 2, log[-4000:]
     assert first.returncode == 130, log[-4000:]
-    assert "run the same command again to resume" in log
+    assert "interrupted: " in log and "run the same command again to resume" in log
+    assert "| category |" not in log  # no test evaluation, no summary
+    [parent] = trial_runs(config_path, role="sweep")
+    assert parent.info.status == "KILLED" and parent.data.tags[tracking.INTERRUPTED_TAG] == "stopped by SIGINT"
+    assert "summary.json" not in {a.path for a in MlflowClient(config.mlflow.tracking_uri).list_artifacts(parent.info.run_id)}
+    assert all(r.info.status != "RUNNING" for r in trial_runs(config_path))
+    study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
 
     client = MlflowClient(config.mlflow.tracking_uri)
     runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags}
@@ -118,8 +128,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     after = [r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags]
     assert len(after) == config.search.num_samples
     assert all(r.data.tags.get("bgad.outcome") in ("finished", "pruned") for r in after)
+    assert parent.info.run_id == trial_runs(config_path, role="sweep")[0].info.run_id
     study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
-    assert len(study.trials) == config.search.num_samples
+    ended = [t for t in study.trials if not t.user_attrs.get("bgad.interrupted")]  # an interrupted one ran again
+    assert len(ended) == config.search.num_samples
+    assert {t.state for t in ended} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert all(t.user_attrs.get("mlflow_run_id") and t.user_attrs.get("tune_trial_id") for t in ended)
 
 
 ENDED = re.compile(r"\| (\w+) (?:finished|pruned) after ")

@@ -1,0 +1,75 @@
+"""``ray job stop`` of a running sweep on a token-authenticated head: a second submission of the same sweep is
+refused while it runs, the stop leaves nothing RUNNING or FINISHED that did not finish (MLflow runs KILLED, Optuna
+trials FAIL, both tagged interrupted; no summary), and running the same command again completes the sweep."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from faults.conftest import (
+    OBJECTIVE, assert_every_trial_accounted_for, head_node, run_job, tiny_sweep, with_cache,
+)
+from ray_processes import REPO, VENV_BIN, RayHead
+from sweeper import tracking
+from sweeper.config import load_config
+from sweeper.sweep import sweep_id
+from test_sweep_job import trial_runs
+
+pytestmark = pytest.mark.slow
+
+
+def ray_job(head: RayHead, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "ray"), "job", *args, "--address", head.dashboard], env=head.env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def submit(head: RayHead, config_path, *options: str) -> subprocess.CompletedProcess:
+    return ray_job(head, "submit", *options, "--working-dir", str(REPO), "--", "python", "sweeper/run.py",
+                   "--config", str(config_path))
+
+
+def has_reported(config_path) -> bool:
+    """Some trial has logged a meta-epoch to MLflow (so trials are mid-way)."""
+    client = MlflowClient(load_config(config_path).mlflow.tracking_uri)
+    return any(client.get_metric_history(r.info.run_id, OBJECTIVE) for r in trial_runs(config_path, role="trial"))
+
+
+def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, tiny_cache):
+    with_cache(tmp_path, tiny_cache)
+    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 4})
+    config = load_config(config_path)
+    with head_node(tmp_path) as head:
+        job_id = f"stop-{int(time.time())}"
+        assert submit(head, config_path, "--no-wait", "--submission-id", job_id).returncode == 0
+        deadline = time.monotonic() + 400
+        while not has_reported(config_path):
+            assert time.monotonic() < deadline, ray_job(head, "logs", job_id).stdout[-5000:]
+            time.sleep(1)
+
+        twin = submit(head, config_path)  # the same sweep again, while the first runs
+        assert twin.returncode != 0
+        assert f"error: sweep {sweep_id(config)} is already running" in twin.stdout + twin.stderr
+
+        stopped = ray_job(head, "stop", job_id)
+        assert stopped.returncode == 0, stopped.stderr
+        logs = ray_job(head, "logs", job_id).stdout
+        assert "interrupted: " in logs, logs[-5000:]
+        assert "| category |" not in logs  # no test evaluation, no summary
+
+        runs = trial_runs(config_path)
+        assert runs and all(r.info.status != "RUNNING" for r in runs)
+        [parent] = trial_runs(config_path, role="sweep")
+        assert parent.info.status == "KILLED" and parent.data.tags[tracking.INTERRUPTED_TAG] == "stopped by SIGTERM"
+        study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
+        assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+        assert any(t.user_attrs.get("bgad.interrupted") for t in study.trials)
+
+        code, log = run_job(config_path, head.env, "--address", head.address)
+    assert code == 0, log[-6000:]
+    assert "resuming experiment" in log
+    assert_every_trial_accounted_for(config_path)  # the sweep run is FINISHED now, each trial has its outcome

@@ -1,0 +1,124 @@
+"""The documented workflow as written: the ``<!-- local-commands -->`` blocks of cluster/README.md (a token-auth head,
+``ray job submit``, a second submit after editing the tree) and README.md (promote by name, serve, POST an image),
+run line by line in a fresh checkout with a plain ``PATH`` (no venv on it), an empty ``HOME`` and no MLflow or Ray
+variables the docs do not set. Only the head's address and the serving port are substituted; the head itself is
+this test's (``ray start`` / ``ray stop`` are skipped: a real ``ray stop`` would end every Ray on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ray_processes import REPO, RayHead, free_port
+from sweeper import tracking
+
+pytestmark = pytest.mark.slow
+
+BLOCK = re.compile(r"<!-- local-commands -->\s*```bash\n(.*?)```", re.S)
+DOCUMENTED_DASHBOARD = "http://127.0.0.1:8265"
+DOCUMENTED_PORT = "8080"
+SKIPPED = ("ray start", "ray stop")  # the test's own head stands in for the documented one
+
+
+def local_commands(document: Path) -> list[str]:
+    """The command lines of ``document``'s marked block(s), comments and blank lines left out."""
+    blocks = BLOCK.findall(document.read_text())
+    assert blocks, f"{document} has no <!-- local-commands --> block"
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def fresh_checkout(folder: Path) -> Path:
+    """The tracked files of the repository (as a clone has them) plus its venv, linked."""
+    checkout = folder / "checkout"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    (checkout / ".venv").symlink_to(REPO / ".venv")
+    return checkout
+
+
+def plain_env(home: Path) -> dict[str, str]:
+    """A new user's shell: system PATH only, an empty home, none of the variables a test session may carry."""
+    keep = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TMPDIR", "TERM")}
+    return {**keep, "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def test_documented_local_workflow_runs_as_written(tmp_path):
+    checkout = fresh_checkout(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = plain_env(home)
+    port = str(free_port())
+    commands = local_commands(REPO / "cluster" / "README.md") + local_commands(REPO / "README.md")
+    outputs: list[tuple[str, str]] = []
+    background: list[subprocess.Popen] = []
+    head = RayHead(tmp_path)
+    try:
+        for command in commands:
+            if command.startswith("export "):
+                key, _, value = command.removeprefix("export ").partition("=")
+                env[key] = value
+                continue
+            if any(skipped in command for skipped in SKIPPED):
+                if "ray start" in command:  # the documented token, in the documented place, guards the head
+                    head.env = dict(env)
+                    head.__enter__()
+                continue
+            line = command.replace(DOCUMENTED_DASHBOARD, head.dashboard).replace(DOCUMENTED_PORT, port)
+            if line.endswith("&"):
+                background.append(subprocess.Popen(["bash", "-c", line[:-1]], cwd=checkout, env=env,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                   start_new_session=True))
+                continue
+            done = subprocess.run(["bash", "-c", line], cwd=checkout, env=env, capture_output=True, text=True,
+                                  timeout=1200)
+            served = "".join(p.stdout.read() for p in background if p.poll() is not None)
+            assert done.returncode == 0, f"{line}\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}\n{served[-3000:]}"
+            outputs.append((line, done.stdout + done.stderr))
+    finally:
+        for process in background:
+            os.killpg(process.pid, signal.SIGKILL)
+        if head.process is not None:
+            head.__exit__()
+
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    submits = [out for line, out in outputs if "ray job submit" in line]
+    assert len(submits) == 2
+    first, second = submits
+    assert "| synthetic-tiles |" in first and "PatchCore (no labels)" in first and "best trial for" in first
+    assert "resuming experiment" in second and " epoch " not in second  # the same sweep: nothing trained again
+    sweep = re.search(r'"sweep_id": "([^"]+)"', first).group(1)
+    assert f'"sweep_id": "{sweep}"' in second
+
+    runs = checkout / "runs"  # every result in the checkout, none in Ray's temporary working dirs
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("bgad-sweeper").experiment_id],
+        f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' and tags.`{tracking.ROLE_TAG}` = 'sweep'",
+    )
+    assert parent.info.status == "FINISHED" and parent.data.tags["bgad.best_trial.synthetic-tiles"]
+    assert parent.data.params["best.synthetic-tiles.beta"]
+    study = optuna.load_study(study_name=f"{sweep}/synthetic-tiles", storage=f"sqlite:///{runs / 'optuna.db'}")
+    states = {t.state for t in study.trials}
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.RUNNING not in states
+    assert all(t.user_attrs.get("mlflow_run_id") for t in study.trials)
+    assert (runs / "tune" / sweep).is_dir() and list((runs / "logs").glob(f"{sweep}.log"))
+
+    promoted = json.loads([out for line, out in outputs if "sweeper.promote" in line][0].strip().splitlines()[-1])
+    assert promoted["model_uri"] == "models:/bgad-tiles@champion"
+    [reply] = [out for line, out in outputs if line.startswith("curl")]
+    [prediction] = json.loads(reply)["predictions"]
+    assert isinstance(prediction["score"], float) and isinstance(prediction["decision"], bool)
