@@ -42,6 +42,8 @@ def trial_runs(config_path: Path, role: str | None = None) -> list:
     config = load_config(config_path)
     client = MlflowClient(config.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
+    if experiment is None:  # the sweep has not reached MLflow yet
+        return []
     query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep_id(config)}'"
     if role is not None:
         query += f" and tags.`{tracking.ROLE_TAG}` = '{role}'"

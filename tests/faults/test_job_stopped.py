@@ -16,15 +16,18 @@ from faults.conftest import (
 )
 from ray_processes import REPO, VENV_BIN, RayHead
 from sweeper import tracking
+from sweeper.cache_reader import absolute_uri
 from sweeper.config import load_config
+from sweeper.lock import SweepLock, SweepLocked
 from sweeper.sweep import sweep_id
 from test_sweep_job import trial_runs
 
 pytestmark = pytest.mark.slow
 
 
-def ray_job(head: RayHead, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "ray"), "job", *args, "--address", head.dashboard], env=head.env,
+def ray_job(head: RayHead, command: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``ray job <command> --address <head> <args>`` (the address before an entrypoint's ``--``)."""
+    return subprocess.run([str(VENV_BIN / "ray"), "job", command, "--address", head.dashboard, *args], env=head.env,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -39,21 +42,35 @@ def has_reported(config_path) -> bool:
     return any(client.get_metric_history(r.info.run_id, OBJECTIVE) for r in trial_runs(config_path, role="trial"))
 
 
+def is_locked(config) -> bool:
+    """Whether some process holds the sweep's lock (trying it, and letting go at once when it was free)."""
+    try:
+        with SweepLock(sweep_id(config), absolute_uri(config.tune.storage_path)):
+            return False
+    except SweepLocked:
+        return True
+
+
+def wait_until(condition, head: RayHead, job_id: str, what: str, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what}:\n" + ray_job(head, "logs", job_id).stdout[-5000:]
+        time.sleep(0.5)
+
+
 def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, tiny_cache):
     with_cache(tmp_path, tiny_cache)
-    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 4})
+    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 6})  # outlasts the twin's submission
     config = load_config(config_path)
     with head_node(tmp_path) as head:
         job_id = f"stop-{int(time.time())}"
         assert submit(head, config_path, "--no-wait", "--submission-id", job_id).returncode == 0
-        deadline = time.monotonic() + 400
-        while not has_reported(config_path):
-            assert time.monotonic() < deadline, ray_job(head, "logs", job_id).stdout[-5000:]
-            time.sleep(1)
-
+        wait_until(lambda: is_locked(config), head, job_id, "the first job holds the sweep's lock")
         twin = submit(head, config_path)  # the same sweep again, while the first runs
-        assert twin.returncode != 0
-        assert f"error: sweep {sweep_id(config)} is already running" in twin.stdout + twin.stderr
+        output = twin.stdout + twin.stderr
+        assert twin.returncode != 0, output[-5000:]
+        assert f"error: sweep {sweep_id(config)} is already running" in output, output[-5000:]
+        wait_until(lambda: has_reported(config_path), head, job_id, "a trial reported a meta-epoch")
 
         stopped = ray_job(head, "stop", job_id)
         assert stopped.returncode == 0, stopped.stderr
