@@ -107,7 +107,9 @@ class DataSpec(Section):
     """How every category is split (``bgad_core.splits.make_splits``) and loaded.
 
     ``on_bad_image``: ``error`` stops the cache build at the first unreadable image (naming it); ``skip`` leaves it
-    out with a warning and records it in the cache manifest.
+    out with a warning and records it in the cache manifest. Entries named like images that are no readable file
+    (dangling symlink, symlink loop, directory, no read permission) stop the build too, or with ``skip`` are left
+    out of the dataset with a warning naming each (``bgad_core.datasets.read_category``).
     """
 
     image_size: int = Field(256, ge=32)
