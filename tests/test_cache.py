@@ -220,7 +220,8 @@ def test_image_named_entries_that_are_no_file_follow_on_bad_image(tmp_path, capl
     dangling.symlink_to(tmp_path / "gone.png")
     with pytest.raises(DataError, match=f"cannot read image {dangling}: broken symlink"):
         plan_cache(make_config(tmp_path / "cache", datasets=[{"path": str(category)}]))
-    plan = plan_cache(make_config(tmp_path / "cache", datasets=[{"path": str(category)}], data={"on_bad_image": "skip"}))
+    skipping = make_config(tmp_path / "cache", datasets=[{"path": str(category)}], data={"on_bad_image": "skip"})
+    plan = plan_cache(skipping)
     assert f"skipping image {dangling}: broken symlink" in caplog.text
     assert len(plan.items) > 0 and not any(i["id"].endswith("999.png") for i in plan.items)
 
