@@ -153,7 +153,7 @@ def mark_interrupted(tracking: Tracking, sweep_id: str, reason: str) -> None:
     A resumed sweep reopens them (RUNNING) as it continues them; until then nothing reads as running or finished.
     """
     client = tracking.client()
-    query = f"tags.`{SWEEP_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'"
+    query = match({SWEEP_TAG: sweep_id}, status="RUNNING")
     runs = with_retry(lambda: client.search_runs([tracking.experiment_id], query, max_results=10_000))
     for run in runs:
         with_retry(lambda: client.set_tag(run.info.run_id, INTERRUPTED_TAG, reason))
