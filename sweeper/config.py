@@ -3,7 +3,8 @@
 Every section forbids unknown keys (a typo such as ``imgae_size`` must fail rather than silently fall back to the
 default) and is strict about types (``per_defect_type: 1`` is not a bool). ``load_config`` turns YAML and validation
 errors into a ``bgad_core.errors.ConfigError`` naming the file and the dotted key, e.g.
-``sweep.yaml: cache.racp_depths[1]: ...``.
+``sweep.yaml: cache.racp_depths[1]: ...``. Names that reach MLflow tags and search filters (the sweep's ``name``,
+category names, ``mlflow.experiment``) must be safe names (``sweeper.names.SAFE_NAME_RULE``).
 
 Relative local paths (``datasets[].path``, ``cache.root``) are resolved against the current working directory when
 they are used, not against the YAML file, so ``python -m sweeper.cache --config configs/x.yaml`` run from the repo
@@ -19,17 +20,20 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bgad_core.augment import TRANSFORMS
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.synthetic import DEFECT_TYPES
 from bgad_core.training import TrainConfig
+from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
+
+SafeName = Annotated[str, AfterValidator(check_name)]
 
 
 class Section(BaseModel):
@@ -46,7 +50,7 @@ class SyntheticSpec(Section):
     uploaded to ``<cache.root>/datasets/<digest>/<name>``, so every node of a cluster reads the same files.
     """
 
-    name: str = Field("synthetic", min_length=1, pattern=r"^[^/.][^/]*$")
+    name: SafeName = "synthetic"
     size: int = Field(128, ge=32)
     n_train: int = Field(40, ge=1)
     n_test_good: int = Field(20, ge=1)
@@ -74,7 +78,7 @@ class DatasetSpec(Section):
 
     path: str | None = None
     layout: Literal["auto", "mvtec", "btad", "folder"] = "auto"
-    name: str | None = Field(None, min_length=1)
+    name: SafeName | None = None
     synthetic: SyntheticSpec | None = None
 
     @model_validator(mode="after")
@@ -83,6 +87,9 @@ class DatasetSpec(Section):
             raise ValueError("give exactly one of 'path' (an existing category) or 'synthetic' (a generated one)")
         if self.synthetic is not None and (self.name is not None or self.layout != "auto"):
             raise ValueError("'name' and 'layout' belong to 'path' datasets; synthetic.name names a synthetic one")
+        if not is_safe_name(self.category):
+            raise ValueError(f"category name {self.category!r} (the directory's name) must be {SAFE_NAME_RULE}; "
+                             "set 'name'")
         return self
 
     @property
@@ -100,7 +107,9 @@ class DataSpec(Section):
     """How every category is split (``bgad_core.splits.make_splits``) and loaded.
 
     ``on_bad_image``: ``error`` stops the cache build at the first unreadable image (naming it); ``skip`` leaves it
-    out with a warning and records it in the cache manifest.
+    out with a warning and records it in the cache manifest. Entries named like images that are no readable file
+    (dangling symlink, symlink loop, directory, no read permission) stop the build too, or with ``skip`` are left
+    out of the dataset with a warning naming each (``bgad_core.datasets.read_category``).
     """
 
     image_size: int = Field(256, ge=32)
@@ -336,7 +345,7 @@ class MlflowSpec(Section):
     """
 
     tracking_uri: str | None = None
-    experiment: str = Field("bgad-sweeper", min_length=1)
+    experiment: SafeName = "bgad-sweeper"
     artifact_location: str | None = None
     log_plots: bool = True
 
@@ -352,7 +361,7 @@ class SweepConfig(Section):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1)
+    name: SafeName
     datasets: list[DatasetSpec] = Field(min_length=1)
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)

@@ -232,7 +232,7 @@ def plan_category(spec: DatasetSpec, config: SweepConfig, cache_root_uri: str) -
     """Rows of one category: train normals, drawn anomalies, synthetic recipes, validation, test."""
     data, cache = config.data, config.cache
     location = locate_dataset(spec, cache_root_uri)
-    index = read_category(location.local, spec.layout)
+    index = read_category(location.local, spec.layout, config.data.on_bad_image)
     split_args = {
         "per_defect_type": data.per_defect_type,
         "val_fraction": data.val_fraction,

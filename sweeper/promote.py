@@ -3,10 +3,14 @@
     python -m sweeper.promote --sweep quickstart --best --name bgad-tiles            # best validation trial
     python -m sweeper.promote --sweep quickstart-1a2b3c4d --run-id <run> --name bgad-tiles --alias challenger
 
-``--sweep`` is a sweep id or an MLflow experiment name (then its most recent sweep). ``--best`` takes the trial the
-sweep found best on *validation* (its ``summary.json``; while a sweep is unfinished, the trial run whose best
-meta-epoch has the highest objective); test metrics never choose. Promoting a run again creates no new version: the version whose
-``bgad.source_run_id`` tag names the run (and category) gets the alias. Aliases only, never the deprecated stages.
+``--sweep`` is a sweep id (``quickstart-1a2b3c4d``), else the ``name`` of a sweep's config or an MLflow experiment
+name: the latest sweep of that name or in that experiment. A name that finds sweeps in several experiments (as a
+sweep name or as an experiment name) is an error listing them, so that ``--sweep <id>`` can pick one.
+
+``--best`` takes the trial the sweep found best on *validation* (its ``summary.json``; while a sweep is unfinished,
+the trial run whose best meta-epoch has the highest objective); test metrics never choose. Promoting a run again
+creates no new version: the version whose ``bgad.source_run_id`` tag names the run (and category) gets the alias.
+Aliases only, never the deprecated stages.
 
 A version holds the model logged by ``sweeper.serving`` (checkpoint + backbone weights, no network needed) and
 tags saying where it came from: sweep, run, trial, category, cache key, configuration, validation metrics of the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import importlib.metadata
 import json
 import logging
@@ -42,6 +47,7 @@ from bgad_core.checkpoint import load_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.inference import save_backbone_weights
 from sweeper import serving, tracking
+from sweeper.names import SAFE_NAME_RULE, is_filter_value, is_safe_name, match
 
 log = logging.getLogger("sweeper.promote")
 
@@ -50,6 +56,7 @@ SOURCE_RUN_TAG = "bgad.source_run_id"
 CATEGORIES_TAG = "bgad.categories"  # on the sweep run (set by sweeper.sweep)
 CHECKPOINT_ARTIFACT = "checkpoint/{category}/model.pt"
 SUMMARY_ARTIFACT = "summary.json"
+SWEEP_ROLE = {tracking.ROLE_TAG: "sweep"}
 MODEL_NAME = "model"
 REQUIREMENTS = ("torch", "timm", "FrEIA", "safetensors", "huggingface_hub", "numpy", "pillow", "scipy",
                 "scikit-learn", "pandas", "mlflow")
@@ -86,6 +93,8 @@ def promote(
     ``weights`` overrides the sweep's ``backbone.weights`` for rebuilding the backbone (checked by digest).
     The tracking store at ``tracking_uri`` also holds the registry (a database store: ``sqlite:///...`` works).
     """
+    if not is_safe_name(name):
+        raise PromoteError(f"--name {name!r}: a registered model name must be {SAFE_NAME_RULE}")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     parent = find_sweep_run(client, sweep)
     summary = read_summary(client, parent)
@@ -108,20 +117,53 @@ def promote(
 
 
 def find_sweep_run(client: MlflowClient, sweep: str) -> Run:
-    """The parent run of sweep id ``sweep``, else the most recent sweep in the experiment named ``sweep``."""
-    role = f"tags.`{tracking.ROLE_TAG}` = 'sweep'"
+    """The sweep run ``sweep`` names: a sweep id, else the latest sweep of a config name or in an experiment.
+
+    The value is checked before any search, so a quote in it is a one-line error, never a filter parser error.
+    """
+    if not is_filter_value(sweep):
+        raise PromoteError(f"--sweep {sweep!r}: not a sweep id, sweep name or experiment name (those are made of "
+                           "letters, digits, '_', '.' and '-')")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    query = f"{role} and tags.`{tracking.SWEEP_TAG}` = '{sweep}'"
-    runs = client.search_runs(experiments, query, max_results=1) if experiments else []
-    if runs:
-        return runs[0]
+    if not experiments:
+        raise PromoteError(f"--sweep {sweep!r}: the tracking store holds no experiment")
+    by_id = _search(client, experiments, match({**SWEEP_ROLE, tracking.SWEEP_TAG: sweep}), 1)
+    if by_id:
+        return by_id[0]
+    named = _search(client, experiments, match({**SWEEP_ROLE, tracking.SWEEP_NAME_TAG: sweep}))
+    candidates = _latest_per_experiment(named)
     experiment = client.get_experiment_by_name(sweep)
-    if experiment is not None:
-        runs = client.search_runs([experiment.experiment_id], role, max_results=1, order_by=["start_time DESC"])
-        if runs:
-            log.info("experiment %s: promoting from its latest sweep %s", sweep, runs[0].data.tags[tracking.SWEEP_TAG])
-            return runs[0]
-    raise PromoteError(f"--sweep {sweep!r}: no sweep with that id and no experiment of that name holding a sweep")
+    if experiment is not None and experiment.experiment_id not in {r.info.experiment_id for r in candidates}:
+        candidates += _search(client, [experiment.experiment_id], match(SWEEP_ROLE), 1)
+    if not candidates:
+        raise PromoteError(f"--sweep {sweep!r}: no sweep with that id or name, and no experiment of that name "
+                           "holding a sweep")
+    if len(candidates) > 1:
+        raise PromoteError(f"--sweep {sweep!r} finds sweeps in {len(candidates)} experiments; pass one sweep id: "
+                           + "; ".join(_describe_sweep(client, run) for run in candidates))
+    log.info("--sweep %s: promoting from sweep %s", sweep, candidates[0].data.tags[tracking.SWEEP_TAG])
+    return candidates[0]
+
+
+def _search(client: MlflowClient, experiments: list[str], query: str, max_results: int = 1000) -> list[Run]:
+    """Runs matching ``query``, latest first."""
+    return tracking.with_retry(lambda: client.search_runs(experiments, query, max_results=max_results,
+                                                          order_by=["start_time DESC"]))
+
+
+def _latest_per_experiment(runs: Sequence[Run]) -> list[Run]:
+    """The first (latest) of ``runs`` in each experiment, in the order given."""
+    latest: dict[str, Run] = {}
+    for run in runs:
+        latest.setdefault(run.info.experiment_id, run)
+    return list(latest.values())
+
+
+def _describe_sweep(client: MlflowClient, run: Run) -> str:
+    """``<sweep id> (experiment <name>, started <UTC time>, <status>)``: what tells candidate sweeps apart."""
+    experiment = client.get_experiment(run.info.experiment_id).name
+    started = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{run.data.tags[tracking.SWEEP_TAG]} (experiment {experiment}, started {started}, {run.info.status})"
 
 
 def trial_source(client: MlflowClient, parent: Run, run_id: str, category: str | None) -> Source:
@@ -163,7 +205,7 @@ def best_trial_by_objective(client: MlflowClient, parent: Run, category: str) ->
     if not objective:
         raise PromoteError(f"sweep run {parent.info.run_id} records no 'objective' parameter and no summary")
     sweep_id = parent.data.tags[tracking.SWEEP_TAG]
-    query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep_id}' and tags.`{tracking.ROLE_TAG}` = 'trial'"
+    query = match({tracking.SWEEP_TAG: sweep_id, tracking.ROLE_TAG: "trial"})
     runs = client.search_runs([parent.info.experiment_id], query, max_results=10000)
     best: dict[str, float] = {}
     for run in runs:
@@ -202,8 +244,7 @@ def read_summary(client: MlflowClient, parent: Run) -> dict[str, Any] | None:
 
 def existing_version(client: MlflowClient, name: str, source: Source) -> ModelVersion | None:
     """The version of ``name`` already registered from this run and category, if any."""
-    query = f"name = '{name}' and tags.`{SOURCE_RUN_TAG}` = '{source.trial.info.run_id}'"
-    versions = client.search_model_versions(query)
+    versions = client.search_model_versions(match({SOURCE_RUN_TAG: source.trial.info.run_id}, name=name))
     matching = [v for v in versions if v.tags.get(tracking.CATEGORY_TAG) == source.category]
     return min(matching, key=lambda v: int(v.version)) if matching else None
 
@@ -391,7 +432,8 @@ def _parse(value: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", required=True, help="sweep id or MLflow experiment name")
+    parser.add_argument("--sweep", required=True,
+                        help="sweep id, sweep name (the config's name: its latest sweep) or MLflow experiment name")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="MLflow run id of the trial to promote")
     which.add_argument("--best", action="store_true", help="the trial with the best validation objective")

@@ -355,7 +355,8 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
         "config": tracking.redact(json.dumps(config.model_dump(mode="json"), sort_keys=True))[:6000],
         "cache_key": manifest["key"], "objective": metric, "mode": config.mode,
     })
-    tracking.set_tags(client, info.parent_run_id, {"bgad.cache_uri": tracking.redact(cache_uri), "bgad.categories": ",".join(manifest["categories"])})
+    tracking.set_tags(client, info.parent_run_id, {"bgad.cache_uri": tracking.redact(cache_uri), "bgad.categories": ",".join(manifest["categories"]),
+                                                   tracking.SWEEP_NAME_TAG: config.name})
     categories = list(manifest["categories"])
     groups = [(c, (c,)) for c in categories] if config.mode == "per_category" else [("shared", tuple(categories))]
     summary: dict[str, Any] = {"sweep_id": sid, "objective": metric, "categories": {}}

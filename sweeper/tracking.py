@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bgad_core.errors import ConfigError
+from sweeper.names import match
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,6 +32,7 @@ T = TypeVar("T")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 SWEEP_TAG = "bgad.sweep_id"
+SWEEP_NAME_TAG = "bgad.sweep_name"  # the config's name, on the sweep run: what `promote --sweep <name>` finds
 ROLE_TAG = "bgad.role"
 TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
@@ -110,8 +112,8 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> str | None:
     """Id of the most recent run whose tags match all of ``tags``, if any."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = with_retry(lambda: client.search_runs([experiment_id], query, max_results=1, order_by=["start_time DESC"]))
+    runs = with_retry(lambda: client.search_runs([experiment_id], match(tags), max_results=1,
+                                                 order_by=["start_time DESC"]))
     return runs[0].info.run_id if runs else None
 
 
@@ -151,7 +153,7 @@ def mark_interrupted(tracking: Tracking, sweep_id: str, reason: str) -> None:
     A resumed sweep reopens them (RUNNING) as it continues them; until then nothing reads as running or finished.
     """
     client = tracking.client()
-    query = f"tags.`{SWEEP_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'"
+    query = match({SWEEP_TAG: sweep_id}, status="RUNNING")
     runs = with_retry(lambda: client.search_runs([tracking.experiment_id], query, max_results=10_000))
     for run in runs:
         with_retry(lambda: client.set_tag(run.info.run_id, INTERRUPTED_TAG, reason))

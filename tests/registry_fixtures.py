@@ -26,7 +26,8 @@ from bgad_core.training import TrainConfig, evaluate
 from sweeper import tracking
 
 CATEGORY = "tiles"
-SWEEP_ID = "tiny-0000abcd"
+SWEEP_NAME = "tiny"
+SWEEP_ID = f"{SWEEP_NAME}-0000abcd"
 EXPERIMENT = "bgad-registry-test"
 CACHE_KEY = "cafe0123cafe0123"
 IMAGE_SIZE = 64
@@ -67,8 +68,8 @@ def recorded_sweep(root: Path) -> RecordedSweep:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(experiment, tags={tracking.SWEEP_TAG: SWEEP_ID, tracking.ROLE_TAG: "sweep",
-                                                 "bgad.categories": CATEGORY}).info.run_id
+    parent = client.create_run(experiment, tags={tracking.SWEEP_TAG: SWEEP_ID, tracking.SWEEP_NAME_TAG: SWEEP_NAME,
+                                                 tracking.ROLE_TAG: "sweep", "bgad.categories": CATEGORY}).info.run_id
     sweep_config = {"backbone": {"name": "tf_efficientnet_lite0", "weights": "offline", "strides": [4, 8, 16]},
                     "cache": {"dtype": "float16"}}
     tracking.log_params(client, parent,

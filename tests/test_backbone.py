@@ -1,8 +1,11 @@
-"""Backbone: the offline Lite0 weights are real ImageNet weights, and the extractor is frozen, deterministic,
-multi-scale, traceable by digest, and fails with messages that name the stride or file at fault."""
+"""Backbone: the offline Lite0/1/2 weights are real ImageNet weights (and lukemelas-format files of them load), and
+the extractor is frozen, deterministic, multi-scale, traceable by digest, and fails with messages that name the
+stride or file at fault."""
 
 from __future__ import annotations
 
+import importlib.resources
+import re
 import time
 from pathlib import Path
 
@@ -17,8 +20,9 @@ from bgad_core.backbone import (
     DEFAULT_BACKBONE,
     DEFAULT_STRIDES,
     FeatureExtractor,
+    OFFLINE_WEIGHTS,
     lukemelas_to_timm,
-    offline_lite0_state_dict,
+    offline_state_dict,
 )
 from bgad_core.errors import ConfigError, DataError
 
@@ -56,7 +60,7 @@ def _top5(model: torch.nn.Module, image: np.ndarray) -> list[int]:
 def test_offline_lite0_weights_classify_imagenet_photos() -> None:
     """Positional mapping is right only if the full classifier recognises a cat and an espresso."""
     classifier = timm.create_model(DEFAULT_BACKBONE, pretrained=False, num_classes=1000).eval()
-    state_dict, _ = offline_lite0_state_dict()
+    state_dict, _ = offline_state_dict()
     classifier.load_state_dict(state_dict)
     cat, coffee = _top5(classifier, _sample("chelsea")), _top5(classifier, _sample("coffee"))
     assert cat[0] in CAT_CLASSES and EGYPTIAN_CAT in cat, cat
@@ -64,13 +68,54 @@ def test_offline_lite0_weights_classify_imagenet_photos() -> None:
 
 
 def test_lukemelas_mapping_rejects_shape_mismatch() -> None:
-    state_dict = offline_lite0_state_dict()[0]
+    state_dict = offline_state_dict()[0]
     keys = list(state_dict)
     keys[0], keys[1] = keys[1], keys[0]  # a batch-norm weight where the model expects the stem conv
     with torch.device("meta"):
         classifier = timm.create_model(DEFAULT_BACKBONE, pretrained=False)
     with pytest.raises(ConfigError, match="tensor 0 bn1.weight"):
         lukemelas_to_timm({k: state_dict[k] for k in keys}, classifier)
+
+
+def _lukemelas_file(architecture: str) -> Path:
+    """The packaged lukemelas-format checkpoint of ``architecture`` (what a user would pass as a weights file)."""
+    offline = OFFLINE_WEIGHTS[architecture]
+    return Path(importlib.resources.files(offline.module).joinpath(offline.file))
+
+
+@pytest.mark.parametrize("architecture, size", [("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite2", 260)])
+def test_offline_lite1_lite2_match_lukemelas_own_model(architecture: str, size: int) -> None:
+    """The converted timm classifier computes exactly what lukemelas' own EfficientNet-Lite computes.
+
+    At the native input size: lukemelas pads statically for it, timm's ``tf_`` models pad for any size.
+    """
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    reference = lite.EfficientNet.from_name(architecture.replace("tf_efficientnet_", "efficientnet-")).eval()
+    reference.load_state_dict(torch.load(_lukemelas_file(architecture), weights_only=True))
+    converted = timm.create_model(architecture, pretrained=False).eval()
+    converted.load_state_dict(offline_state_dict(architecture)[0])
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(converted(x), reference(x))
+
+
+@pytest.mark.parametrize("architecture", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_lite2_load_offline_and_from_a_lukemelas_file(architecture: str, images: torch.Tensor) -> None:
+    offline = FeatureExtractor(architecture, weights="offline")
+    from_file = FeatureExtractor(architecture, weights=str(_lukemelas_file(architecture)))
+    assert OFFLINE_WEIGHTS[architecture].package in offline.weights_source
+    assert "local file" in from_file.weights_source
+    assert from_file.weights_digest == offline.weights_digest  # the same tensors (their values: the test above)
+    assert all(f.isfinite().all() for f in offline.extract(images[:, :64, :64]))
+
+
+def test_lukemelas_file_of_another_architecture_is_refused_naming_the_file() -> None:
+    path = _lukemelas_file(DEFAULT_BACKBONE)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: lukemelas") + ".* only for tf_efficientnet_lite0, .*"
+                                          "not resnet18"):
+        FeatureExtractor("resnet18", weights=str(path))
+    with pytest.raises(ConfigError, match=re.escape(f"{path} (lukemelas format) has 296 tensors") + ".* has 386"):
+        FeatureExtractor("tf_efficientnet_lite1", weights=str(path))  # a Lite0 file for Lite1
 
 
 def test_levels_channels_and_sizes(offline: FeatureExtractor, images: torch.Tensor) -> None:
@@ -129,7 +174,7 @@ def test_local_file_round_trip(offline: FeatureExtractor, images: torch.Tensor, 
 def test_local_full_classifier_file(offline: FeatureExtractor, tmp_path: Path) -> None:
     """A full ImageNet checkpoint (head included) loads: tensors the features model lacks are dropped."""
     path = tmp_path / "full.pt"
-    torch.save({"state_dict": offline_lite0_state_dict()[0]}, path)
+    torch.save({"state_dict": offline_state_dict()[0]}, path)
     assert FeatureExtractor(weights=str(path)).weights_digest == offline.weights_digest
 
 
@@ -158,7 +203,8 @@ def test_bad_parameters_are_named() -> None:
         FeatureExtractor(weights="random", strides=(16, 8))
     with pytest.raises(ConfigError, match="not_a_model"):
         FeatureExtractor("not_a_model", weights="random")
-    with pytest.raises(ConfigError, match="only exists for tf_efficientnet_lite0"):
+    with pytest.raises(ConfigError, match="no packaged weights for resnet18.*exist for tf_efficientnet_lite0, "
+                                          "tf_efficientnet_lite1, tf_efficientnet_lite2"):
         FeatureExtractor("resnet18", weights="offline")
 
 

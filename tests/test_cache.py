@@ -213,6 +213,19 @@ def test_unreadable_image_fails_naming_it_or_is_skipped(ray_cluster, tmp_path):
         build_cache(config)  # an error config must not silently reuse a cache that skipped files
 
 
+def test_image_named_entries_that_are_no_file_follow_on_bad_image(tmp_path, caplog):
+    """A dangling symlink named like an image stops the plan (before any extraction), or is skipped with a warning."""
+    category = make_synthetic_category(tmp_path / "src", **{**SYNTHETIC, "name": "linked"})
+    dangling = category / "train" / "good" / "999.png"
+    dangling.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=f"cannot read image {dangling}: broken symlink"):
+        plan_cache(make_config(tmp_path / "cache", datasets=[{"path": str(category)}]))
+    skipping = make_config(tmp_path / "cache", datasets=[{"path": str(category)}], data={"on_bad_image": "skip"})
+    plan = plan_cache(skipping)
+    assert f"skipping image {dangling}: broken symlink" in caplog.text
+    assert len(plan.items) > 0 and not any(i["id"].endswith("999.png") for i in plan.items)
+
+
 class _RecordingFileSystem:
     """A local filesystem that is not a ``LocalFileSystem`` (so ``publish`` treats it as an object store) and
     records the order of moves and deletes."""

@@ -39,6 +39,7 @@ from sweeper.cache import _decode_batch
 from sweeper.cache_reader import MANIFEST, load_image_at
 from sweeper.config import SweepConfig, load_config
 from sweeper.manifest import SHARED_DATASETS, mirror_tree, plan_cache
+from sweeper.names import match
 from sweeper.sweep import sweep_id
 from test_cluster_configs import SWEEP_CONFIG, k8s
 from test_sweep_job import quickstart_in
@@ -249,7 +250,7 @@ def test_sweep_on_two_nodes_runs_trials_on_the_worker_and_logs_to_the_mlflow_ser
         client = MlflowClient(server.uri)
         experiment = client.get_experiment_by_name(config.mlflow.experiment)
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server stores the artifacts
-        runs = client.search_runs([experiment.experiment_id], f"tags.`{tracking.SWEEP_TAG}` = '{sid}'")
+        runs = client.search_runs([experiment.experiment_id], match({tracking.SWEEP_TAG: sid}))
         parents = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "sweep"]
         children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -288,7 +289,7 @@ def test_sweep_keeps_everything_on_s3_and_reads_its_dataset_from_s3(s3, tmp_path
 
         client = MlflowClient(server.uri)
         experiment = client.get_experiment_by_name(config.mlflow.experiment)
-        finished = client.search_runs([experiment.experiment_id], "tags.`bgad.outcome` = 'finished'")
+        finished = client.search_runs([experiment.experiment_id], match({"bgad.outcome": "finished"}))
         plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/tiles")}
         assert "plots/tiles/anomaly_maps.png" in plots  # validation images read back from s3:// for the overlays
     assert_stopped(server.process)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -121,6 +124,46 @@ def test_any_extension_and_masks_with_other_extensions(mvtec: Path) -> None:
     mask = load_mask(index.test[1], (24, 32))
     assert np.array_equal(mask, (_square_mask() > 0).astype(np.uint8))
     assert load_mask(index.test[0], 8).sum() == 0
+
+
+def _bad_entries(cat: Path, monkeypatch: pytest.MonkeyPatch) -> dict[Path, str]:
+    """Image-named entries that are no readable file, beside the good images, and the reason each must be named."""
+    good = cat / "train/good"
+    (good / "dangling.png").symlink_to(cat / "nowhere.png")
+    (good / "loop.jpg").symlink_to(good / "loop.jpg")
+    (good / "folder.png").mkdir()
+    locked = _write(good / "locked.png", _rgb(7))  # tests run as root, who may read anything: os.access says no
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    return {good / "dangling.png": "broken symlink (No such file or directory)",
+            good / "folder.png": "a directory, not an image file",
+            good / "locked.png": "no read permission",
+            good / "loop.jpg": "broken symlink (Too many levels of symbolic links)"}
+
+
+def test_unreadable_image_entries_are_an_error_naming_the_file(mvtec: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path, reason in sorted(_bad_entries(mvtec, monkeypatch).items()):  # each one stops the read, in turn
+        with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: {reason}")):
+            read_category(mvtec)
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    mask = mvtec / "ground_truth/crack/z_mask.png"
+    mask.symlink_to(mvtec / "gone.png")
+    with pytest.raises(DataError, match=re.escape(f"cannot read mask {mask}: broken symlink")):
+        read_category(mvtec)
+
+
+def test_skip_warns_about_every_unreadable_image_entry(mvtec: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    bad = _bad_entries(mvtec, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="bgad_core.datasets"):
+        index = read_category(mvtec, on_bad_image="skip")
+    assert [r.path.name for r in index.train] == ["a.JPG", "b.jpeg", "c.bmp", "notes.TIF"]
+    assert sorted(caplog.messages) == sorted(f"skipping image {path}: {reason}" for path, reason in bad.items())
+    with pytest.raises(ConfigError, match="on_bad_image must be one of"):
+        read_category(mvtec, on_bad_image="ignore")
 
 
 def test_grey_palette_rgba_and_16bit_become_rgb(tmp_path: Path) -> None:

@@ -9,12 +9,14 @@ from mlflow.tracking import MlflowClient
 
 from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.training import evaluate
-from registry_fixtures import BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, recorded_sweep, served_scores
+from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME, recorded_sweep,
+                               served_scores)
 from sweeper import tracking
 from sweeper.cache_reader import open_cache, read_features, row_paths
 from sweeper.config import load_config
-from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, best_source, find_sweep_run, main, promote,
-                             read_summary)
+from sweeper.names import match
+from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, PromoteError, best_source, find_sweep_run, main,
+                             promote, read_summary)
 from sweeper.run import main as run_sweep
 from sweeper.sweep import sweep_id
 from test_sweep_job import quickstart_in
@@ -28,7 +30,7 @@ def recorded(tmp_path_factory):
 
 
 def versions(uri: str, name: str) -> list:
-    return MlflowClient(uri).search_model_versions(f"name = '{name}'")
+    return MlflowClient(uri).search_model_versions(match(name=name))
 
 
 def test_best_trial_is_registered_with_its_provenance_and_aliased(recorded):
@@ -79,6 +81,55 @@ def test_unknown_run_id_fails_with_a_message_naming_it(recorded, capsys):
     assert "Traceback" not in err
 
 
+def test_a_sweep_is_found_by_its_id_its_config_name_or_its_experiment(recorded):
+    client = MlflowClient(recorded.tracking_uri)
+    for sweep in (SWEEP_ID, SWEEP_NAME, EXPERIMENT):
+        assert find_sweep_run(client, sweep).info.run_id == recorded.parent_run_id, sweep
+
+
+def error_line(stderr: str) -> str:
+    """The one line ``main`` prints for a refused promotion (MLflow's own log lines may precede it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def record_sweep(client: MlflowClient, experiment: str, sweep: str, started_ms: int) -> None:
+    """A bare sweep run ``<name>-<digest>`` in ``experiment`` (created if need be), as the sweep tags it."""
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {tracking.ROLE_TAG: "sweep", tracking.SWEEP_TAG: sweep, tracking.SWEEP_NAME_TAG: sweep.rsplit("-", 1)[0]}
+    client.create_run(experiment_id, start_time=started_ms, tags=tags)
+
+
+def test_a_name_finds_its_latest_sweep_and_lists_candidates_across_experiments(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    record_sweep(client, "team-a", "quick-00000001", 1_000)
+    record_sweep(client, "team-a", "quick-00000002", 2_000)
+    assert find_sweep_run(client, "quick").data.tags[tracking.SWEEP_TAG] == "quick-00000002"
+    record_sweep(client, "team-b", "quick-00000003", 3_000)
+    assert main(["--sweep", "quick", "--best", "--name", NAME, "--tracking-uri", uri]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert "'quick' finds sweeps in 2 experiments; pass one sweep id" in err
+    assert "quick-00000002 (experiment team-a, started 1970-01-01 00:00 UTC, RUNNING)" in err
+    assert "quick-00000003 (experiment team-b" in err
+    record_sweep(client, "team-a", "team-b-00000004", 4_000)  # a sweep named like another experiment
+    with pytest.raises(PromoteError, match="team-b-00000004 .*quick-00000003"):
+        find_sweep_run(client, "team-b")
+
+
+def test_names_with_quotes_are_refused_in_one_line_before_any_search(recorded, capsys):
+    uri = recorded.tracking_uri
+    assert main(["--sweep", "x' OR '1'='1", "--best", "--name", NAME, "--tracking-uri", uri]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: --sweep \"x' OR '1'='1\": not a sweep id") and "filter" not in err.lower()
+    assert main(["--sweep", SWEEP_ID, "--best", "--name", "bob's-model", "--tracking-uri", uri]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: --name \"bob's-model\": a registered model name must be 1 to 64 letters")
+    assert not versions(uri, "bob")
+
+
 def test_unknown_sweep_and_category_fail_clearly(recorded, capsys):
     assert main(["--sweep", "no-such-sweep", "--best", "--name", NAME, "--tracking-uri", recorded.tracking_uri]) == 1
     assert "no-such-sweep" in capsys.readouterr().err
@@ -98,6 +149,7 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     assert version.aliases == ["champion"]
     client = MlflowClient(uri)
     parent = find_sweep_run(client, sid)
+    assert find_sweep_run(client, config.name).info.run_id == parent.info.run_id  # README: --sweep quickstart
     category = version.tags[tracking.CATEGORY_TAG]
     best = read_summary(client, parent)["categories"][category]["best"]
     assert version.tags[tracking.TRIAL_TAG] == best["trial_id"]

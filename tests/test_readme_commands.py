@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from ray_processes import REPO, RayHead, free_port
 from sweeper import tracking
+from sweeper.names import match
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +108,7 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     client = MlflowClient(uri)
     [parent] = client.search_runs(
         [client.get_experiment_by_name("bgad-sweeper").experiment_id],
-        f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' and tags.`{tracking.ROLE_TAG}` = 'sweep'",
+        match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "sweep"}),
     )
     assert parent.info.status == "FINISHED" and parent.data.tags["bgad.best_trial.synthetic-tiles"]
     assert parent.data.params["best.synthetic-tiles.beta"]

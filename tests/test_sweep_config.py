@@ -85,3 +85,23 @@ def test_summary_table_shows_every_arm_beside_the_trial_counts():
     table = summary_table({"objective": "val_aupro", "categories": {"tiles": entry}}).splitlines()
     assert table[2].startswith("| tiles | 2/1/0 | best trial | 0.5000 | 0.9000 |")
     assert [row.split(" | ")[2] for row in table[2:]] == ["best trial", "paper default", "PatchCore (no labels)"]
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda r: r.update(name="bob's-sweep"), "name"),
+        (lambda r: r["datasets"][0]["synthetic"].update(name="x' OR '1'='1"), "datasets[0].synthetic.name"),
+        (lambda r: r.update(mlflow={"experiment": "team a"}), "mlflow.experiment"),
+        (lambda r: r.update(datasets=[{"path": "data/my tiles"}]), "datasets[0]"),
+    ],
+)
+def test_names_that_reach_mlflow_must_be_safe(tmp_path, edit, key):
+    """Quotes or spaces in a name would break MLflow tags and filters deep in a sweep: refused on load instead."""
+    raw = base()
+    edit(raw)
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, raw))
+    line = next(line for line in str(error.value).splitlines() if line.strip().startswith(f"{key}:"))
+    assert "1 to 64 letters, digits, '_', '.' or '-'" in line and "sweep.yaml" in str(error.value)
+

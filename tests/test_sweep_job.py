@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray_processes import REPO, RayHead, token_env
 from sweeper import tracking
 from sweeper.config import load_config
+from sweeper.names import match
 from sweeper.sweep import sweep_id
 
 pytestmark = pytest.mark.slow
@@ -44,10 +45,10 @@ def trial_runs(config_path: Path, role: str | None = None) -> list:
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
     if experiment is None:  # the sweep has not reached MLflow yet
         return []
-    query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep_id(config)}'"
+    tags = {tracking.SWEEP_TAG: sweep_id(config)}
     if role is not None:
-        query += f" and tags.`{tracking.ROLE_TAG}` = '{role}'"
-    return client.search_runs([experiment.experiment_id], query, max_results=1000)
+        tags[tracking.ROLE_TAG] = role
+    return client.search_runs([experiment.experiment_id], match(tags), max_results=1000)
 
 
 def test_quickstart_job_on_a_token_authenticated_head(tmp_path):

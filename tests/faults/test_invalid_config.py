@@ -1,5 +1,6 @@
-"""Invalid configs (unknown key, beta outside (0, 1), empty search space, missing dataset directory) fail with an
-error naming the key or path before any Ray work starts: no ``ray.init``, no cache build, exit code 2."""
+"""Invalid configs (unknown key, beta outside (0, 1), empty search space, missing dataset directory, a quote in the
+sweep name) fail with an error naming the key or path before any Ray work starts: no ``ray.init``, no cache build,
+exit code 2."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ CASES = {
     "empty search space": (lambda raw: raw["search"].update(space={}), "search.space is empty"),
     "missing dataset": (lambda raw: raw.update(datasets=[{"path": "/nonexistent/bottle"}]),
                         "datasets[0].path: directory not found: /nonexistent/bottle"),
+    "quote in the sweep name": (lambda raw: raw.update(name="bob's-sweep"),
+                                "name: must be 1 to 64 letters, digits, '_', '.' or '-'"),
 }
 
 
