@@ -104,12 +104,14 @@ def log_to_file(path: Path) -> None:
     """Everything logged at INFO, whoever logs it, goes to ``path``; the console keeps the sweep's own lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
-    for name in ("ray", "optuna"):  # libraries that print through handlers of their own
+    for name in ("ray", "ray.data", "optuna"):  # libraries that print to the console through handlers of their own
         logger = logging.getLogger(name)
         for own in list(logger.handlers):
-            logger.removeHandler(own)
+            if isinstance(own, logging.StreamHandler) and not isinstance(own, logging.FileHandler):
+                logger.removeHandler(own)  # console handlers only: Ray's session log files keep theirs
         logger.propagate = True
 
 
@@ -177,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ray.is_initialized():
                 address = args.address or ("local" if args.num_cpus else None)
                 ray.init(address=address, num_cpus=args.num_cpus, log_to_driver=False)
+                STOP.install()  # again: ray.init puts a C-level SIGTERM handler of its own (stack dump, exit) over it
             report = build_cache(config, rebuild=args.rebuild_cache)
             print(tracking.redact(report.summary()), flush=True)
             summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)

@@ -1,4 +1,4 @@
-"""The documented workflow as written: the ``<!-- local-commands -->`` blocks of cluster/README.md (a token-auth head,
+"""The documented workflow as written (and the main job's end-to-end checks on what it recorded): the ``<!-- local-commands -->`` blocks of cluster/README.md (a token-auth head,
 ``ray job submit``, a second submit after editing the tree) and README.md (promote by name, serve, POST an image),
 run line by line in a fresh checkout with a plain ``PATH`` (no venv on it), an empty ``HOME`` and no MLflow or Ray
 variables the docs do not set. Only the head's address and the serving port are substituted; the head itself is
@@ -106,12 +106,24 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     runs = checkout / "runs"  # every result in the checkout, none in Ray's temporary working dirs
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     client = MlflowClient(uri)
-    [parent] = client.search_runs(
-        [client.get_experiment_by_name("bgad-sweeper").experiment_id],
-        match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "sweep"}),
-    )
+    experiment = client.get_experiment_by_name("bgad-sweeper").experiment_id
+    [parent] = client.search_runs([experiment], match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "sweep"}))
     assert parent.info.status == "FINISHED" and parent.data.tags["bgad.best_trial.synthetic-tiles"]
     assert parent.data.params["best.synthetic-tiles.beta"]
+    assert parent.data.metrics["synthetic-tiles/best_test_image_auroc"] > 0.5
+    assert parent.data.metrics["synthetic-tiles/baseline_test_image_auroc"] > 0.5  # the one-class arm
+    children = client.search_runs([experiment], match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "trial"}))
+    assert len(children) >= 6  # the search's trials and the paper default's
+    for run in children:
+        assert run.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        history = client.get_metric_history(run.info.run_id, "val_aupro")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/synthetic-tiles")]
+        assert "checkpoint/synthetic-tiles/model.pt" in artifacts
+    finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"]
+    plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/synthetic-tiles")}
+    assert {f"plots/synthetic-tiles/{n}.png" for n in ("roc_pr", "loglikelihood_hist", "anomaly_maps")} <= plots
+    assert "pruned" in {r.data.tags.get("bgad.outcome") for r in children}  # ASHA stopped a trial early
     study = optuna.load_study(study_name=f"{sweep}/synthetic-tiles", storage=f"sqlite:///{runs / 'optuna.db'}")
     states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.RUNNING not in states
