@@ -40,7 +40,7 @@ from starlette.datastructures import Headers, UploadFile  # what forms hold (Fas
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bgad_core.errors import DataError
+from bgad_core.errors import ConfigError, DataError
 from bgad_core.image_input import ImageLimits, ImageTooLarge, ImageTooSmall, decode, from_base64, open_image
 from bgad_core.inference import Prediction, Scorer
 from sweeper.serving import IMAGE_COLUMN
@@ -62,6 +62,13 @@ class ServeLimits:
     max_body_bytes: int = 64 * 2**20
     max_images: int = 16
     map_mode: str = "grid"
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1 or self.max_images < 1:
+            raise ConfigError(f"max_body_bytes and max_images: expected at least 1, got {self.max_body_bytes} and "
+                              f"{self.max_images}")
+        if self.map_mode not in MAP_MODES:
+            raise ConfigError(f"map_mode: expected one of {MAP_MODES}, got {self.map_mode!r}")
 
 
 class RequestError(Exception):
@@ -92,7 +99,7 @@ def create_app(scorer: Scorer, model_info: Mapping[str, Any], limits: ServeLimit
         return version
 
     @app.post("/invocations")
-    async def invocations(request: Request) -> dict[str, Any]:
+    async def invocations(request: Request) -> JSONResponse:  # a JSONResponse skips FastAPI's per-float encoder
         blobs = await request_images(request, limits.max_images)
         opened = [open_image(data, f"image {index}", limits.images) for index, data in enumerate(blobs)]
 
@@ -100,7 +107,7 @@ def create_app(scorer: Scorer, model_info: Mapping[str, Any], limits: ServeLimit
             with one_at_a_time:
                 return scorer.score(decode(image, f"image {index}") for index, image in enumerate(opened))
 
-        return {"predictions": prediction_rows(await run_in_threadpool(score), limits.map_mode)}
+        return JSONResponse({"predictions": prediction_rows(await run_in_threadpool(score), limits.map_mode)})
 
     return app
 
@@ -137,7 +144,7 @@ async def request_images(request: Request, max_images: int) -> list[bytes]:
     if media_type in RAW_TYPES:
         images = [await request.body()]
     elif media_type == MULTIPART_TYPE:
-        images = await multipart_images(request, max_images)
+        images = await multipart_images(request)
     elif media_type == JSON_TYPE:
         images = json_images(await request.body())
     else:
@@ -150,10 +157,13 @@ async def request_images(request: Request, max_images: int) -> list[bytes]:
     return images
 
 
-async def multipart_images(request: Request, max_images: int) -> list[bytes]:
-    """The file parts of a form; a text part is refused (it could only be a path or an unlabelled base64 string)."""
-    # one more than the limit, so that too many images get request_images' message rather than Starlette's
-    async with request.form(max_files=max_images + 1, max_fields=max_images + 1) as form:
+async def multipart_images(request: Request) -> list[bytes]:
+    """The file parts of a form; a text part is refused (it could only be a path or an unlabelled base64 string).
+
+    The number of parts is left to ``request_images`` (one message for every form of request); the body limit
+    already bounds what the parser spools.
+    """
+    async with request.form() as form:
         images = []
         for name, value in form.multi_items():
             if not isinstance(value, UploadFile):

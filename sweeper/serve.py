@@ -180,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
-        if args.max_body_bytes < 1 or args.max_images < 1:
-            raise ConfigError("--max-body-bytes and --max-images must be at least 1")
         limits = ServeLimits(ImageLimits(args.max_pixels, args.min_side), args.max_body_bytes, args.max_images,
                              args.map)
         ref = parse_model(args.model)
