@@ -44,6 +44,7 @@ from bgad_core.errors import ConfigError, DataError
 from bgad_core.image_input import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
 from bgad_core.inference import Scorer
 from sweeper import serving, tracking
+from sweeper.names import SAFE_NAME_RULE, is_safe_name, match
 from sweeper.promote import SOURCE_RUN_TAG
 from sweeper.scoring_app import MAP_MODES, ServeLimits, create_app
 
@@ -66,6 +67,10 @@ class ModelRef:
     name: str
     alias: str | None = None
     version: str | None = None
+
+    def __post_init__(self) -> None:  # a name sweeper.promote could have registered, and a filter can hold
+        if not is_safe_name(self.name):
+            raise ServeError(f"model name {self.name!r}: a registered model name must be {SAFE_NAME_RULE}")
 
     def __str__(self) -> str:
         return f"{self.name}/{self.version}" if self.version else f"{self.name}@{self.alias}"
@@ -120,7 +125,7 @@ def find_version(client: MlflowClient, ref: ModelRef, uri: str) -> ModelVersion:
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{ref.name}'"))
+        versions = sorted(int(v.version) for v in client.search_model_versions(match(name=ref.name)))
         raise ServeError(f"{uri}: model {ref.name!r} has no version {ref.version}; versions: "
                          f"{', '.join(map(str, versions)) or 'none'}") from err
 

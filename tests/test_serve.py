@@ -232,6 +232,8 @@ def test_a_missing_store_model_or_alias_is_a_one_line_error_and_creates_nothing(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {uri}: no registered model 'no-such-model'; registered models: ")
     assert NAME in err and err.count("\n") == 1
+    assert main(["bob's-model", "--tracking-uri", uri]) == 2  # would break out of an MLflow filter's quotes
+    assert "model name \"bob's-model\": a registered model name must be 1 to 64 letters" in capsys.readouterr().err
 
 
 def post(server: Server, body: bytes, content_type: str) -> Reply:
