@@ -314,10 +314,15 @@ def load_image(path: str | Path, size: Size | None) -> np.ndarray:
     stored in raw pixel geometry and must stay aligned with the image.
     """
     path = Path(path)
-    image = _to_8bit(_open(path, "image")).convert("RGB")
+    image = rgb_image(_open(path, "image"))
     if size is not None:
         image = image.resize(_pil_size(size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB: what every backbone sees, from files (``load_image``) and from requests."""
+    return _to_8bit(image).convert("RGB")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -12,7 +12,7 @@ fp32 features in any batch and on any number of threads (see there).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,10 +36,10 @@ DEFAULT_FEATURE_DTYPE = "float16"
 
 
 class Prediction(NamedTuple):
-    """Per image: anomaly score, anomaly map at the image's own resolution, decision ``score >= threshold``."""
+    """Per image: anomaly score, anomaly map (see ``map_size``), decision ``score >= threshold``."""
 
     scores: np.ndarray  # (N,) float32
-    maps: list[np.ndarray]  # N arrays (H_i, W_i) float32
+    maps: list[np.ndarray]  # N arrays map_size(H_i, W_i) float32
     decisions: np.ndarray  # (N,) bool
 
 
@@ -96,24 +96,36 @@ class Scorer(nn.Module):
         maps = anomaly_maps(self.flows(features), self.normalization, self.image_size, self.config.blur_sigma)
         return image_scores(maps, self.config.image_score), maps
 
-    def score(self, images: Sequence[np.ndarray] | np.ndarray) -> Prediction:
-        """Score uint8 images of any size (``[H, W, 3]`` RGB or ``[H, W]`` grey; a list or an ``[N, H, W, 3]`` array).
+    def score(self, images: Iterable[np.ndarray]) -> Prediction:
+        """Score uint8 images of any size (``[H, W, 3]`` RGB or ``[H, W]`` grey; any iterable of them).
 
         Each image is resized to the model's ``image_size`` exactly as the training data were (``load_image``:
-        PIL bilinear) and its map is resized back to the image's own resolution; the score comes from the map at
-        model resolution, as in evaluation. Batches run through the backbone together, which changes no image's
-        result (see ``FeatureExtractor.extract``).
+        PIL bilinear) as soon as it arrives, so a generator that decodes one image at a time keeps one image at
+        full resolution in memory, never the whole batch. The score comes from the map at model resolution, as in
+        evaluation; the map is returned at ``map_size``. Batches run through the backbone together, which changes
+        no image's result (see ``FeatureExtractor.extract``).
         """
-        originals = [as_rgb(image, f"image {index}") for index, image in enumerate(images)]
+        inputs, sizes = [], []
+        for index, image in enumerate(images):
+            rgb = as_rgb(image, f"image {index}")
+            inputs.append(resize(rgb, self.image_size))
+            sizes.append(map_size(rgb.shape[:2], self.image_size))
         scores, maps = [], []
-        for start in range(0, len(originals), SCORE_BATCH):
-            chunk = originals[start : start + SCORE_BATCH]
-            batch = torch.from_numpy(np.stack([resize(image, self.image_size) for image in chunk]))
-            chunk_scores, chunk_maps = self(batch)
+        for start in range(0, len(inputs), SCORE_BATCH):
+            chunk_scores, chunk_maps = self(torch.from_numpy(np.stack(inputs[start : start + SCORE_BATCH])))
             scores += chunk_scores.cpu().tolist()
-            maps += [resize_map(m.cpu(), image.shape[:2]).numpy() for m, image in zip(chunk_maps, chunk)]
+            maps += [resize_map(m.cpu(), size).numpy() for m, size in zip(chunk_maps, sizes[start:])]
         values = np.asarray(scores, dtype=np.float32)
         return Prediction(values, maps, values >= self.threshold)
+
+
+def map_size(image_size: tuple[int, int], model_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an image's anomaly map: the image's own, but no side longer than the model's input.
+
+    The map is computed at the model's input size; resizing it up to a large image adds no information, only
+    bytes (a 2000 x 2000 image made an 82 MB JSON reply). A caller overlaying the map on its image resizes it.
+    """
+    return min(image_size[0], model_size[0]), min(image_size[1], model_size[1])
 
 
 def feature_dtype(checkpoint: Mapping[str, Any]) -> torch.dtype:

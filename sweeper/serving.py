@@ -4,24 +4,31 @@
 (models-from-code: nothing is pickled; MLflow runs this file at load time and takes the model from
 ``mlflow.models.set_model`` below). The artifacts are the checkpoint and the backbone's own weights, both read with
 ``weights_only`` / safetensors, and ``bgad_core`` travels as model code, so loading needs neither the network nor
-the offline weights package.
+the offline weights package. The REST server is ``python -m sweeper.serve``, which scores these same artifacts.
 
-Input: a DataFrame (or list of dicts) with one column ``image``, one row per image, each value either a uint8
-``[H, W, 3]`` (or grey ``[H, W]``) array, the encoded bytes of an image file, a path to one, or -- the JSON-friendly
-form for the REST server -- a string holding a path or base64-encoded PNG/JPEG/... bytes::
+Input: a DataFrame (or list of dicts) with one column ``image``, one row per image, each value a uint8
+``[H, W, 3]`` (or grey ``[H, W]``) array, the encoded bytes of a PNG/JPEG/BMP/TIFF file, a ``pathlib.Path`` to
+one (for Python callers in this process), or -- the JSON-friendly form -- a string of base64-encoded file bytes::
 
     {"dataframe_records": [{"image": "<base64 PNG>"}]}
 
+A string is never taken for a file path: a JSON client could otherwise make the server read any file it can.
+Every image is checked against ``bgad_core.image_input.ImageLimits`` (16 MP at most, 32 px per side at least),
+encoded ones from their header before decoding.
+
 Output: one row per image with ``score`` (absolute: the same image always scores the same), ``decision``
-(``score >= threshold``, the F1-max threshold of validation) and ``map`` (anomaly map at the image's resolution).
+(``score >= threshold``, the F1-max threshold of validation) and ``map`` (the anomaly map at the image's
+resolution, no side longer than the model's input: ``bgad_core.inference.map_size``).
+
+    >>> import mlflow.pyfunc, pandas as pd                                           # doctest: +SKIP
+    >>> model = mlflow.pyfunc.load_model("models:/bgad-tiles@champion")              # doctest: +SKIP
+    >>> model.predict(pd.DataFrame({"image": [Path("tile.png")]}))["score"]          # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +39,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 from PIL import Image
 
-from bgad_core.datasets import load_image
 from bgad_core.errors import DataError
+from bgad_core.image_input import ImageLimits, check_array, decode, from_base64, open_image
 from bgad_core.inference import Scorer
 
 IMAGE_COLUMN = "image"
@@ -61,7 +68,8 @@ class AnomalyModel(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         if IMAGE_COLUMN not in model_input:
             raise DataError(f"input: expected a column {IMAGE_COLUMN!r}, got {list(model_input.columns)}")
-        images = [decode_image(value, f"row {index}") for index, value in enumerate(model_input[IMAGE_COLUMN])]
+        # a generator: the scorer resizes each image to the model's input before the next one is decoded
+        images = (decode_image(value, f"row {index}") for index, value in enumerate(model_input[IMAGE_COLUMN]))
         prediction = self.scorer.score(images)
         return pd.DataFrame({
             "score": prediction.scores.astype(np.float64),
@@ -70,42 +78,21 @@ class AnomalyModel(mlflow.pyfunc.PythonModel):
         })
 
 
-def decode_image(value: Any, name: str) -> np.ndarray:
-    """One ``image`` value as a uint8 array at its own resolution, decoded exactly as training decoded files."""
+def decode_image(value: Any, name: str, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One ``image`` value as a uint8 array, checked against ``limits`` and decoded as training decoded files."""
     if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return _decode_bytes(bytes(value), name)
-    if isinstance(value, Path) or (isinstance(value, str) and _is_file(value)):
-        return load_image(value, None)
+        return check_array(value, name, limits)
+    if isinstance(value, Path):
+        try:
+            value = value.read_bytes()
+        except OSError as err:
+            raise DataError(f"{name}: cannot read {value}: {err.strerror}") from err
     if isinstance(value, str):
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise DataError(
-                f"{name}: {value[:80]!r} is neither an existing file nor base64-encoded image bytes"
-            ) from err
-        return _decode_bytes(data, name)
-    raise DataError(f"{name}: expected an array, image bytes, a path or a base64 string, got {type(value).__name__}")
-
-
-def _is_file(text: str) -> bool:
-    """Whether ``text`` names an existing file; a long base64 string is no file name (and makes stat raise)."""
-    try:
-        return Path(text).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _decode_bytes(data: bytes, name: str) -> np.ndarray:
-    """Decode through a file so bytes get ``load_image``'s conversions (16-bit, palette, grey -> RGB) unchanged."""
-    with tempfile.TemporaryDirectory(prefix="bgad-serve-") as folder:
-        path = Path(folder) / "image"
-        path.write_bytes(data)
-        try:
-            return load_image(path, None)
-        except DataError as err:
-            raise DataError(f"{name}: not a readable image ({err})") from err
+        value = from_base64(value, name)
+    if isinstance(value, (bytes, bytearray)):
+        return decode(open_image(bytes(value), name, limits), name)
+    raise DataError(f"{name}: expected an array, image bytes, a pathlib.Path or a base64 string, "
+                    f"got {type(value).__name__}")
 
 
 def encode_image(image: np.ndarray) -> str:

@@ -38,6 +38,7 @@ TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "bgad.interrupted"
+SQLITE_PREFIX = "sqlite:///"
 LOCAL_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the project directory (sweeper/run.py --project-dir)
 REACHABILITY_TIMEOUT_S = 5.0  # per socket operation: a silent server is reported well within 10 s
 _URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']+@")
@@ -193,10 +194,17 @@ def configured_tracking_uri(configured: str | None) -> str:
 
 
 def default_tracking_uri(configured: str | None) -> str:
-    """``configured_tracking_uri`` with a relative SQLite file made absolute (and its folder created)."""
+    """``resolve_tracking_uri``, with the folder of a relative SQLite file created (writers create the file)."""
+    uri = resolve_tracking_uri(configured)
+    if uri != configured_tracking_uri(configured):
+        Path(uri.removeprefix(SQLITE_PREFIX)).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """``configured_tracking_uri`` with a relative SQLite file made absolute. Creates nothing: a reader
+    (``sweeper.serve``) must not leave an empty store or folder behind when it finds none."""
     uri = configured_tracking_uri(configured)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        uri = f"{SQLITE_PREFIX}{Path(uri.removeprefix(SQLITE_PREFIX)).resolve()}"
     return uri

@@ -124,12 +124,15 @@ def trial_evaluation(recorded: RecordedSweep) -> tuple[list[Path], np.ndarray, t
 
 
 # Runs in a fresh interpreter: the model must load from the registry alone (it is loaded before anything of the
-# repository is imported; images are read with PIL only).
+# repository is imported; images are read with PIL only). Files are passed as pathlib.Path (a string is base64,
+# never a path), and as base64 through MLflow's own scoring-server parser, which `mlflow models serve` runs.
 SERVE_SCRIPT = """
-import json, sys
+import base64, json, sys
+from pathlib import Path
 import mlflow.pyfunc, numpy as np, pandas as pd
+from mlflow.pyfunc import scoring_server
 from PIL import Image
-model_uri, paths = sys.argv[1], json.loads(sys.argv[2])
+model_uri, paths = sys.argv[1], [Path(p) for p in json.loads(sys.argv[2])]
 model = mlflow.pyfunc.load_model(model_uri)
 arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 by_path = model.predict(pd.DataFrame({"image": paths}))
@@ -137,6 +140,13 @@ by_array_reversed = model.predict(pd.DataFrame({"image": arrays[::-1]}))
 alone = [float(model.predict(pd.DataFrame({"image": [a]}))["score"][0]) for a in arrays[:2]]
 small = np.asarray(Image.fromarray(arrays[0]).resize((72, 40), Image.Resampling.BILINEAR))
 resized = model.predict([{"image": small}])
+body = json.dumps({"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()} for p in paths[:2]]})
+reply = scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+try:
+    model.predict(pd.DataFrame({"image": [str(paths[0])]}))
+    path_string_error = None
+except Exception as err:
+    path_string_error = str(err)
 print(json.dumps({
     "scores": by_path["score"].tolist(),
     "decisions": by_path["decision"].tolist(),
@@ -145,12 +155,15 @@ print(json.dumps({
     "reversed_scores": by_array_reversed["score"].tolist()[::-1],
     "alone_scores": alone,
     "resized_map_shape": list(np.shape(resized["map"][0])),
+    "json_scores": [row["score"] for row in json.loads(reply.response)["predictions"]],
+    "path_string_error": path_string_error,
 }))
 """
 
 
 def served_scores(tracking_uri: str, model_uri: str, paths: list[str]) -> dict:
-    """Load ``model_uri`` with ``mlflow.pyfunc.load_model`` in a new process and score ``paths`` several ways."""
+    """Load ``model_uri`` with ``mlflow.pyfunc.load_model`` in a new process and score ``paths`` several ways
+    (``mlflow models serve`` would answer the ``json_scores`` request the same: it runs the same parser)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
     result = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, model_uri, json.dumps(paths)], env=env,
                             capture_output=True, text=True, timeout=300)

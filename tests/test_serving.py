@@ -1,26 +1,21 @@
-"""The promoted model serves the trial's own scores: in a fresh process, over REST, in any batch, at any size."""
+"""The promoted pyfunc serves the trial's own scores: in a fresh process, through MLflow's JSON parser, in any batch,
+at any size; its inputs are checked like the scoring server's (tests/test_serve.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bgad_core.backbone import FeatureExtractor
 from bgad_core.checkpoint import load_checkpoint
 from bgad_core.datasets import load_image
 from bgad_core.errors import ConfigError, DataError
+from bgad_core.image_input import ImageLimits, ImageTooLarge, ImageTooSmall
 from bgad_core.inference import Scorer, as_rgb
 from registry_fixtures import SWEEP_ID, recorded_sweep, served_scores, trial_evaluation
 from sweeper.promote import promote
@@ -28,7 +23,6 @@ from sweeper.serving import decode_image, encode_image
 
 NAME = "bgad-tiles"
 MODEL_URI = f"models:/{NAME}@champion"
-SERVER_START_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -58,33 +52,9 @@ def test_registered_model_in_a_fresh_process_scores_like_the_trials_evaluation(r
     # the same image, alone, in a batch of all, in another order, decoded from a file or given as pixels
     assert served["reversed_scores"] == pytest.approx(served["scores"], abs=1e-6)
     assert served["alone_scores"] == pytest.approx(served["scores"][:2], abs=1e-6)
-    assert served["resized_map_shape"] == [40, 72]
-
-
-def test_scoring_server_answers_a_json_image_with_its_score_and_map(recorded, promoted, scorer, tmp_path):
-    image = load_image(trial_evaluation_paths(recorded)[0], None)[:48]  # non-square: 48 x 64
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": recorded.tracking_uri, "MLFLOW_REGISTRY_URI": recorded.tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn of this venv
-    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", MODEL_URI,
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_server(port, server, log_path)
-        body = json.dumps({"dataframe_records": [{"image": encode_image(image)}]}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            prediction = json.loads(response.read())["predictions"][0]
-    finally:
-        stop(server)
-    expected = scorer.score([image])
-    assert np.shape(prediction["map"]) == (48, 64)
-    assert prediction["score"] == pytest.approx(float(expected.scores[0]), abs=1e-5)
-    assert np.abs(np.asarray(prediction["map"]) - expected.maps[0]).max() < 1e-5
-    assert prediction["decision"] == bool(expected.decisions[0])
+    assert served["resized_map_shape"] == [40, 64]  # the image's rows, no more columns than the model's input
+    assert served["json_scores"] == pytest.approx(served["scores"][:2], abs=1e-6)  # base64 via MLflow's parser
+    assert "not base64-encoded image bytes" in served["path_string_error"]  # a string path is never opened
 
 
 def test_scorer_refuses_backbone_weights_the_flows_were_not_trained_on(recorded):
@@ -98,6 +68,7 @@ def test_scorer_takes_grey_and_any_size_and_rejects_non_uint8(scorer):
     prediction = scorer.score([grey, np.repeat(grey[:, :, None], 3, axis=2)])
     assert prediction.maps[0].shape == (30, 50)
     assert prediction.scores[0] == prediction.scores[1]
+    assert scorer.score([np.full((100, 200), 90, dtype=np.uint8)]).maps[0].shape == (64, 64)  # the model's input
     with pytest.raises(DataError, match="image 0: expected uint8"):
         scorer.score([grey.astype(np.float32)])
     with pytest.raises(DataError, match="image 0"):
@@ -117,52 +88,37 @@ def test_scorer_is_batch_independent_on_one_thread_too(scorer, recorded):
     assert np.abs(np.asarray(alone) - together).max() < 1e-6
 
 
-def test_image_values_decode_from_pixels_png_base64_and_paths(recorded):
+def test_image_values_decode_from_pixels_png_base64_and_path_objects_never_path_strings(recorded):
     path = trial_evaluation_paths(recorded)[0]
     pixels = load_image(path, None)
     assert np.array_equal(decode_image(encode_image(pixels), "row 0"), pixels)
-    assert np.array_equal(decode_image(str(path), "row 0"), pixels)
+    assert np.array_equal(decode_image(path, "row 0"), pixels)
     assert np.array_equal(decode_image(path.read_bytes(), "row 0"), pixels)
-    with pytest.raises(DataError, match="row 3: .*neither an existing file nor base64"):
-        decode_image("no/such/file.png", "row 3")
-    with pytest.raises(DataError, match="row 4: not a readable image"):
+    existing, missing = str(path), str(path.with_name("no-such-file.png"))
+    messages = []
+    for text in (existing, missing, "/etc/passwd", "/etc/passwq"):
+        with pytest.raises(DataError, match="row 3: not base64-encoded image bytes") as err:
+            decode_image(text, "row 3")
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1  # nothing tells whether a file exists
+    with pytest.raises(DataError, match="row 4: not a PNG, JPEG, BMP or TIFF image"):
         decode_image("aGVsbG8=", "row 4")
+
+
+def test_image_values_are_checked_against_the_limits_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("L", (300, 200)).save(buffer, format="PNG")
+    with pytest.raises(ImageTooLarge, match="row 0: 300 x 200 = 60000 pixels, more than the limit of 50000"):
+        decode_image(buffer.getvalue(), "row 0", ImageLimits(max_pixels=50_000))
+    with pytest.raises(ImageTooSmall, match="row 1: 300 x 200 pixels, the minimum is 201 per side"):
+        decode_image(buffer.getvalue(), "row 1", ImageLimits(min_side=201))
+    with pytest.raises(ImageTooSmall, match="row 2: 1 x 1 pixels, the minimum is 32"):
+        decode_image(np.zeros((1, 1, 3), np.uint8), "row 2")
+    with pytest.raises(ConfigError, match="max_pixels"):
+        ImageLimits(max_pixels=10**9)
+    assert decode_image(buffer.getvalue(), "row 3").shape == (200, 300, 3)  # grey PNG -> RGB, as training reads it
 
 
 def trial_evaluation_paths(recorded) -> list[Path]:
     """Test images of the recorded category (sorted, so every test picks the same ones)."""
     return sorted(Path(recorded.category_dir, "test").rglob("*.png"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_server(port: int, server: subprocess.Popen, log_path: Path) -> None:
-    """Poll ``/ping`` until the server answers; fail with its log if it exits or takes too long."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"scoring server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    pytest.fail(f"scoring server not up after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """Stop the server and the uvicorn workers it started (its whole process group)."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
