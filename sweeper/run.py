@@ -46,7 +46,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import ray  # noqa: E402
 
 from bgad_core.errors import ConfigError, DataError  # noqa: E402
-from sweeper import tracking  # noqa: E402
+from sweeper import credentials, tracking  # noqa: E402
 from sweeper.cache import build_cache  # noqa: E402
 from sweeper.cache_reader import absolute_uri, is_uri, open_cache  # noqa: E402
 from sweeper.config import SweepConfig, load_config  # noqa: E402
@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_to_file(log_file)
         print(f"sweep {sid}: results in {RESULTS.resolve()}, full log in {log_file.resolve()}", flush=True)
         tracking_uri = tracking.default_tracking_uri(config.mlflow.tracking_uri)
+        credentials.check_tracking_uri(tracking_uri)  # $MLFLOW_TRACKING_URI too: no password in the URL
         tracking.check_reachable(tracking_uri)
         with SweepLock(sid, absolute_uri(config.tune.storage_path)):
             if not ray.is_initialized():
