@@ -40,7 +40,7 @@ from sweeper.cache_reader import MANIFEST, load_image_at
 from sweeper.config import SweepConfig, load_config
 from sweeper.manifest import SHARED_DATASETS, mirror_tree, plan_cache
 from sweeper.names import match
-from sweeper.sweep import sweep_id
+from sweeper.sweep import searcher, sweep_id
 from test_cluster_configs import SWEEP_CONFIG, k8s
 from test_sweep_job import quickstart_in
 
@@ -388,17 +388,24 @@ def test_remote_dataset_mirror_follows_changes_and_deletions(s3, tmp_path):
 @pytest.mark.timeout(300)
 def test_the_manifests_postgresql_urls_work_with_the_password_from_the_environment(s3, tmp_path, monkeypatch):
     """The URLs of cluster/ carry no password (libpq takes PGHOST/PGUSER/PGPASSWORD): the sweep config's Optuna
-    storage and the MLflow server's backend store, with artifacts on S3, as the Deployment runs them."""
+    storage (also through the sweep's searcher, whose pickle then holds no password) and the MLflow server's
+    backend store, with artifacts on S3, as the Deployment runs them."""
     (deployment,) = k8s("Deployment", "bgad-mlflow")
     args = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"]).split()
     backend = make_url(args[args.index("--backend-store-uri") + 1])
     with Postgres() as database:
         for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"):
             monkeypatch.setenv(key, database.env[key])
-        storage = load_config(SWEEP_CONFIG).tune.optuna_storage
+        config = load_config(SWEEP_CONFIG)
+        storage = config.tune.optuna_storage
         study = optuna.create_study(study_name="cluster-check", storage=storage, direction="maximize")
         study.optimize(lambda trial: trial.suggest_float("beta", 0.0, 1.0), n_trials=2)
         assert len(optuna.load_study(study_name="cluster-check", storage=storage).trials) == 2
+        # The sweep's searcher connects the same way; what Tune pickles of it (searcher-state-*.pkl, in the
+        # bucket) holds the password-less URL, never the password.
+        searcher(config, "val_aupro", "cluster-check-searcher").save(str(tmp_path / "searcher-state.pkl"))
+        pickled = (tmp_path / "searcher-state.pkl").read_bytes()
+        assert storage.encode() in pickled and database.password.encode() not in pickled
 
         local_backend = backend.set(host="127.0.0.1", port=database.port).render_as_string(hide_password=False)
         server_env = {**s3.env, "PGPASSWORD": database.password}
