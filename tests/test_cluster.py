@@ -7,9 +7,11 @@ Every process a test starts is stopped when it ends, pass or fail.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import boto3
 import numpy as np
 import optuna
 import pytest
 import yaml
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 from sqlalchemy.engine import make_url
@@ -41,7 +45,7 @@ from sweeper.config import SweepConfig, load_config
 from sweeper.manifest import SHARED_DATASETS, mirror_tree, plan_cache
 from sweeper.names import match
 from sweeper.sweep import searcher, sweep_id
-from test_cluster_configs import SWEEP_CONFIG, k8s
+from test_cluster_configs import AUTH_SETTINGS, SWEEP_CONFIG, k8s
 from test_sweep_job import quickstart_in
 
 TINY = {"train": {"meta_epochs": 2}, "search": {"num_samples": 3, "compare_paper_default": False}}
@@ -52,21 +56,42 @@ class MlflowServer:
     ``artifacts``: a local folder by default, or e.g. an ``s3://`` URI with ``env`` pointing at the S3 API), stopped on
     exit.
 
-    Its job runner (GenAI job execution) is switched off: the sweep does not use it and it doubles the start time.
+    With ``admin_password`` it runs MLflow's basic-auth app with cluster/'s settings (``cluster/mlflow-auth.ini``,
+    its users' database moved to ``<folder>/auth.db``), as the cluster does: every request but ``/health`` needs a
+    user's password; ``create_user`` adds one. Its job runner (GenAI job execution) is switched off: the sweep does
+    not use it and it doubles the start time.
     """
 
     def __init__(self, folder: Path, artifacts: str | None = None, env: dict[str, str] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, admin_password: str | None = None) -> None:
         self.folder = folder
         self.port = free_port()
         self.artifacts = artifacts or str(folder / "mlartifacts")
         self.backend = backend or f"sqlite:///{folder / 'mlflow.db'}"
         self.extra_env = env or {}
+        self.admin_password = admin_password
         self.process: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def _auth_settings(self) -> dict[str, str]:
+        """The environment of the basic-auth app: the cluster's settings file with a local users' database."""
+        settings = configparser.ConfigParser()
+        settings.read(AUTH_SETTINGS)
+        settings["mlflow"]["database_uri"] = f"sqlite:///{self.folder / 'auth.db'}"
+        path = self.folder / "basic_auth.ini"
+        with path.open("w") as stream:
+            settings.write(stream)
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(path), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+
+    def create_user(self, username: str, password: str) -> None:
+        """A new user, created by the admin as cluster/README.md does it (MLflow's own client of the auth app)."""
+        admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}
+        with mock.patch.dict(os.environ, admin):
+            get_app_client("basic-auth", self.uri).create_user(username, password)
 
     def __enter__(self) -> MlflowServer:
         command = [
@@ -75,6 +100,9 @@ class MlflowServer:
             "--workers", "1",
         ]
         env = {**os.environ, **self.extra_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.admin_password is not None:
+            command += ["--app-name", "basic-auth"]
+            env.update(self._auth_settings())
         with open(self.folder / "mlflow-server.log", "w") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
