@@ -447,9 +447,9 @@ def test_aws_nodes_sit_in_a_group_open_to_each_other_and_to_ssh_from_your_networ
 def test_the_ray_token_file_is_private_in_every_documented_step():
     """``ray get-auth-token --generate`` writes the token with mode 0644 (and prints it): every step that runs it
     runs it under umask 077, out of the terminal, and chmods an older file; every node's copy is chmodded too."""
-    lines = [line for path in [CLUSTER / "README.md", *sorted(CLUSTER.rglob("*.y*ml"))]
+    lines = [line for path in [REPO / "README.md", CLUSTER / "README.md", *sorted(CLUSTER.rglob("*.y*ml"))]
              for line in path.read_text().splitlines() if "get-auth-token --generate" in line]
-    assert len(lines) >= 2, lines  # cluster/README.md and cluster/aws/cluster.yaml
+    assert len(lines) >= 3, lines  # cluster/README.md (local head, path B) and cluster/aws/cluster.yaml
     for line in lines:
         before, _, after = line.partition("ray get-auth-token --generate")
         assert "umask 077" in before and after.startswith(" > /dev/null)"), line

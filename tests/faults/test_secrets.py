@@ -23,6 +23,8 @@ from unittest import mock
 import pytest
 
 from faults.conftest import experiment_dir, local_env, run_job, sweep_runs, tiny_sweep, with_cache
+from sweeper.config import load_config
+from sweeper.sweep import sweep_id
 from test_cluster import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -71,7 +73,7 @@ def test_a_sweep_writes_no_credential_anywhere(tmp_path, tiny_cache, ray_temp_di
         config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 2},
                                  mlflow={"tracking_uri": server.uri, "artifact_location": None})
         env = local_env(tmp_path, RAY_TMPDIR=str(ray_temp_dir), **CANARIES)
-        code, console = run_job(config_path, env, "--num-cpus", "2")
+        code, console = run_job(config_path, env, "--num-cpus", "2", "--project-dir", str(tmp_path))
         assert code == 0, console[-6000:]
         # The sweep signed in as the canary user (its run is there) on a server that refuses anyone without one.
         with mock.patch.dict(os.environ, {k: CANARIES[k] for k in SIGN_IN}):
@@ -85,9 +87,10 @@ def test_a_sweep_writes_no_credential_anywhere(tmp_path, tiny_cache, ray_temp_di
     written = [p for p in files_under(tmp_path, ray_temp_dir) if p != token_file]
     names = {p.name for p in written}
     # The places the issue names were there to be searched: Tune's pickles, the runtime-env agent's log, MLflow's
-    # stores and log, a trial's checkpoint artifact, the Optuna study and the job's own log.
+    # stores and log, a trial's checkpoint artifact, the Optuna study, the console and the sweep's full log
+    # (runs/logs/<sweep id>.log in the project directory).
     expected = {"tuner.pkl", "runtime_env_agent.log", "mlflow.db", "auth.db", "mlflow-server.log", "model.pt",
-                "optuna.db", "job.log"}
+                "optuna.db", "job.log", f"{sweep_id(load_config(config_path))}.log"}
     assert expected <= names, sorted(expected - names)
     assert any(n.startswith("searcher-state-") for n in names) and experiment_dir(config_path).is_dir(), names
     found = leaks(written, console, secrets)
