@@ -17,8 +17,9 @@ Exit codes: 0 done; 1 the sweep ran but no trial produced a usable result; 2 a b
 sweep is already running (the message names the key, file or process; nothing ran, or the cache build stopped
 without publishing anything); 130 interrupted by Ctrl-C, SIGTERM or ``ray job stop`` (one ``interrupted:`` line;
 MLflow runs KILLED and Optuna trials FAIL, tagged interrupted; resumable). Expected errors print one ``error: ...``
-line, never a traceback. Credentials inside URIs (``user:password@``, ``?secret_key=``) are masked in every log
-line this process formats and in what the sweep logs to MLflow.
+line, never a traceback. A config or ``$MLFLOW_TRACKING_URI`` whose URL carries a credential (``user:password@``,
+``?secret_key=``) is refused (exit 2, ``sweeper.credentials``: the clients read them from the environment); any
+that reach a log line this process formats are masked.
 """
 
 from __future__ import annotations
