@@ -431,7 +431,8 @@ def test_the_manifests_postgresql_urls_work_with_the_password_from_the_environme
         assert len(optuna.load_study(study_name="cluster-check", storage=storage).trials) == 2
         # The sweep's searcher connects the same way; what Tune pickles of it (searcher-state-*.pkl, in the
         # bucket) holds the password-less URL, never the password.
-        searcher(config, "val_aupro", "cluster-check-searcher").save(str(tmp_path / "searcher-state.pkl"))
+        searcher(config, "val_aupro", "cluster-check-searcher", config.train["meta_epochs"]).save(
+            str(tmp_path / "searcher-state.pkl"))
         pickled = (tmp_path / "searcher-state.pkl").read_bytes()
         assert storage.encode() in pickled and database.password.encode() not in pickled
 
