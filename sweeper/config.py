@@ -10,6 +10,8 @@ Relative local paths (``datasets[].path``, ``cache.root``) are resolved against 
 they are used, not against the YAML file, so ``python -m sweeper.cache --config configs/x.yaml`` run from the repo
 root reads ``../shared/data/...`` as written. ``datasets[].path``, ``cache.root`` and ``tune.storage_path`` also take
 storage URIs (``s3://bucket/prefix``, ``gs://...``): what a multi-node cluster needs (cluster/README.md).
+None of them, nor ``tune.optuna_storage`` or ``mlflow.tracking_uri``, may carry a credential (``user:password@``,
+``?secret_key=``): the config is refused with where the secret goes instead (``sweeper.credentials``).
 
 Sections, in file order: ``datasets`` (what to read), ``data`` (how to split it), ``backbone`` (how to turn images
 into features), ``cache`` (where features are stored and how the synthetic anomalies are pre-generated). New sections
@@ -25,12 +27,14 @@ from urllib.parse import urlparse
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from bgad_core.augment import TRANSFORMS
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.synthetic import DEFECT_TYPES
 from bgad_core.training import TrainConfig
+from sweeper import credentials
 from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
 
 SafeName = Annotated[str, AfterValidator(check_name)]
@@ -40,6 +44,20 @@ class Section(BaseModel):
     """Base of every config section: unknown keys and loosely typed values are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+SECRET_IN_URI = "secret_in_uri"  # its errors never echo the value: it holds the secret
+
+
+def _no_secret(uri: str) -> str:
+    problem = credentials.uri_problem(uri)
+    if problem is not None:
+        raise PydanticCustomError(SECRET_IN_URI, "{problem}", {"problem": problem})
+    return uri
+
+
+# A path or storage URL of the config, which is logged, hashed and pickled: never one with a credential inside.
+Location = Annotated[str, AfterValidator(_no_secret)]
 
 
 class SyntheticSpec(Section):
@@ -76,7 +94,7 @@ class DatasetSpec(Section):
     within a sweep.
     """
 
-    path: str | None = None
+    path: Location | None = None
     layout: Literal["auto", "mvtec", "btad", "folder"] = "auto"
     name: SafeName | None = None
     synthetic: SyntheticSpec | None = None
@@ -174,7 +192,7 @@ class CacheSpec(Section):
             edits that keep both).
     """
 
-    root: str = Field("runs/cache", min_length=1)
+    root: Location = Field("runs/cache", min_length=1)
     dtype: Literal["float16", "float32"] = "float16"
     max_anomalies: int = Field(10, ge=0)
     racp_depths: list[int] = Field(default_factory=lambda: [3])
@@ -302,7 +320,8 @@ class TuneSpec(Section):
             per node at most).
         storage_path: Tune results and checkpoints; shared storage (s3://, gs://, NFS) on a multi-node cluster.
         max_failures: retries of a failed trial, from its last checkpoint.
-        optuna_storage: RDB URL of the Optuna studies (survive restarts; readable by optuna-dashboard).
+        optuna_storage: RDB URL of the Optuna studies (survive restarts; readable by optuna-dashboard), without a
+            password: ``postgresql+psycopg2://USER@HOST/DB`` with the password in ``PGPASSWORD`` or ``~/.pgpass``.
     """
 
     metric: str = "auto"
@@ -311,9 +330,9 @@ class TuneSpec(Section):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     custom_resources_per_trial: dict[str, float] = Field(default_factory=dict)
-    storage_path: str = Field("runs/tune", min_length=1)
+    storage_path: Location = Field("runs/tune", min_length=1)
     max_failures: int = Field(1, ge=0)
-    optuna_storage: str = Field("sqlite:///runs/optuna.db", min_length=1)
+    optuna_storage: Location = Field("sqlite:///runs/optuna.db", min_length=1)
 
     @field_validator("metric")
     @classmethod
@@ -344,9 +363,9 @@ class MlflowSpec(Section):
     upload through the server instead of writing to a path only one machine has.
     """
 
-    tracking_uri: str | None = None
+    tracking_uri: Location | None = None
     experiment: SafeName = "bgad-sweeper"
-    artifact_location: str | None = None
+    artifact_location: Location | None = None
     log_plots: bool = True
 
     def artifact_location_for(self, tracking_uri: str) -> str | None:
@@ -520,7 +539,8 @@ def _describe(err: ValidationError) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-        got = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {_short(problem['input'])})"
+        quiet = problem["type"] in ("missing", "extra_forbidden", SECRET_IN_URI)
+        got = "" if quiet else f" (got {_short(problem['input'])})"
         lines.append(f"  {key}: {message}{got}")
     return "\n".join(lines)
 

@@ -17,8 +17,9 @@ Exit codes: 0 done; 1 the sweep ran but no trial produced a usable result; 2 a b
 sweep is already running (the message names the key, file or process; nothing ran, or the cache build stopped
 without publishing anything); 130 interrupted by Ctrl-C, SIGTERM or ``ray job stop`` (one ``interrupted:`` line;
 MLflow runs KILLED and Optuna trials FAIL, tagged interrupted; resumable). Expected errors print one ``error: ...``
-line, never a traceback. Credentials inside URIs (``user:password@``, ``?secret_key=``) are masked in every log
-line this process formats and in what the sweep logs to MLflow.
+line, never a traceback. A config or ``$MLFLOW_TRACKING_URI`` whose URL carries a credential (``user:password@``,
+``?secret_key=``) is refused (exit 2, ``sweeper.credentials``: the clients read them from the environment); any
+that reach a log line this process formats are masked.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import ray  # noqa: E402
 
 from bgad_core.errors import ConfigError, DataError  # noqa: E402
-from sweeper import tracking  # noqa: E402
+from sweeper import credentials, tracking  # noqa: E402
 from sweeper.cache import build_cache  # noqa: E402
 from sweeper.cache_reader import absolute_uri, is_uri, open_cache  # noqa: E402
 from sweeper.config import SweepConfig, load_config  # noqa: E402
@@ -174,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_to_file(log_file)
         print(f"sweep {sid}: results in {RESULTS.resolve()}, full log in {log_file.resolve()}", flush=True)
         tracking_uri = tracking.default_tracking_uri(config.mlflow.tracking_uri)
+        credentials.check_tracking_uri(tracking_uri)  # $MLFLOW_TRACKING_URI too: no password in the URL
         tracking.check_reachable(tracking_uri)
         with SweepLock(sid, absolute_uri(config.tune.storage_path)):
             if not ray.is_initialized():

@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.patchcore import PatchCore
 from bgad_core.training import TrainConfig, evaluate
-from sweeper import tracking
+from sweeper import credentials, tracking
 from sweeper.cache_reader import read_features
 from sweeper.config import ParamSpec, SweepConfig
 from sweeper.interrupt import STOP
@@ -344,6 +344,7 @@ def close_child_runs(results: tune.ResultGrid, tracking_info: tracking.Tracking,
 def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], tracking_uri: str) -> dict[str, Any]:
     """Search every category (or all at once in ``shared`` mode), evaluate winners on test, log the summary."""
     started = time.monotonic()
+    credentials.keep_out_of_trial_runtime_env()  # trials read credentials from their node, not from Ray's logs
     sid = sweep_id(config)
     metric = objective_metric(config, manifest)
     info = tracking.start_parent_run(

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bgad_core.errors import ConfigError
+from sweeper.credentials import SECRET_QUERY_KEY
 from sweeper.names import match
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,7 @@ SQLITE_PREFIX = "sqlite:///"
 LOCAL_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the project directory (sweeper/run.py --project-dir)
 REACHABILITY_TIMEOUT_S = 5.0  # per socket operation: a silent server is reported well within 10 s
 _URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']+@")
-_SECRET_QUERY = re.compile(
-    r"(?i)(?P<key>[?&;][a-z0-9_]*(?:secret|password|passwd|token|access_key|signature)[a-z0-9_]*=)[^&;\s\"']*"
-)
+_SECRET_QUERY = re.compile(rf"(?i)(?P<key>[?&;]{SECRET_QUERY_KEY}=)[^&;\s\"']*")
 
 
 @dataclass(frozen=True)

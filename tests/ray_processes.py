@@ -37,6 +37,7 @@ def free_port() -> int:
 def token_env(folder: Path) -> dict[str, str]:
     """Environment of a token-authenticated cluster: a fresh token file and ``RAY_AUTH_MODE=token``."""
     token = folder / "auth_token"
+    token.touch(mode=0o600)  # readable by its owner only, as cluster/README.md has it (Ray's own writes 0644)
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(

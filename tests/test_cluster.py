@@ -7,9 +7,11 @@ Every process a test starts is stopped when it ends, pass or fail.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import boto3
 import numpy as np
 import optuna
 import pytest
 import yaml
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 from sqlalchemy.engine import make_url
@@ -40,8 +44,8 @@ from sweeper.cache_reader import MANIFEST, load_image_at
 from sweeper.config import SweepConfig, load_config
 from sweeper.manifest import SHARED_DATASETS, mirror_tree, plan_cache
 from sweeper.names import match
-from sweeper.sweep import sweep_id
-from test_cluster_configs import SWEEP_CONFIG, k8s
+from sweeper.sweep import searcher, sweep_id
+from test_cluster_configs import AUTH_SETTINGS, SWEEP_CONFIG, k8s
 from test_sweep_job import quickstart_in
 
 TINY = {"train": {"meta_epochs": 2}, "search": {"num_samples": 3, "compare_paper_default": False}}
@@ -52,21 +56,42 @@ class MlflowServer:
     ``artifacts``: a local folder by default, or e.g. an ``s3://`` URI with ``env`` pointing at the S3 API), stopped on
     exit.
 
-    Its job runner (GenAI job execution) is switched off: the sweep does not use it and it doubles the start time.
+    With ``admin_password`` it runs MLflow's basic-auth app with cluster/'s settings (``cluster/mlflow-auth.ini``,
+    its users' database moved to ``<folder>/auth.db``), as the cluster does: every request but ``/health`` needs a
+    user's password; ``create_user`` adds one. Its job runner (GenAI job execution) is switched off: the sweep does
+    not use it and it doubles the start time.
     """
 
     def __init__(self, folder: Path, artifacts: str | None = None, env: dict[str, str] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, admin_password: str | None = None) -> None:
         self.folder = folder
         self.port = free_port()
         self.artifacts = artifacts or str(folder / "mlartifacts")
         self.backend = backend or f"sqlite:///{folder / 'mlflow.db'}"
         self.extra_env = env or {}
+        self.admin_password = admin_password
         self.process: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def _auth_settings(self) -> dict[str, str]:
+        """The environment of the basic-auth app: the cluster's settings file with a local users' database."""
+        settings = configparser.ConfigParser()
+        settings.read(AUTH_SETTINGS)
+        settings["mlflow"]["database_uri"] = f"sqlite:///{self.folder / 'auth.db'}"
+        path = self.folder / "basic_auth.ini"
+        with path.open("w") as stream:
+            settings.write(stream)
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(path), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+
+    def create_user(self, username: str, password: str) -> None:
+        """A new user, created by the admin as cluster/README.md does it (MLflow's own client of the auth app)."""
+        admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}
+        with mock.patch.dict(os.environ, admin):
+            get_app_client("basic-auth", self.uri).create_user(username, password)
 
     def __enter__(self) -> MlflowServer:
         command = [
@@ -75,6 +100,9 @@ class MlflowServer:
             "--workers", "1",
         ]
         env = {**os.environ, **self.extra_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.admin_password is not None:
+            command += ["--app-name", "basic-auth"]
+            env.update(self._auth_settings())
         with open(self.folder / "mlflow-server.log", "w") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -388,17 +416,25 @@ def test_remote_dataset_mirror_follows_changes_and_deletions(s3, tmp_path):
 @pytest.mark.timeout(300)
 def test_the_manifests_postgresql_urls_work_with_the_password_from_the_environment(s3, tmp_path, monkeypatch):
     """The URLs of cluster/ carry no password (libpq takes PGHOST/PGUSER/PGPASSWORD): the sweep config's Optuna
-    storage and the MLflow server's backend store, with artifacts on S3, as the Deployment runs them."""
+    storage (also through the sweep's searcher, whose pickle then holds no password) and the MLflow server's
+    backend store, with artifacts on S3, as the Deployment runs them."""
     (deployment,) = k8s("Deployment", "bgad-mlflow")
     args = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"]).split()
     backend = make_url(args[args.index("--backend-store-uri") + 1])
     with Postgres() as database:
         for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"):
             monkeypatch.setenv(key, database.env[key])
-        storage = load_config(SWEEP_CONFIG).tune.optuna_storage
+        config = load_config(SWEEP_CONFIG)
+        storage = config.tune.optuna_storage
         study = optuna.create_study(study_name="cluster-check", storage=storage, direction="maximize")
         study.optimize(lambda trial: trial.suggest_float("beta", 0.0, 1.0), n_trials=2)
         assert len(optuna.load_study(study_name="cluster-check", storage=storage).trials) == 2
+        # The sweep's searcher connects the same way; what Tune pickles of it (searcher-state-*.pkl, in the
+        # bucket) holds the password-less URL, never the password.
+        searcher(config, "val_aupro", "cluster-check-searcher", config.train["meta_epochs"]).save(
+            str(tmp_path / "searcher-state.pkl"))
+        pickled = (tmp_path / "searcher-state.pkl").read_bytes()
+        assert storage.encode() in pickled and database.password.encode() not in pickled
 
         local_backend = backend.set(host="127.0.0.1", port=database.port).render_as_string(hide_password=False)
         server_env = {**s3.env, "PGPASSWORD": database.password}

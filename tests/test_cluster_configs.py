@@ -8,6 +8,7 @@ added (``tune.custom_resources_per_trial``, ``mlflow.artifact_location`` for ser
 
 from __future__ import annotations
 
+import configparser
 import re
 import shlex
 import tomllib
@@ -31,6 +32,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DEPENDENCIES = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
 CLUSTER_EXTRA = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["cluster"]]
 SWEEP_CONFIG = CLUSTER / "sweep-cluster.yaml"
+AUTH_SETTINGS = CLUSTER / "mlflow-auth.ini"  # MLflow's basic-auth app, both platforms
 GPU_FAMILIES = re.compile(r"^(g\d|p\d|trn\d|inf\d|dl\d)")  # AWS instance families with accelerators
 OBJECT_STORES = ("s3", "gs", "gcs")
 
@@ -148,8 +150,8 @@ def test_token_authentication_is_on_wherever_ray_runs_or_is_called():
 
 def secret_created(readme: str, name: str, key: str) -> bool:
     """Whether the README creates Secret ``name`` with ``key`` (``kubectl create secret generic``)."""
-    for command in re.findall(r"create secret generic [^\n]*(?:\\\n[^\n]*)*", readme):
-        words = shlex.split(command.replace("\\\n", " "))
+    for command in re.findall(r"create secret generic [^\n]*", readme.replace("\\\n", " ")):
+        words = shlex.split(command)
         if words[3] == name and any(w.startswith(f"--from-literal={key}=") for w in words):
             return True
     return False
@@ -169,6 +171,9 @@ def test_every_secret_the_manifests_use_is_created_in_the_readme():
             assert secret_created(readme, name, key), (name, key)
         else:
             assert f"create secret generic {name} " in readme, name
+    config_maps = {node["configMap"]["name"] for node in walk(K8S) if "configMap" in node}
+    defined = {doc["metadata"]["name"] for doc in k8s("ConfigMap")}
+    assert config_maps and all(m in defined or f"create configmap {m} " in readme for m in config_maps), config_maps
 
 
 def shared_location(uri: str, mounts: set[str]) -> bool:
@@ -279,7 +284,7 @@ def test_mlflow_servers_run_versions_pyproject_allows():
     installs = [" ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"]),
                 " ".join(LAUNCHER["head_setup_commands"])]
     for install in installs:
-        pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", install))
+        pins = dict(re.findall(r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?==([0-9][^\s']*)", install))
         assert Version(pins["mlflow"]) in requirement("mlflow").specifier, install
         assert Version(pins["psycopg2-binary"]) in requirement("psycopg2-binary").specifier, install
 
@@ -305,3 +310,177 @@ def test_artifacts_default_to_the_server_for_a_tracking_server_and_to_a_folder_o
     assert MlflowSpec().artifact_location_for("http://mlflow:5000") is None
     assert MlflowSpec().artifact_location_for("sqlite:///runs/mlflow.db") == LOCAL_ARTIFACTS
     assert MlflowSpec(artifact_location="s3://b/a").artifact_location_for("http://mlflow:5000") == "s3://b/a"
+
+
+# --- security (cluster/README.md, "Security") ---------------------------------------------------------------------
+
+ALL_INTERFACES = re.compile(r"--(?:host|dashboard-host|bind)[= ]+(?:0\.0\.0\.0|::|\[::\])(?:\s|:|$)")
+SERVICE_PORTS = {5000, 5432, 6379, 8080, 8265, 10001}  # MLflow, PostgreSQL, GCS, optuna-dashboard, jobs, client
+
+
+def strings(node: Any) -> Iterator[str]:
+    """Every string value inside ``node``."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+def documented_commands() -> list[str]:
+    """Every shell text of cluster/: the YAML files' strings (container args, launcher commands) and the README's
+    code blocks, line continuations joined."""
+    readme = (CLUSTER / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    texts = [t for docs in DOCUMENTS.values() for t in strings(docs)] + blocks
+    return [t.replace("\\\n", " ") for t in texts]
+
+
+def mlflow_servers() -> list[str]:
+    return [c for c in documented_commands() if "mlflow server" in c]
+
+
+def segments(command: str) -> list[str]:
+    """The simple commands of a shell text (split at ;, &&, ||, | and newlines)."""
+    return [part.strip() for part in re.split(r";|&&|\|\||\||\n", command) if part.strip()]
+
+
+def test_every_mlflow_server_requires_authentication():
+    servers = mlflow_servers()
+    assert len(servers) == 2, servers  # the KubeRay Deployment and the launcher's head
+    for command in servers:
+        (server,) = [s for s in segments(command) if "mlflow server" in s]
+        words = shlex.split(server)
+        assert words[words.index("--app-name") + 1] == "basic-auth", server
+    installs = [c for c in documented_commands() if "pip install" in c and "mlflow" in c]
+    assert len(installs) == 2 and all("mlflow[auth]==" in c for c in installs), installs  # what the auth app needs
+
+    settings = configparser.ConfigParser()
+    settings.read(AUTH_SETTINGS)
+    auth = settings["mlflow"]
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert auth["default_permission"] in ("READ", "NO_PERMISSIONS")  # nobody may change what they did not create
+    assert "admin_password" not in auth  # MLFLOW_AUTH_ADMIN_PASSWORD, from a Secret / a mode-600 file
+    users = make_url(auth["database_uri"])
+    assert users.get_backend_name() == "postgresql" and users.password is None
+
+    (deployment,) = k8s("Deployment", "bgad-mlflow")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[secret]["valueFrom"]["secretKeyRef"]["name"] == "bgad-mlflow-auth", secret
+    folder = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"]).parent
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == folder]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    readme = (CLUSTER / "README.md").read_text()
+    name = volume["configMap"]["name"]
+    assert f"create configmap {name} --from-file={Path(env['MLFLOW_AUTH_CONFIG_PATH']['value']).name}=" \
+           f"cluster/{AUTH_SETTINGS.name}" in readme
+
+    (launcher,) = [c for c in LAUNCHER["head_start_ray_commands"] if "mlflow server" in c]
+    assert "MLFLOW_AUTH_CONFIG_PATH=$HOME/mlflow-auth.ini" in launcher and ". ~/mlflow-server.env" in launcher
+    assert LAUNCHER["file_mounts"]["~/mlflow-auth.ini"] == f"cluster/{AUTH_SETTINGS.name}"
+
+
+def test_no_unauthenticated_listener_on_all_interfaces():
+    """Whatever listens on every interface asks each request for a credential: MLflow's basic-auth app, Ray with
+    token auth. Anything else binds to 127.0.0.1 and is reached through a tunnel."""
+    listeners = 0
+    for command in documented_commands():
+        for segment in segments(command):
+            if not ALL_INTERFACES.search(segment):
+                continue
+            listeners += 1
+            if "mlflow server" in segment:
+                assert "--app-name basic-auth" in segment, segment
+            else:
+                assert "ray start" in segment and "RAY_AUTH_MODE=token" in command.partition(segment)[0], segment
+    assert listeners >= 3  # the two MLflow servers and the launcher's Ray head
+    for service in k8s("Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    (cluster,) = k8s("RayCluster")
+    assert cluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+
+
+def selects(policy: dict, labels: dict[str, str]) -> bool:
+    return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+def test_network_policies_admit_each_service_from_the_pods_that_use_it_only():
+    policies = k8s("NetworkPolicy")
+    assert all("Ingress" in p["spec"]["policyTypes"] for p in policies)
+    assert not [node for node in walk(policies) if "ipBlock" in node]  # no address range, 0.0.0.0/0 least of all
+    ray_pod = {"ray.io/cluster": "bgad-ray", "ray.io/node-type": "head"}  # KubeRay's labels on the head pod
+    pods = {"mlflow": k8s("Deployment", "bgad-mlflow")[0], "postgres": k8s("StatefulSet", "bgad-postgres")[0]}
+    labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in pods.items()}
+    for pod_labels in [*labels.values(), ray_pod]:
+        assert any(selects(p, pod_labels) for p in policies), pod_labels
+
+    (mlflow,) = [p for p in policies if selects(p, labels["mlflow"])]
+    (rule,) = mlflow["spec"]["ingress"]
+    assert [port["port"] for port in rule["ports"]] == [5000]
+    assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= ray_pod.items() and "namespaceSelector"
+               not in peer for peer in rule["from"])
+    (postgres,) = [p for p in policies if selects(p, labels["postgres"])]
+    assert [port["port"] for rule in postgres["spec"]["ingress"] for port in rule["ports"]] == [5432]
+
+
+def test_aws_nodes_sit_in_a_group_open_to_each_other_and_to_ssh_from_your_network_only():
+    groups = {tuple(t["node_config"].get("SecurityGroupIds", ())) for t in LAUNCHER["available_node_types"].values()}
+    assert len(groups) == 1 and all(groups), groups  # one group of your own on every node: no launcher-made one
+    assert "security_group" not in LAUNCHER["provider"]  # which would admit SSH from 0.0.0.0/0
+    rules = [c for c in documented_commands() if "authorize-security-group-ingress" in c]
+    rules = [s for c in rules for s in segments(c) if "authorize-security-group-ingress" in s]
+    assert len(rules) == 2, rules
+    (own,) = [r for r in rules if "UserIdGroupPairs=[{GroupId=$SG}]" in r]
+    (ssh,) = [r for r in rules if r is not own]
+    words = shlex.split(ssh.partition("#")[0])
+    assert words[words.index("--port") + 1] == "22" and words[words.index("--cidr") + 1] != "0.0.0.0/0", ssh
+    assert not any(str(port) in words for port in SERVICE_PORTS)
+
+
+def test_the_ray_token_file_is_private_in_every_documented_step():
+    """``ray get-auth-token --generate`` writes the token with mode 0644 (and prints it): every step that runs it
+    runs it under umask 077, out of the terminal, and chmods an older file; every node's copy is chmodded too."""
+    lines = [line for path in [REPO / "README.md", CLUSTER / "README.md", *sorted(CLUSTER.rglob("*.y*ml"))]
+             for line in path.read_text().splitlines() if "get-auth-token --generate" in line]
+    assert len(lines) >= 3, lines  # cluster/README.md (local head, path B) and cluster/aws/cluster.yaml
+    for line in lines:
+        before, _, after = line.partition("ray get-auth-token --generate")
+        assert "umask 077" in before and after.startswith(" > /dev/null)"), line
+        assert "chmod 600 ~/.ray/auth_token" in after, line
+    (chmod,) = LAUNCHER["setup_commands"]
+    assert chmod.startswith("chmod 600 ") and set(LAUNCHER["file_mounts"]) - {"~/mlflow-auth.ini"} <= set(chmod.split())
+
+
+def test_credentials_reach_the_processes_by_reference_only():
+    """No runtime environment carries env vars (Ray logs them in plain text); every secret of the manifests comes
+    from a Secret; the pods' S3 identity is a service account; Ray's processes never get the MLflow server's own
+    secrets, only the sweep's MLflow user."""
+    runtime_envs = [yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())]
+    runtime_envs += [yaml.safe_load(job["spec"]["runtimeEnvYAML"]) for job in k8s("RayJob")]
+    assert runtime_envs and not [env for env in runtime_envs if "env_vars" in env]
+    for node in walk(K8S):
+        if "name" in node and re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", str(node["name"])):
+            assert "valueFrom" in node and "value" not in node, node
+
+    (account,) = k8s("ServiceAccount")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    (cluster,) = k8s("RayCluster")
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"][
+        "workerGroupSpecs"]]
+    for template in [*templates, k8s("Deployment", "bgad-mlflow")[0]["spec"]["template"]]:
+        assert template["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            sources = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
+            assert "bgad-mlflow-sweeper" in sources and "bgad-mlflow-auth" not in sources, sources
+
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in LAUNCHER[key]
+              if "ray start" in c]
+    for command in starts:
+        assert ". ~/mlflow-client.env" in command and "mlflow-server.env" not in command, command

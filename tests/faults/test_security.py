@@ -1,12 +1,12 @@
 """Security: checkpoints and registry models are only ever read with ``weights_only=True`` (nothing unpickles
-code), and credentials inside URIs never reach MLflow params/tags or the job's log lines. (Ray token auth on the
-cluster: ``test_driver_killed.py::test_cluster_refuses_clients_without_its_token``; credentials in the job's
-environment: ``test_divergence.py``.)"""
+code); a config URL carrying a credential is refused, Tune copies no credential into trials' runtime_env, and
+credentials inside URIs are masked in the job's log lines. (Ray token auth on the cluster:
+``test_driver_killed.py::test_cluster_refuses_clients_without_its_token``; a whole sweep with canary credentials:
+``test_secrets.py``.)"""
 
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -15,12 +15,13 @@ import pytest
 import torch
 from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
-import sweeper.sweep
+from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, _ActorClassCache
+
+import sweeper.run
 from bgad_core.checkpoint import CHECKPOINT_VERSION, load_checkpoint
-from faults.conftest import edit_config, sweep_runs, tiny_sweep
+from faults.conftest import edit_config, tiny_sweep
 from ray_processes import REPO
-from sweeper import tracking
-from sweeper.config import load_config
+from sweeper import credentials, tracking
 from sweeper.run import LOG_FORMAT, RedactingFormatter
 
 PACKAGES = ("bgad_core", "sweeper")
@@ -88,35 +89,68 @@ def test_job_log_lines_mask_credentials():
     assert "s3://***@bucket/cache/k" in line and not any(secret in line for secret in SECRETS)
 
 
-class _StopAfterParams(Exception):
+# (config key, a URL there carrying a credential, what the error says to do instead)
+SECRET_URLS = [
+    ("tune.optuna_storage", "postgresql+psycopg2://bob:hunter2@db.example/optuna", "PGPASSWORD or ~/.pgpass"),
+    ("tune.storage_path", "s3://bucket/tune?access_key=AKIAEXAMPLE0000&secret_key=wJalrXUtnFEMI", "IAM role"),
+    ("cache.root", "s3://AKIAEXAMPLE0000:wJalrXUtnFEMI@bucket/cache", "AWS_SHARED_CREDENTIALS_FILE"),
+    ("mlflow.tracking_uri", "https://alice:s3cr3t@mlflow.example", "MLFLOW_TRACKING_PASSWORD"),
+    ("mlflow.artifact_location", "gs://bucket/artifacts?token=s3cr3t", "GOOGLE_APPLICATION_CREDENTIALS"),
+    ("datasets[0].path", "s3://bucket/data?X-Amz-Signature=s3cr3t", "AWS_ACCESS_KEY_ID"),
+]
+
+
+def _set(raw: dict, key: str, value: str) -> None:
+    if key.startswith("datasets"):
+        raw["datasets"] = [{"path": value}]
+    else:
+        section, field = key.split(".")
+        raw.setdefault(section, {})[field] = value
+
+
+@pytest.mark.parametrize("key, url, instead", SECRET_URLS, ids=[key for key, _, _ in SECRET_URLS])
+def test_a_config_url_carrying_a_credential_is_refused_without_echoing_it(key, url, instead, tmp_path, capsys,
+                                                                          no_ray_work):
+    """Tune pickles the Optuna storage (URL included) into its storage, the config is logged to MLflow and hashed
+    into the sweep id: such a URL is refused before anything runs, with where the secret goes instead."""
+    config_path = edit_config(tiny_sweep(tmp_path), lambda raw: _set(raw, key, url))
+    assert sweeper.run.main(["--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: carries " in err and instead in err, err
+    assert not [secret for secret in SECRETS if secret in err], err
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg2://bgad@db.example:5432/optuna", "postgresql+psycopg2:///optuna", "sqlite:////tmp/x.db",
+    "mysql+pymysql://bgad@db/optuna?read_default_file=~/.my.cnf", "http://mlflow:5000", "s3://bucket/tune?region=eu",
+    "runs/tune", "/data/user@host/cache",
+])
+def test_urls_without_a_secret_are_accepted(url):
+    assert credentials.uri_problem(url) is None
+
+
+def test_a_tracking_uri_with_a_password_from_the_environment_is_refused_before_ray(tmp_path, capsys, monkeypatch,
+                                                                                  no_ray_work):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cr3t@127.0.0.1:5000")
+    config_path = edit_config(tiny_sweep(tmp_path), lambda raw: raw["mlflow"].pop("tracking_uri"))
+    assert sweeper.run.main(["--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert "$MLFLOW_TRACKING_URI: carries a password" in err and "MLFLOW_TRACKING_USERNAME" in err, err
+    assert "s3cr3t" not in err
+
+
+class _Trainable:
     pass
 
 
-def test_sweep_run_params_and_tags_carry_no_credentials(tmp_path, monkeypatch):
-    """The sweep's MLflow run logs the whole config; URIs in it (Optuna storage, Tune storage, cache) are masked."""
-    config_path = edit_config(tiny_sweep(tmp_path), lambda raw: (
-        raw["tune"].update(optuna_storage="postgresql://bob:hunter2@db.example/optuna",
-                           storage_path="s3://bucket/tune?access_key=AKIAEXAMPLE0000&secret_key=wJalrXUtnFEMI"),
-        raw["cache"].update(root="s3://AKIAEXAMPLE0000:wJalrXUtnFEMI@bucket/cache"),
-    ))
-    config = load_config(config_path)
-
-    def stop(*args, **kwargs):
-        raise _StopAfterParams
-
-    monkeypatch.setattr(sweeper.sweep, "searcher", stop)  # nothing past the sweep run's params and tags
-    manifest = {"key": "k", "categories": {"synthetic-tiles": {"has_masks": True}}}
-    cache_uri = "s3://AKIAEXAMPLE0000:wJalrXUtnFEMI@bucket/cache/k"
-    with pytest.raises(_StopAfterParams):
-        sweeper.sweep.run_sweep(config, cache_uri, manifest, config.mlflow.tracking_uri)
-
-    [run] = sweep_runs(config_path)
-    written = json.dumps({**run.data.params, **run.data.tags})
-    assert not [secret for secret in SECRETS if secret in written], written
-    logged = json.loads(run.data.params["config"])
-    assert logged["tune"]["optuna_storage"] == "postgresql://***@db.example/optuna"
-    assert logged["cache"]["root"] == "s3://***@bucket/cache"
-    assert run.data.tags["bgad.cache_uri"] == "s3://***@bucket/cache/k"
+def test_tune_copies_no_credential_into_a_trials_runtime_env(monkeypatch):
+    """Tune puts the driver's AWS keys into every trial actor's runtime_env, which Ray logs in plain text
+    (``runtime_env_agent.log``); the sweep turns that off and trials read them from their node's environment."""
+    for name in credentials.TUNE_FORWARDED:
+        monkeypatch.setenv(name, f"canary-{name}")
+    credentials.keep_out_of_trial_runtime_env()
+    runtime_env = _ActorClassCache().get(_Trainable)._default_options["runtime_env"]
+    assert runtime_env["env_vars"] == DEFAULT_ENV_VARS  # Tune's own variables stay
 
 
 def test_mlflow_prints_no_run_urls():
