@@ -260,12 +260,8 @@ def register(
     run_id = source.trial.info.run_id
     with tempfile.TemporaryDirectory(prefix="bgad-promote-") as scratch:
         folder = Path(scratch)
-        checkpoint = download_checkpoint(client, source, folder / "download")
-        sweep_config = _sweep_config(source.parent)
-        backbone = complete_backbone(checkpoint, sweep_config, f"run {run_id}")
-        spec = weights or backbone.get("weights") or _get(sweep_config, "backbone", "weights")
-        extractor = rebuild_backbone(backbone, spec, f"run {run_id}")
-        served_checkpoint = save_checkpoint({**checkpoint, "backbone": backbone}, folder / "model.pt")
+        checkpoint, extractor = trial_model(client, source, folder / "download", weights)
+        served_checkpoint = save_checkpoint(checkpoint, folder / "model.pt")
         artifacts = {
             serving.CHECKPOINT_ARTIFACT: str(served_checkpoint),
             serving.BACKBONE_ARTIFACT: str(save_backbone_weights(extractor, folder / "backbone.safetensors")),
@@ -287,6 +283,21 @@ def register(
                 description=f"BGAD {source.category} from sweep {source.sweep_id}, trial "
                             f"{source.trial.data.tags.get(tracking.TRIAL_TAG)}, meta-epoch {checkpoint['epoch']}",
             ))
+
+
+def trial_model(
+    client: MlflowClient, source: Source, folder: Path, weights: str | None
+) -> tuple[dict[str, Any], FeatureExtractor]:
+    """The trial's checkpoint, its backbone description completed from the sweep, and that backbone rebuilt.
+
+    ``weights`` overrides the sweep's ``backbone.weights`` (the digest must still match).
+    """
+    run_id = source.trial.info.run_id
+    checkpoint = download_checkpoint(client, source, folder)
+    sweep_config = _sweep_config(source.parent)
+    backbone = complete_backbone(checkpoint, sweep_config, f"run {run_id}")
+    spec = weights or backbone.get("weights") or _get(sweep_config, "backbone", "weights")
+    return {**checkpoint, "backbone": backbone}, rebuild_backbone(backbone, spec, f"run {run_id}")
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
