@@ -158,6 +158,8 @@ def trace(module: nn.Module, arguments: Arguments, target: str | Path | io.Bytes
         # that are fixed in this graph (all but the batch), and tests check the graph against the model
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the reflect padding's symbolic reverses its pad list with a step -1 Slice, which runtimes fold on load
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
         torch.onnx.export(module, args, target, kwargs=kwargs or None, dynamo=False, opset_version=OPSET, **names)
 
 

@@ -158,12 +158,7 @@ def registry_source(
 
 def run_source(client: MlflowClient, run_id: str, weights: str | None, category: str | None, scratch: Path) -> Source:
     """A sweep trial's checkpoint with the sweep's backbone; the export goes into the run's artifacts."""
-    try:
-        trial = client.get_run(run_id)
-    except MlflowException as err:
-        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise SourceError(f"run {run_id}: no such run in the tracking store {client.tracking_uri}") from err
-        raise
+    trial = promote.existing_run(client, run_id, f"run {run_id}")
     parent_id = trial.data.tags.get(tracking.PARENT_TAG)
     if not parent_id:
         raise SourceError(f"run {run_id} is not a trial of a sweep (no {tracking.PARENT_TAG} tag)")

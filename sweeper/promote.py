@@ -168,17 +168,22 @@ def _describe_sweep(client: MlflowClient, run: Run) -> str:
 
 def trial_source(client: MlflowClient, parent: Run, run_id: str, category: str | None) -> Source:
     """The trial run ``run_id``, checked to be a trial of ``parent``'s sweep."""
-    try:
-        trial = client.get_run(run_id)
-    except MlflowException as err:
-        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise PromoteError(f"--run-id {run_id!r}: no such run in the tracking store") from err
-        raise
+    trial = existing_run(client, run_id, f"--run-id {run_id!r}")
     tags = trial.data.tags
     sweep_id = parent.data.tags[tracking.SWEEP_TAG]
     if tags.get(tracking.ROLE_TAG) != "trial" or tags.get(tracking.SWEEP_TAG) != sweep_id:
         raise PromoteError(f"--run-id {run_id!r} is not a trial run of sweep {sweep_id}")
     return Source(parent, trial, pick_category(tags.get(tracking.CATEGORY_TAG, ""), category, f"run {run_id}"))
+
+
+def existing_run(client: MlflowClient, run_id: str, name: str) -> Run:
+    """The run ``run_id``; a PromoteError saying that ``name`` names no run if the store has none."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise PromoteError(f"{name}: no such run in the tracking store") from err
+        raise
 
 
 def best_source(client: MlflowClient, parent: Run, summary: Mapping[str, Any] | None, category: str | None) -> Source:
