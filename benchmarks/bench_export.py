@@ -4,7 +4,9 @@ The model has a real trial's architecture at 256 px: tf_efficientnet_lite0 with 
 strides (8, 16), ``TrainConfig``'s default flows (8 couplings, 3 x 3 local aggregation) -- randomly initialised
 (seeded), with unit normalisation constants: speed does not depend on the values. The pyfunc is
 ``sweeper.serving`` saved with ``mlflow.pyfunc.save_model`` as ``sweeper.promote`` logs it, fed uint8 arrays of
-the model's size (no decoding); the graph is fed the same arrays as one uint8 batch. Both get ``--threads``.
+the model's size (no decoding); ``Scorer`` is the PyTorch model inside it called directly, which separates the
+model's speed from MLflow's input handling; the graph is fed the same arrays as one uint8 batch. All get
+``--threads``.
 
     .venv/bin/python -m benchmarks.bench_export [--images 32] [--rounds 3] [--threads 2] [--image-size 256]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,7 +60,8 @@ def saved_pyfunc(scorer: Scorer, checkpoint_path: Path, folder: Path) -> mlflow.
     artifacts = {serving.CHECKPOINT_ARTIFACT: str(checkpoint_path),
                  serving.BACKBONE_ARTIFACT: str(save_backbone_weights(scorer.extractor, folder / "backbone.safetensors"))}
     mlflow.pyfunc.save_model(str(folder / "pyfunc"), python_model=serving.__file__, artifacts=artifacts,
-                             code_paths=[str(Path(bgad_core.__file__).parent)], signature=serving.SIGNATURE)
+                             code_paths=[str(Path(bgad_core.__file__).parent)], signature=serving.SIGNATURE,
+                             input_example=serving.input_example(scorer.image_size))
     return mlflow.pyfunc.load_model(str(folder / "pyfunc"))
 
 
@@ -102,7 +106,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="model input size (square)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_flags()}")
+    print(f"machine: {cpu_flags()}; load average {os.getloadavg()[0]:.1f} (other processes share the cores if > 0)")
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.image_size, args.image_size, 3),
                                                dtype=np.uint8)
     scorer, checkpoint = trial_like_model(args.image_size)
@@ -117,6 +121,7 @@ def main() -> None:
         pyfunc = saved_pyfunc(scorer, save_checkpoint(checkpoint, folder / "model.pt"), folder)
         runners: dict[str, Callable[[np.ndarray], object]] = {
             "pyfunc": lambda batch: pyfunc.predict(pd.DataFrame({serving.IMAGE_COLUMN: list(batch)})),
+            "Scorer": scorer.score,  # the pyfunc's PyTorch model without MLflow's input handling
             "onnxruntime": lambda batch: session.run(None, {INPUT_NAME: batch}),
         }
         openvino = openvino_runner(graph, args.threads)
@@ -132,7 +137,8 @@ def main() -> None:
         for batch in BATCHES:
             figures = best_rates(runners, images, batch, args.rounds)
             print(f"batch {batch}: " + ", ".join(f"{name} {value:.1f} images/s" for name, value in figures.items())
-                  + f"; onnxruntime / pyfunc {figures['onnxruntime'] / figures['pyfunc']:.2f}x")
+                  + f"; onnxruntime / pyfunc {figures['onnxruntime'] / figures['pyfunc']:.2f}x"
+                  + f" (load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

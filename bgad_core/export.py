@@ -9,12 +9,14 @@ difference is that each coupling block's condition term (``W_c c + b`` over the 
 ``fast_flow.condition_term``) is precomputed and stored as a constant table: at inference it depends on nothing
 but the parameters and the grid.
 
-``export_onnx`` traces it with torch's TorchScript-based exporter (``dynamo=False``). The torch.export-based
-exporter (``dynamo=True``) gives the same graph numerically (scores within 1e-6 of each other) and a dynamic batch
-too, but took 160 s against 8 s for the 64 px test model on 2 CPU cores. The graph, opset 18:
+``export_onnx`` traces it with torch's TorchScript-based exporter (``dynamo=False``, deprecated but present in
+torch 2.14). The torch.export-based exporter (``dynamo=True``) gave a correct graph with a dynamic batch too
+(scores within 1e-6 of the other's) but took 160 s against 8 s for the 64 px test model on 2 shared CPU cores,
+nearly all of it translating the exported program. The graph, opset 18:
 
-- input ``images``: uint8 ``[batch, H, W, 3]``, RGB, at the model's ``image_size`` (resize larger images
-  bilinearly first, as training did: PIL ``Image.resize(..., BILINEAR)``); ``batch`` is dynamic;
+- input ``images``: uint8 ``[batch, H, W, 3]``, RGB, at the model's ``image_size`` (resize other sizes
+  bilinearly first, as training did: PIL ``Image.resize(..., BILINEAR)``); ``batch`` is dynamic. uint8 rather
+  than float so that the station's camera pixels go in as they are and the scaling cannot be done twice;
 - outputs ``score`` float32 ``[batch]`` (absolute: an image scores the same in any batch), ``map`` float32
   ``[batch, H, W]`` (anomaly map at model resolution), ``decision`` bool ``[batch]`` (``score >= threshold``).
 
@@ -24,6 +26,7 @@ is not ``build_flow``'s AllInOneBlock stack is refused before tracing.
 Example (``sweeper.export`` is the command line around it, with the registry)::
 
     >>> from bgad_core.export import ExportableScorer, export_onnx
+    >>> from bgad_core.inference import Scorer
     >>> scorer = Scorer.load("model.pt", "backbone.safetensors")          # doctest: +SKIP
     >>> export_onnx(ExportableScorer(scorer), "out/model.onnx")           # doctest: +SKIP
 """
@@ -127,6 +130,7 @@ def export_onnx(model: ExportableScorer, path: str | Path, metadata: Mapping[str
     path.parent.mkdir(parents=True, exist_ok=True)
     log, partial = path.with_name(path.name + ".export.log"), path.with_name(path.name + ".partial")
     arguments = ((model.example_input(),), {})
+    log.unlink(missing_ok=True)  # a failed attempt's log would otherwise be appended to
     with output_to(log):
         try:
             trace(model, arguments, partial, named=True)
