@@ -145,7 +145,10 @@ def export_onnx(model: ExportableScorer, path: str | Path, metadata: Mapping[str
         raise failure
     log.unlink()
     complete_graph(partial, model, metadata or {})
-    onnx.checker.check_model(str(partial), full_check=True)
+    try:
+        onnx.checker.check_model(str(partial), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"{partial}: the exporter wrote an invalid graph: {first_line(err)}") from err
     os.replace(partial, path)
     return path
 

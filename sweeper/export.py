@@ -70,7 +70,7 @@ class Source:
 
     scorer: Scorer
     description: str
-    publish: Callable[[Path], str] | None
+    publish: Callable[[Path, Path], str] | None  # logs the graph and its README, says where
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def export(
         check_agreement(agreement, path)
         readme = output / README_FILE
         readme.write_text(readme_text(model, loaded.description, agreement))
-        logged_to = loaded.publish(output) if (log_artifacts and loaded.publish) else None
+        logged_to = loaded.publish(path, readme) if (log_artifacts and loaded.publish) else None
     return Exported(path, readme, agreement, logged_to)
 
 
@@ -146,9 +146,10 @@ def registry_source(
                          local / files[serving.BACKBONE_ARTIFACT]["path"])
     described = f"models:/{name}/{found.version}" + (f" (alias {alias})" if alias else "")
 
-    def publish(folder: Path) -> str:
-        client.log_model_artifacts(logged.model_id, str(folder), artifact_path=VERSION_ARTIFACT_PATH)
-        tags = {ONNX_TAG: f"{VERSION_ARTIFACT_PATH}/{ONNX_FILE}", DIGEST_TAG: sha256(folder / ONNX_FILE)}
+    def publish(graph: Path, readme: Path) -> str:
+        for file in (graph, readme):
+            client.log_model_artifact(logged.model_id, str(file), artifact_path=VERSION_ARTIFACT_PATH)
+        tags = {ONNX_TAG: f"{VERSION_ARTIFACT_PATH}/{graph.name}", DIGEST_TAG: sha256(graph)}
         for key, value in tags.items():
             tracking.with_retry(lambda: client.set_model_version_tag(name, found.version, key, value))
         return f"models:/{name}/{found.version}/{VERSION_ARTIFACT_PATH}"
@@ -166,8 +167,9 @@ def run_source(client: MlflowClient, run_id: str, weights: str | None, category:
     checkpoint, extractor = promote.trial_model(client, source, scratch, weights)
     artifact_path = RUN_ARTIFACT_PATH.format(category=source.category)
 
-    def publish(folder: Path) -> str:
-        client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    def publish(graph: Path, readme: Path) -> str:
+        for file in (graph, readme):
+            client.log_artifact(run_id, str(file), artifact_path=artifact_path)
         return f"runs:/{run_id}/{artifact_path}"
 
     return Source(Scorer(checkpoint, extractor), f"run {run_id}, category {source.category}", publish)

@@ -137,6 +137,13 @@ def test_a_run_id_and_a_checkpoint_file_give_the_same_model(recorded, tmp_path):
     assert by_file.publish is None
     image = np.full((1, 64, 64, 3), 90, dtype=np.uint8)
     assert by_run.scorer.score(image).scores == pytest.approx(by_file.scorer.score(image).scores, abs=1e-6)
+    graph, readme = tmp_path / "model.onnx", tmp_path / "README.md"
+    graph.write_bytes(b"graph")
+    readme.write_text("readme")
+    (tmp_path / "unrelated.txt").write_text("not logged")
+    assert by_run.publish(graph, readme) == f"runs:/{recorded.best_run_id}/onnx/{CATEGORY}"
+    logged = MlflowClient(recorded.tracking_uri).list_artifacts(recorded.best_run_id, f"onnx/{CATEGORY}")
+    assert sorted(Path(a.path).name for a in logged) == ["README.md", "model.onnx"]
 
 
 @pytest.mark.parametrize(("source", "expected"), [
