@@ -37,6 +37,7 @@ from bgad_core.model import BGADFlows
 from bgad_core.scoring import Normalization
 from bgad_core.training import TrainConfig, seed_everything
 from sweeper import serving
+from sweeper.promote import pip_requirements
 
 BATCHES = (1, 8)
 
@@ -61,7 +62,8 @@ def saved_pyfunc(scorer: Scorer, checkpoint_path: Path, folder: Path) -> mlflow.
                  serving.BACKBONE_ARTIFACT: str(save_backbone_weights(scorer.extractor, folder / "backbone.safetensors"))}
     mlflow.pyfunc.save_model(str(folder / "pyfunc"), python_model=serving.__file__, artifacts=artifacts,
                              code_paths=[str(Path(bgad_core.__file__).parent)], signature=serving.SIGNATURE,
-                             input_example=serving.input_example(scorer.image_size))
+                             input_example=serving.input_example(scorer.image_size),
+                             pip_requirements=pip_requirements())
     return mlflow.pyfunc.load_model(str(folder / "pyfunc"))
 
 
