@@ -28,7 +28,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def check_supported(flow: Ff.SequenceINN) -> None:
     """Fail loudly if ``flow`` is not the AllInOneBlock stack that ``positioned_log_likelihood`` reproduces."""
-    for block in flow.module_list:
+    for index, block in enumerate(flow.module_list):
         subnet = getattr(block, "subnet", None)
         supported = (
             isinstance(block, Fm.AllInOneBlock)
@@ -42,7 +42,11 @@ def check_supported(flow: Ff.SequenceINN) -> None:
             and isinstance(subnet[2], nn.Linear)
         )
         if not supported:
-            raise TypeError(f"fast evaluation supports the AllInOneBlock flow of build_flow only, got {block}")
+            layers = [type(m).__name__ for m in subnet] if isinstance(subnet, nn.Sequential) else type(subnet).__name__
+            raise TypeError(
+                f"fast evaluation supports the AllInOneBlock flow of build_flow only, got block {index}: "
+                f"{type(block).__name__} with subnet {layers}"
+            )
 
 
 def positioned_log_likelihood(
@@ -62,28 +66,72 @@ def positioned_log_likelihood(
         precision: "fp32", or "bf16" for bfloat16 subnet matmuls (feature path and log-det stay float32).
     """
     dtype = PRECISIONS[precision]
-    conditions = conditions.to(dtype)
     x = vectors
     log_det = vectors.new_zeros(vectors.shape[0])
     for block in flow.module_list:
-        first, _, second = block.subnet
-        split_x, split_2 = block.splits
         x1, x2 = x.split(block.splits, dim=1)
-        weight_x, weight_c = first.weight.to(dtype).split([split_x, first.in_features - split_x], dim=1)
-        condition_term = F.linear(conditions, weight_c, first.bias.to(dtype))
         # subnet(cat(x1, c)): the x1 term is accumulated in place into the gathered condition term (the
         # out-of-place addmm would first copy that (N, hidden) tensor, which costs as much as the bf16 matmul)
-        hidden = gather_rows(condition_term, index).addmm_(x1.to(dtype), weight_x.t()).relu_()
-        # FrEIA scales the subnet output by 0.1; scaling the weights instead spares a pass over (N, C)
-        a = F.linear(hidden, (0.1 * second.weight).to(dtype), (0.1 * second.bias).to(dtype)).float()
-        log_scale = block.clamp * torch.tanh(a[:, :split_2])
-        x2 = x2 * torch.exp(log_scale) + a[:, split_2:]
-        # global affine then soft permutation, (cat(x1, x2) * s + o) @ W.T, as y @ (W * s).T + W @ o without the cat
-        scale = block.global_scale_activation(block.global_scale)
-        mixing = (block.w_perm * scale).t()
-        x = torch.addmm(block.w_perm @ block.global_offset[0], x1, mixing[:split_x]).addmm_(x2, mixing[split_x:])
-        log_det = log_det + log_scale.sum(dim=1) + torch.log(scale).sum()
+        hidden = gather_rows(condition_term(block, conditions, dtype), index)
+        hidden = hidden.addmm_(x1.to(dtype), input_weight(block).to(dtype).t()).relu_()
+        x, block_log_det = coupling_output(block, x1, x2, hidden, dtype)
+        log_det = log_det + block_log_det
     return log_likelihood(x, log_det)
+
+
+def grid_log_likelihood(flow: Ff.SequenceINN, vectors: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
+    """log p(x), float32, of ``(B * P, C)`` vectors: B images, each with one vector per position, in table order.
+
+    The evaluation form of ``positioned_log_likelihood``: every image holds every position once, so each block's
+    condition term (``condition_tables``, ``(P, hidden)``) is added to its images by broadcasting instead of a
+    gather. For trained flows the tables are constants, which makes this a plain function of the features: it is
+    what evaluation, the served model and the exported ONNX graph all compute.
+    """
+    x = vectors
+    log_det: torch.Tensor | float = 0.0
+    for block, table in zip(flow.module_list, tables):
+        x1, x2 = x.split(block.splits, dim=1)
+        hidden = (F.linear(x1, input_weight(block)).view(-1, *table.shape) + table).view(-1, table.shape[1]).relu()
+        x, block_log_det = coupling_output(block, x1, x2, hidden, torch.float32)
+        log_det = log_det + block_log_det
+    return log_likelihood(x, log_det)
+
+
+def condition_tables(flow: Ff.SequenceINN, conditions: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's float32 condition term ``W_c c + b`` for ``(P, cond_dim)`` conditions (see ``condition_term``)."""
+    return [condition_term(block, conditions, torch.float32) for block in flow.module_list]
+
+
+def condition_term(block: Fm.AllInOneBlock, conditions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_c c + b``: the part of the block's first subnet layer that depends on the condition only, ``(P, hidden)``."""
+    first = block.subnet[0]
+    weight_c = first.weight[:, block.splits[0] :]
+    return F.linear(conditions.to(dtype), weight_c.to(dtype), first.bias.to(dtype))
+
+
+def input_weight(block: Fm.AllInOneBlock) -> torch.Tensor:
+    """``W_x``: the columns of the block's first subnet layer that multiply the coupling's passive half x1."""
+    return block.subnet[0].weight[:, : block.splits[0]]
+
+
+def coupling_output(
+    block: Fm.AllInOneBlock, x1: torch.Tensor, x2: torch.Tensor, hidden: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's output and log|det J| from its halves and its subnet's hidden layer ``relu(W_x x1 + W_c c + b)``.
+
+    The subnet's second layer runs in ``dtype``; the coupling, the permutation and the log-determinant in float32.
+    """
+    second = block.subnet[2]
+    split_x, split_2 = block.splits
+    # FrEIA scales the subnet output by 0.1; scaling the weights instead spares a pass over (N, C)
+    a = F.linear(hidden, (0.1 * second.weight).to(dtype), (0.1 * second.bias).to(dtype)).float()
+    log_scale = block.clamp * torch.tanh(a[:, :split_2])
+    x2 = x2 * torch.exp(log_scale) + a[:, split_2:]
+    # global affine then soft permutation, (cat(x1, x2) * s + o) @ W.T, as y @ (W * s).T + W @ o without the cat
+    scale = block.global_scale_activation(block.global_scale)
+    mixing = (block.w_perm * scale).t()
+    x = torch.addmm(block.w_perm @ block.global_offset[0], x1, mixing[:split_x]).addmm_(x2, mixing[split_x:])
+    return x, log_scale.sum(dim=1) + torch.log(scale).sum()
 
 
 class _GatherRows(torch.autograd.Function):

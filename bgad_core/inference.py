@@ -92,8 +92,18 @@ class Scorer(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
             height, width = self.image_size
             raise DataError(f"images: expected [B, {height}, {width}, 3], got {list(images.shape)}")
-        features = [f.to(self.feature_dtype) for f in self.extractor.extract(images)]
-        maps = anomaly_maps(self.flows(features), self.normalization, self.image_size, self.config.blur_sigma)
+        return self.score_features(self.extractor.extract(images))
+
+    def score_features(
+        self, features: Sequence[torch.Tensor], tables: Sequence[Sequence[torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (fp32) -> image scores ``(B,)`` and maps ``(B, H, W)``: all of the model after the backbone.
+
+        ``tables``: the flows' ``condition_tables`` at the features' grids, if the caller holds them (the ONNX export
+        stores them as constants, ``bgad_core.export``).
+        """
+        features = [f.to(self.feature_dtype) for f in features]
+        maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma)
         return image_scores(maps, self.config.image_score), maps
 
     def score(self, images: Iterable[np.ndarray]) -> Prediction:

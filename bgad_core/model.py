@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bgad_core.fast_flow import check_supported, distinct_positions, positioned_log_likelihood
+from bgad_core.fast_flow import (check_supported, condition_tables, distinct_positions, grid_log_likelihood,
+                                 positioned_log_likelihood)
 from bgad_core.features import local_average
 from bgad_core.flow import build_flow
 from bgad_core.positional import positional_encoding_2d
@@ -87,14 +88,27 @@ class BGADFlows(nn.Module):
         conditions, index = distinct_positions(cells, self.positions(*grid, vectors.device))
         return positioned_log_likelihood(self.flows[level], vectors, conditions, index, precision) / self.channels[level]
 
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-dim log-likelihood map ``(B, H_l, W_l)`` for each level's ``(B, C_l, H_l, W_l)`` feature map."""
+    def condition_tables(self, grids: Sequence[tuple[int, int]], device: torch.device) -> list[list[torch.Tensor]]:
+        """Per level, each coupling block's condition term ``(H_l*W_l, hidden)`` over the cells of its grid.
+
+        They depend on the flows' parameters and the grid only; an exported model stores them as constants.
+        """
+        return [condition_tables(flow, self.positions(*grid, device)) for flow, grid in zip(self.flows, grids)]
+
+    def forward(
+        self, features: Sequence[torch.Tensor], tables: Sequence[Sequence[torch.Tensor]] | None = None
+    ) -> list[torch.Tensor]:
+        """Per-dim log-likelihood map ``(B, H_l, W_l)`` for each level's ``(B, C_l, H_l, W_l)`` feature map.
+
+        ``tables``: the ``condition_tables`` of the features' grids, when the caller keeps them (computed here
+        otherwise).
+        """
+        if tables is None:
+            tables = self.condition_tables([tuple(f.shape[2:]) for f in features], features[0].device)
         maps = []
-        for level, feature in enumerate(features):
-            batch, channels, height, width = feature.shape
+        for flow, feature, level_tables in zip(self.flows, features, tables):
+            _, channels, height, width = feature.shape
             vectors = self.aggregate(feature).permute(0, 2, 3, 1).reshape(-1, channels)
-            index = torch.arange(height * width, device=feature.device).repeat(batch)
-            conditions = self.positions(height, width, feature.device)
-            logps = positioned_log_likelihood(self.flows[level], vectors, conditions, index) / channels
-            maps.append(logps.reshape(batch, height, width))
+            logps = grid_log_likelihood(flow, vectors, list(level_tables)) / channels
+            maps.append(logps.view(-1, height, width))
         return maps

@@ -54,7 +54,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     x = F.pad(x, (0, 0, radius, radius), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    return x[:, 0]  # not squeeze(1): traced with a dynamic batch, that exports as a runtime If on the shape
 
 
 def anomaly_maps(
@@ -73,7 +73,7 @@ def anomaly_maps(
         score = (normalization.mean[level] - logps.float()) / normalization.std[level]
         score = F.interpolate(score.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
         total = score if total is None else total + score
-    maps = total.squeeze(1) / len(logp_maps)
+    maps = total[:, 0] / len(logp_maps)
     return gaussian_blur(maps, blur_sigma)
 
 

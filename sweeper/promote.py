@@ -168,17 +168,22 @@ def _describe_sweep(client: MlflowClient, run: Run) -> str:
 
 def trial_source(client: MlflowClient, parent: Run, run_id: str, category: str | None) -> Source:
     """The trial run ``run_id``, checked to be a trial of ``parent``'s sweep."""
-    try:
-        trial = client.get_run(run_id)
-    except MlflowException as err:
-        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise PromoteError(f"--run-id {run_id!r}: no such run in the tracking store") from err
-        raise
+    trial = existing_run(client, run_id, f"--run-id {run_id!r}")
     tags = trial.data.tags
     sweep_id = parent.data.tags[tracking.SWEEP_TAG]
     if tags.get(tracking.ROLE_TAG) != "trial" or tags.get(tracking.SWEEP_TAG) != sweep_id:
         raise PromoteError(f"--run-id {run_id!r} is not a trial run of sweep {sweep_id}")
     return Source(parent, trial, pick_category(tags.get(tracking.CATEGORY_TAG, ""), category, f"run {run_id}"))
+
+
+def existing_run(client: MlflowClient, run_id: str, name: str) -> Run:
+    """The run ``run_id``; a PromoteError saying that ``name`` names no run if the store has none."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise PromoteError(f"{name}: no such run in the tracking store") from err
+        raise
 
 
 def best_source(client: MlflowClient, parent: Run, summary: Mapping[str, Any] | None, category: str | None) -> Source:
@@ -260,12 +265,8 @@ def register(
     run_id = source.trial.info.run_id
     with tempfile.TemporaryDirectory(prefix="bgad-promote-") as scratch:
         folder = Path(scratch)
-        checkpoint = download_checkpoint(client, source, folder / "download")
-        sweep_config = _sweep_config(source.parent)
-        backbone = complete_backbone(checkpoint, sweep_config, f"run {run_id}")
-        spec = weights or backbone.get("weights") or _get(sweep_config, "backbone", "weights")
-        extractor = rebuild_backbone(backbone, spec, f"run {run_id}")
-        served_checkpoint = save_checkpoint({**checkpoint, "backbone": backbone}, folder / "model.pt")
+        checkpoint, extractor = trial_model(client, source, folder / "download", weights)
+        served_checkpoint = save_checkpoint(checkpoint, folder / "model.pt")
         artifacts = {
             serving.CHECKPOINT_ARTIFACT: str(served_checkpoint),
             serving.BACKBONE_ARTIFACT: str(save_backbone_weights(extractor, folder / "backbone.safetensors")),
@@ -287,6 +288,21 @@ def register(
                 description=f"BGAD {source.category} from sweep {source.sweep_id}, trial "
                             f"{source.trial.data.tags.get(tracking.TRIAL_TAG)}, meta-epoch {checkpoint['epoch']}",
             ))
+
+
+def trial_model(
+    client: MlflowClient, source: Source, folder: Path, weights: str | None
+) -> tuple[dict[str, Any], FeatureExtractor]:
+    """The trial's checkpoint, its backbone description completed from the sweep, and that backbone rebuilt.
+
+    ``weights`` overrides the sweep's ``backbone.weights`` (the digest must still match).
+    """
+    run_id = source.trial.info.run_id
+    checkpoint = download_checkpoint(client, source, folder)
+    sweep_config = _sweep_config(source.parent)
+    backbone = complete_backbone(checkpoint, sweep_config, f"run {run_id}")
+    spec = weights or backbone.get("weights") or _get(sweep_config, "backbone", "weights")
+    return {**checkpoint, "backbone": backbone}, rebuild_backbone(backbone, spec, f"run {run_id}")
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
