@@ -31,3 +31,20 @@ def ray_cluster():
     if started:
         ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def recorded(tmp_path_factory):
+    """The small trained model recorded in MLflow as a sweep records its trials (``registry_fixtures``)."""
+    from registry_fixtures import recorded_sweep
+
+    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
+
+
+@pytest.fixture(scope="module")
+def promoted(recorded):
+    """The recorded sweep's best trial registered as ``bgad-tiles`` with alias ``champion``."""
+    from registry_fixtures import SWEEP_ID
+    from sweeper.promote import promote
+
+    return promote(recorded.tracking_uri, SWEEP_ID, "bgad-tiles")

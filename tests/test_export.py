@@ -22,7 +22,7 @@ from bgad_core.checkpoint import load_checkpoint
 from bgad_core.datasets import load_image
 from bgad_core.export import ExportableScorer, ExportError, export_onnx
 from bgad_core.inference import Scorer
-from registry_fixtures import CATEGORY, SWEEP_ID, recorded_sweep
+from registry_fixtures import CATEGORY, SWEEP_ID
 from sweeper.export import DIGEST_TAG, ONNX_TAG, load_source, main
 from sweeper.promote import promote
 
@@ -45,11 +45,6 @@ class Opaque(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return opaque(self.inner(x))
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ def test_onnxruntime_scores_the_test_images_like_the_registered_pyfunc(recorded,
     paths = sorted(Path(recorded.category_dir, "test").rglob("*.png"))
     images = np.stack([load_image(p, None) for p in paths])
     pyfunc = mlflow.pyfunc.load_model(str(registered.folder))
-    expected = pyfunc.predict(pd.DataFrame({"image": [str(p) for p in paths]}))
+    expected = pyfunc.predict(pd.DataFrame({"image": [Path(p) for p in paths]}))
     graph = registered.folder / "onnx" / "model.onnx"
     onnx.checker.check_model(str(graph), full_check=True)
     session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.training import evaluate
-from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME, recorded_sweep,
+from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME,
                                served_scores)
 from sweeper import tracking
 from sweeper.cache_reader import open_cache, read_features, row_paths
@@ -22,11 +22,6 @@ from sweeper.sweep import sweep_id
 from test_sweep_job import quickstart_in
 
 NAME = "bgad-tiles"
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
 
 
 def versions(uri: str, name: str) -> list:

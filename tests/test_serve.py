@@ -22,8 +22,7 @@ import pytest
 from PIL import Image
 
 from ray_processes import REPO, VENV_BIN, free_port, stop_group
-from registry_fixtures import SWEEP_ID, recorded_sweep, trial_evaluation
-from sweeper.promote import promote
+from registry_fixtures import trial_evaluation
 from sweeper.scoring_app import BodyLimit, RequestError
 from sweeper.serve import main
 
@@ -75,16 +74,6 @@ def png(size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", size, 128).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
-
-
-@pytest.fixture(scope="module")
-def promoted(recorded):
-    return promote(recorded.tracking_uri, SWEEP_ID, NAME)
 
 
 @pytest.fixture(scope="module")

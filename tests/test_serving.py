@@ -17,22 +17,11 @@ from bgad_core.datasets import load_image
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.image_input import ImageLimits, ImageTooLarge, ImageTooSmall
 from bgad_core.inference import Scorer, as_rgb
-from registry_fixtures import SWEEP_ID, recorded_sweep, served_scores, trial_evaluation
-from sweeper.promote import promote
+from registry_fixtures import served_scores, trial_evaluation
 from sweeper.serving import decode_image, encode_image
 
 NAME = "bgad-tiles"
 MODEL_URI = f"models:/{NAME}@champion"
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    return recorded_sweep(tmp_path_factory.getbasetemp() / "recorded-sweep")
-
-
-@pytest.fixture(scope="module")
-def promoted(recorded):
-    return promote(recorded.tracking_uri, SWEEP_ID, NAME)
 
 
 @pytest.fixture(scope="module")
