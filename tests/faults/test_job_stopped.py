@@ -75,7 +75,9 @@ def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, 
         stopped = ray_job(head, "stop", job_id)
         assert stopped.returncode == 0, stopped.stderr
         logs = ray_job(head, "logs", job_id).stdout
-        assert "interrupted: " in logs, logs[-5000:]
+        # Ray SIGKILLs the job 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S): the marks below are written at once
+        # by the stop handler; the closing "interrupted:" line comes only if Tune's shutdown fits in those 3 s.
+        assert "stopping on SIGTERM" in logs, logs[-5000:]
         assert "| category |" not in logs  # no test evaluation, no summary
 
         runs = trial_runs(config_path)
