@@ -83,7 +83,7 @@ def in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def enter_project_dir(project_dir: Path | None, config: SweepConfig, path: Path) -> Path:
+def enter_project_dir(project_dir: Path | None, config: SweepConfig, path: Path) -> None:
     """Make the project directory current, so every relative location of ``config`` resolves against it."""
     if project_dir is None:
         relative = config.relative_locations(tracking.configured_tracking_uri(config.mlflow.tracking_uri))
@@ -94,11 +94,10 @@ def enter_project_dir(project_dir: Path | None, config: SweepConfig, path: Path)
                 '--project-dir "$PWD" to resolve them against the directory you submit from (a head on this '
                 "machine), or make them absolute paths or storage URIs (cluster/README.md)"
             )
-        return Path.cwd()
+        return
     if not project_dir.is_dir():
         raise ConfigError(f"--project-dir {project_dir}: not a directory")
     os.chdir(project_dir)
-    return Path.cwd()
 
 
 def log_to_file(path: Path) -> None:
