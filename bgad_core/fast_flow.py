@@ -91,7 +91,9 @@ def grid_log_likelihood(flow: Ff.SequenceINN, vectors: torch.Tensor, tables: lis
     log_det: torch.Tensor | float = 0.0
     for block, table in zip(flow.module_list, tables):
         x1, x2 = x.split(block.splits, dim=1)
-        hidden = (F.linear(x1, input_weight(block)).view(-1, *table.shape) + table).view(-1, table.shape[1]).relu()
+        # in place like the training path's addmm_ (no (N, hidden) copies), but always on the returned tensor:
+        # the ONNX tracer follows values, and an add_ into a view of ``hidden`` would not reach ``hidden``
+        hidden = F.linear(x1, input_weight(block)).view(-1, *table.shape).add_(table).view(-1, table.shape[1]).relu_()
         x, block_log_det = coupling_output(block, x1, x2, hidden, torch.float32)
         log_det = log_det + block_log_det
     return log_likelihood(x, log_det)
