@@ -67,9 +67,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainConfig, Normalization]:
     """Rebuild the flows (in eval mode), their training config and the scoring constants."""
-    # checkpoints written before local aggregation existed were trained on per-cell features
-    config = TrainConfig.from_dict({"local_aggregation": 1, **checkpoint["train_config"]})
+    # options a checkpoint predates take the value its model was trained and scored with, not today's default
+    predates = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0}
+    config = TrainConfig.from_dict({**predates, **checkpoint["train_config"]})
     model = BGADFlows.from_config(checkpoint["channels"], config)
     model.load_state_dict(checkpoint["flows"])
-    normalization = Normalization(**{k: tuple(v) for k, v in checkpoint["normalization"].items()})
+    normalization = Normalization(**{k: tuple(v) for k, v in checkpoint["normalization"].items()})  # floats or maps
     return model.eval(), config, normalization

@@ -79,29 +79,40 @@ def positioned_log_likelihood(
     return log_likelihood(x, log_det)
 
 
-def grid_log_likelihood(flow: Ff.SequenceINN, vectors: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
+def grid_log_likelihood(
+    flow: Ff.SequenceINN, vectors: torch.Tensor, tables: list[torch.Tensor], precision: str = "fp32"
+) -> torch.Tensor:
     """log p(x), float32, of ``(B * P, C)`` vectors: B images, each with one vector per position, in table order.
 
-    The evaluation form of ``positioned_log_likelihood``: every image holds every position once, so each block's
+    The blocked form of ``positioned_log_likelihood``: every image holds the same P positions, so each block's
     condition term (``condition_tables``, ``(P, hidden)``) is added to its images by broadcasting instead of a
-    gather. For trained flows the tables are constants, which makes this a plain function of the features: it is
-    what evaluation, the served model and the exported ONNX graph all compute.
+    gather, and its gradient is a sum over images. For trained flows over a whole grid the tables are constants,
+    which makes this a plain function of the features: it is what evaluation, the served model and the exported
+    ONNX graph all compute. Training's position-blocked steps (a few cells of many images) use it too.
+
+    Args:
+        flow: a flow from ``build_flow``.
+        vectors: float32 feature vectors, image-major (row ``i * P + p`` is image i at position p).
+        tables: each block's condition term for the P positions, in ``precision``'s dtype.
+        precision: "fp32", or "bf16" for bfloat16 subnet matmuls (feature path and log-det stay float32).
     """
+    dtype = PRECISIONS[precision]
     x = vectors
     log_det: torch.Tensor | float = 0.0
     for block, table in zip(flow.module_list, tables):
         x1, x2 = x.split(block.splits, dim=1)
-        # in place like the training path's addmm_ (no (N, hidden) copies), but always on the returned tensor:
-        # the ONNX tracer follows values, and an add_ into a view of ``hidden`` would not reach ``hidden``
-        hidden = F.linear(x1, input_weight(block)).view(-1, *table.shape).add_(table).view(-1, table.shape[1]).relu_()
-        x, block_log_det = coupling_output(block, x1, x2, hidden, torch.float32)
+        # the broadcast add makes a new tensor and the ReLU runs in place on it, never on a view: autograd records
+        # an in-place op on a view as a copy of the whole base (CopySlices), which made training steps 4x slower
+        hidden = torch.add(F.linear(x1.to(dtype), input_weight(block).to(dtype)).view(-1, *table.shape), table)
+        hidden = hidden.relu_().view(-1, table.shape[1])
+        x, block_log_det = coupling_output(block, x1, x2, hidden, dtype)
         log_det = log_det + block_log_det
     return log_likelihood(x, log_det)
 
 
-def condition_tables(flow: Ff.SequenceINN, conditions: torch.Tensor) -> list[torch.Tensor]:
-    """Each block's float32 condition term ``W_c c + b`` for ``(P, cond_dim)`` conditions (see ``condition_term``)."""
-    return [condition_term(block, conditions, torch.float32) for block in flow.module_list]
+def condition_tables(flow: Ff.SequenceINN, conditions: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
+    """Each block's condition term ``W_c c + b`` for ``(P, cond_dim)`` conditions (see ``condition_term``)."""
+    return [condition_term(block, conditions, PRECISIONS[precision]) for block in flow.module_list]
 
 
 def condition_term(block: Fm.AllInOneBlock, conditions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -88,6 +88,18 @@ class BGADFlows(nn.Module):
         conditions, index = distinct_positions(cells, self.positions(*grid, vectors.device))
         return positioned_log_likelihood(self.flows[level], vectors, conditions, index, precision) / self.channels[level]
 
+    def block_logps(
+        self, level: int, vectors: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int], precision: str = "fp32"
+    ) -> torch.Tensor:
+        """Per-dim log-likelihoods of a position block: ``(B * P, C)`` vectors, B images each at the P ``cells``.
+
+        Rows are image-major (row ``i * P + p`` is image i at ``cells[p]``). The condition term is computed for the
+        P cells only and broadcast over the images, which is why training steps are drawn as such blocks.
+        """
+        conditions = self.positions(*grid, vectors.device)[cells]
+        tables = condition_tables(self.flows[level], conditions, precision)
+        return grid_log_likelihood(self.flows[level], vectors, tables, precision) / self.channels[level]
+
     def condition_tables(self, grids: Sequence[tuple[int, int]], device: torch.device) -> list[list[torch.Tensor]]:
         """Per level, each coupling block's condition term ``(H_l*W_l, hidden)`` over the cells of its grid.
 

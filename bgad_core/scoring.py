@@ -2,8 +2,8 @@
 
 The official code subtracts the maximum log-likelihood of the whole evaluated set, so a score depends on which
 other images were evaluated with it. Here each level is standardised with constants measured once on training
-normals (mean and standard deviation of their per-dim log-likelihoods) and stored with the model: the same image
-always gets the same score, in a batch of one or of a thousand.
+normals (mean and standard deviation of their per-dim log-likelihoods, per cell or per level) and stored with the
+model: the same image always gets the same score, in a batch of one or of a thousand.
 """
 
 from __future__ import annotations
@@ -20,25 +20,49 @@ from bgad_core.errors import ConfigError
 IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")
 
 
+CALIBRATIONS = ("level", "position")
+
+
 @dataclass(frozen=True)
 class Normalization:
-    """Per-level mean and standard deviation of normal per-dim log-likelihoods."""
+    """Location and scale of normal per-dim log-likelihoods, per level: scalars, or ``(H_l, W_l)`` maps.
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    The flows are conditioned on position, and their likelihoods still depend on it (borders, aligned parts of an
+    object): a per-position mean and deviation, measured on training normals, turns each cell's log-likelihood
+    into "how unusual for this place" instead of "how unusual for this level".
+    """
+
+    mean: tuple[torch.Tensor, ...]
+    std: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:  # plain floats (checkpoints before per-position calibration) become tensors
+        object.__setattr__(self, "mean", tuple(torch.as_tensor(m, dtype=torch.float32) for m in self.mean))
+        object.__setattr__(self, "std", tuple(torch.as_tensor(s, dtype=torch.float32) for s in self.std))
 
     @staticmethod
-    def fit(logp_maps: Sequence[torch.Tensor]) -> Normalization:
-        """Measure the constants from each level's log-likelihood maps of normal images."""
+    def fit(logp_maps: Sequence[torch.Tensor], calibration: str = "level") -> Normalization:
+        """Measure the constants from each level's ``(N, H_l, W_l)`` log-likelihood maps of normal images.
+
+        ``calibration="position"`` keeps a mean and deviation per cell; a cell's deviation is floored at a tenth of
+        its level's, so that a cell where the few normals happen to agree cannot blow up every score there.
+        """
+        if calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         means, stds = [], []
         for logps in logp_maps:
-            values = logps.flatten().double()
-            means.append(float(values.mean()))
-            stds.append(max(float(values.std()), 1e-6))
+            values = logps.double()
+            level_std = max(float(values.std()), 1e-6)
+            if calibration == "position":
+                means.append(values.mean(dim=0))
+                stds.append(values.std(dim=0).clamp_min(0.1 * level_std))
+            else:
+                means.append(values.mean())
+                stds.append(torch.tensor(level_std))
         return Normalization(tuple(means), tuple(stds))
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": list(self.mean), "std": list(self.std)}
+    def to_dict(self) -> dict[str, list]:
+        """Plain (nested) lists, for a ``weights_only`` checkpoint."""
+        return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std]}
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -62,19 +86,23 @@ def anomaly_maps(
     normalization: Normalization,
     image_size: tuple[int, int],
     blur_sigma: float = 4.0,
+    coarse_level_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Anomaly map ``(B, H, W)`` at image resolution: mean over levels of standardised negative log-likelihood.
+    """Anomaly map ``(B, H, W)`` at image resolution: weighted mean over levels of standardised negative log-likelihood.
 
-    Each level's ``(B, H_l, W_l)`` map becomes (mean - logp) / std (higher = more anomalous), is upsampled
-    bilinearly, averaged over levels and smoothed as in the paper (Gaussian, sigma 4).
+    Each level's ``(B, H_l, W_l)`` map becomes (mean - logp) / std (higher = more anomalous; the constants are
+    scalars or per-cell maps, see ``Normalization``), is upsampled bilinearly, and the levels (finest first) are
+    averaged with weights growing by ``coarse_level_weight`` per level (1 = equal, the paper's), then smoothed as in
+    the paper (Gaussian, sigma 4).
     """
+    weights = [coarse_level_weight**level for level in range(len(logp_maps))]
     total = None
     for level, logps in enumerate(logp_maps):
         score = (normalization.mean[level] - logps.float()) / normalization.std[level]
         score = F.interpolate(score.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
+        score = score * (weights[level] / sum(weights))
         total = score if total is None else total + score
-    maps = total[:, 0] / len(logp_maps)
-    return gaussian_blur(maps, blur_sigma)
+    return gaussian_blur(total[:, 0], blur_sigma)
 
 
 def image_scores(maps: torch.Tensor, reduction: str = "max") -> torch.Tensor:

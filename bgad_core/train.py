@@ -183,30 +183,35 @@ def train_and_select(
     image_size: tuple[int, int],
     objective: str,
     test_every_epoch: bool = False,
+    stop_after: int | None = None,
 ) -> Selection:
     """Train every meta-epoch, keep the one with the best *validation* ``objective``, evaluate test once with it.
 
     Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
     must not hand back the model that BG-SPP never touched. ``test_every_epoch`` also evaluates test after each
-    meta-epoch, for learning curves only: it is recorded in ``history`` and never used to select.
+    meta-epoch, for learning curves only: it is recorded in ``history`` and never used to select. ``stop_after``
+    ends training after that many meta-epochs of the configured schedule (to time a long schedule from its start).
     """
     config, model = trainer.config, trainer.model
     best: dict | None = None
     history = []
-    for _ in range(config.meta_epochs):
+    epochs = config.meta_epochs if stop_after is None else max(1, min(stop_after, config.meta_epochs))
+    for _ in range(epochs):
         started = time.perf_counter()
         losses = trainer.train_meta_epoch()
         train_seconds = time.perf_counter() - started
+        started = time.perf_counter()
         result = trainer.evaluate(val, trainer.fit_normalization(), image_size)
         row = {"epoch": trainer.epoch, "phase": int(losses["phase"]), "loss": losses["loss"],
-               "train_seconds": round(train_seconds, 2), "val": result.metrics}
+               "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - started, 2),
+               "val": result.metrics}
         if test_every_epoch:
             row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
         history.append(row)
         score = result.metrics.get(objective, float("nan"))
         log.info("meta-epoch %d (phase %d) loss %.4f val %s", trainer.epoch, row["phase"], losses["loss"],
                  _fmt(result.metrics))
-        selectable = trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1)
+        selectable = trainer.epoch > min(config.normal_epochs, epochs - 1)
         if selectable and (best is None or score > best["score"]):
             best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
     model.load_state_dict(best["state"])

@@ -35,7 +35,8 @@ from sweeper.trainable import DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, Tr
 log = logging.getLogger(__name__)
 
 PAPER_DEFAULT = {"beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
-                 "lr": 2e-4, "local_aggregation": 1, "num_anomalies": 10, "racp_depth": 3}
+                 "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
+                 "num_anomalies": 10, "racp_depth": 3}
 MODE = "max"
 
 

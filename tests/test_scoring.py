@@ -28,9 +28,37 @@ def test_lower_likelihood_means_higher_anomaly_score():
 
 def test_normalization_fit_and_blur_keeps_mass():
     norm = Normalization.fit([torch.tensor([[1.0, 3.0]])])
-    assert norm.mean == (2.0,)
+    assert [float(m) for m in norm.mean] == [2.0]
     maps = torch.zeros(1, 21, 21)
     maps[0, 10, 10] = 1.0
     blurred = gaussian_blur(maps, 2.0)
     assert abs(float(blurred.sum()) - 1.0) < 1e-4
     assert blurred[0, 10, 10] == blurred.max()
+
+
+def test_position_calibration_scores_each_cell_against_its_own_normals():
+    # cell (0, 0) is always low in normals: per level it looks anomalous, per position it does not
+    normals = torch.randn(200, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    normals[:, 0, 0] -= 3.0
+    image = torch.zeros(1, 4, 4)
+    image[0, 0, 0] = -3.0
+    image[0, 2, 2] = -1.0  # the real anomaly
+    for calibration, expected_peak in (("level", (0, 0)), ("position", (2, 2))):
+        norm = Normalization.fit([normals], calibration)
+        maps = anomaly_maps([image], norm, (4, 4), blur_sigma=0.0)
+        peak = divmod(int(maps[0].argmax()), 4)
+        assert peak == expected_peak, calibration
+    restored = Normalization(**{k: tuple(v) for k, v in norm.to_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(restored.std, norm.std))
+    assert norm.mean[0].shape == (4, 4)
+
+
+def test_coarse_level_weight_shifts_the_map_towards_the_coarser_level():
+    norm = Normalization(mean=(0.0, 0.0), std=(1.0, 1.0))
+    fine, coarse = -torch.rand(1, 8, 8), -torch.rand(1, 4, 4)
+    equal = anomaly_maps([fine, coarse], norm, (8, 8), blur_sigma=0.0)
+    fine_only = anomaly_maps([fine], norm, (8, 8), blur_sigma=0.0)
+    coarse_only = anomaly_maps([coarse], norm, (8, 8), blur_sigma=0.0)
+    torch.testing.assert_close(equal, (fine_only + coarse_only) / 2)
+    weighted = anomaly_maps([fine, coarse], norm, (8, 8), blur_sigma=0.0, coarse_level_weight=2.0)
+    torch.testing.assert_close(weighted, (fine_only + 2 * coarse_only) / 3)

@@ -51,3 +51,34 @@ def test_local_aggregation_is_applied_to_training_and_evaluation_alike():
         cells = torch.arange(36).repeat(len(train))
         direct = model.cell_logps(0, trainer.levels[0].vectors, cells, (6, 6))
     torch.testing.assert_close(logps, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_position_blocked_steps_visit_every_usable_cell_once_per_sub_epoch():
+    """cells_per_step draws blocks of cells x images: a partition of the sub-epoch's usable vectors, nothing twice."""
+    train = normals_only(n=10)
+    train.masks[0][3, 2, 2] = 0.1  # a partly-defect cell of a normal image: ignored by the losses
+    config = TrainConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, fiber_batch=48, cells_per_step=8)
+    trainer = Trainer(BGADFlows.from_config([8], config), config, train)
+    images = trainer._sample_images(with_anomalies=False)
+    steps = list(trainer._steps(0, images))
+    assert all(len(cells) <= 8 and len(fibers) <= 48 for fibers, cells in steps)
+    for fibers, cells in steps:  # image-major blocks: row i * P + p is at cells[p]
+        assert torch.equal(fibers % 36, cells.repeat(len(fibers) // len(cells)))
+    visited = torch.cat([fibers for fibers, _ in steps]).sort().values
+    assert torch.equal(visited, torch.arange(10 * 36))  # blocks hold partly-defect cells too; the loss drops them
+    trainer.train_meta_epoch()  # and a blocked epoch trains
+
+
+def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change():
+    """Options a checkpoint predates load as its model was scored then, not as today's defaults."""
+    from bgad_core.checkpoint import make_checkpoint, model_from_checkpoint
+    from bgad_core.scoring import Normalization
+
+    config = TrainConfig(coupling_blocks=2, cond_dim=8)
+    checkpoint = make_checkpoint(BGADFlows.from_config([8], config), config, {}, (24, 24),
+                                 Normalization((0.0,), (1.0,)), 0.0, {}, 1)
+    for key in ("local_aggregation", "calibration", "coarse_level_weight"):
+        del checkpoint["train_config"][key]
+    _, restored, normalization = model_from_checkpoint(checkpoint)
+    assert (restored.local_aggregation, restored.calibration, restored.coarse_level_weight) == (1, "level", 1.0)
+    assert float(normalization.std[0]) == 1.0
