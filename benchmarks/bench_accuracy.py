@@ -6,7 +6,8 @@ Every arm reads the same backbone features of the same split (extracted once, li
 - ``bgad``: plain BGAD: the default flows, trained on the normals only, focal weighting off. No labels.
 - ``bgad-fas``: the default BGAD-FAS (``TrainConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
   ``--strides`` and ``--set KEY=VALUE`` change what the ``bgad`` and ``bgad-fas`` arms model, for ablations.
-- ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features) with the same anomalies and schedule.
+- ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features, per-level score constants) with the same anomalies
+  and schedule.
 
 Protocols (``../shared/data/README.md``): ``mtd`` = MTD-200 (first 200 training normals, 10 anomalies per defect
 type); ``kolektor`` = KolektorSDD with 10 anomalies; ``brainmri`` = BrainMRI with one anomaly in total. Epochs are
@@ -24,7 +25,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +62,30 @@ def cpu_flags() -> str:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
     return f"{model}; {torch.get_num_threads()} threads; flags: {' '.join(f for f in wanted if f in flags) or 'none of interest'}"
+
+
+def protocol_data(dataset: str, data_root: Path) -> DataConfig:
+    """The ``DataConfig`` of a shared protocol at 256 px; exits with "skipped" where the data is absent."""
+    protocol = PROTOCOLS[dataset]
+    path = data_root / protocol["path"]
+    if not path.is_dir():
+        raise SystemExit(f"skipped: real data not found at {path}")
+    return DataConfig(str(path), image_size=256, num_anomalies=protocol["num_anomalies"],
+                      per_defect_type=protocol["per_defect_type"], max_train_normals=protocol["max_train_normals"],
+                      held_out_anomalies=protocol["num_anomalies"])
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as ``TrainConfig`` overrides, each value of its field's type (an unknown key fails)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise SystemExit(f"--set {item}: unknown TrainConfig key {key!r}; known: {sorted(known)}")
+        default = getattr(TrainConfig, key)
+        overrides[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+    return overrides
 
 
 def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
@@ -104,20 +129,10 @@ def main() -> None:
                         help="TrainConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
     args = parser.parse_args()
-    protocol = PROTOCOLS[args.dataset]
-    path = args.data_root / protocol["path"]
-    if not path.is_dir():
-        raise SystemExit(f"skipped: real data not found at {path}")
+    data = protocol_data(args.dataset, args.data_root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        default = getattr(TrainConfig, key)
-        overrides[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+    overrides = parse_overrides(args.set)
     base = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
-    data = DataConfig(str(path), image_size=256, num_anomalies=protocol["num_anomalies"],
-                      per_defect_type=protocol["per_defect_type"], max_train_normals=protocol["max_train_normals"],
-                      held_out_anomalies=protocol["num_anomalies"])
     started = time.perf_counter()
     extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=EXTRACTED_STRIDES)
     _, has_masks, train_all, val_all, test_all = build_feature_sets(data, extractor)
@@ -140,7 +155,7 @@ def main() -> None:
     if "bgad-fas" in args.arms:
         rows.append((f"BGAD-FAS, n = {data.num_anomalies}", bgad_arm(base, train, val, test, objective, size, args.curves)))
     if "paper" in args.arms:
-        paper = replace(base, local_aggregation=1, image_score="max")
+        paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0)
         rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
                      bgad_arm(paper, train_all, val_all, test_all, objective, size, args.curves)))
     for n in args.anomalies:

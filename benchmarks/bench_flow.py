@@ -5,7 +5,8 @@ encoding is built and repeated for every image, the vectors are shuffled, and ea
 through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
-features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls. On a CPU it
+features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
+steps (the paper's) and with position-blocked ones (``cells_per_step``). On a CPU it
 also prints how much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give).
 
     .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu]
@@ -14,11 +15,11 @@ also prints how much faster each subnet matmul alone runs in bf16 than in fp32 (
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from benchmarks.bench_accuracy import cpu_flags
 from bgad_core.features import FeatureSet
 from bgad_core.flow import log_likelihood
 from bgad_core.losses import ml_loss
@@ -30,6 +31,11 @@ from bgad_core.training import Trainer, TrainConfig
 BACKBONE_WIDTHS = {"tf_efficientnet_lite0": (24, 40, 112), "tf_efficientnet_b6": (40, 72, 200)}
 GRIDS = ((64, 64), (32, 32), (16, 16))  # 256 px input
 FIBER_BATCH = 4096
+TRAINER_ARMS = {  # name: TrainConfig options of our trainer's arms
+    "ours fp32": dict(precision="fp32"),
+    "ours bf16": dict(precision="bf16"),
+    "ours fp32, blocks of 64 cells": dict(precision="fp32", cells_per_step=64),
+}
 
 
 def random_features(widths: tuple[int, ...], images: int) -> FeatureSet:
@@ -65,7 +71,7 @@ def reference_sub_epoch(model: BGADFlows, optimizer: torch.optim.Optimizer, trai
 
 
 def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch.device) -> dict[str, float]:
-    """Vectors/s of the reference loop and of the trainer (fp32, bf16), after one warm-up sub-epoch each."""
+    """Vectors/s of the reference loop and of the trainer (``TRAINER_ARMS``), after one warm-up sub-epoch each."""
     train = random_features(widths, images)
     vectors_per_sub_epoch = images * sum(h * w for h, w in GRIDS)
     torch.manual_seed(0)
@@ -77,10 +83,10 @@ def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch
     seen = sum(reference_sub_epoch(reference_model, optimizer, train, device) for _ in range(sub_epochs))
     sync(device)
     rates = {"reference fp32": seen / (time.perf_counter() - started)}
-    for precision in ("fp32", "bf16"):
+    for arm, options in TRAINER_ARMS.items():
         torch.manual_seed(0)
         config = TrainConfig(meta_epochs=sub_epochs + 1, sub_epochs=1, normal_epochs=sub_epochs + 1,
-                             warmup_epochs=0, precision=precision)
+                             warmup_epochs=0, **options)
         trainer = Trainer(BGADFlows(widths), config, train, device)
         trainer.train_meta_epoch()
         sync(device)
@@ -88,7 +94,7 @@ def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch
         for _ in range(sub_epochs):
             trainer.train_meta_epoch()
         sync(device)
-        rates[f"ours {precision}"] = sub_epochs * vectors_per_sub_epoch / (time.perf_counter() - started)
+        rates[arm] = sub_epochs * vectors_per_sub_epoch / (time.perf_counter() - started)
     return rates
 
 
@@ -130,7 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_flags()
     print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.images} images x {sum(h * w for h, w in GRIDS)} vectors per sub-epoch, fiber batch {FIBER_BATCH}")
     print("| backbone widths | arm | vectors/s | vs reference |")

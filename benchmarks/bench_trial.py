@@ -1,4 +1,13 @@
-"""Trial wall time at equal epochs: training on cached features vs recomputing the backbone every sub-epoch.
+"""Trial wall time: cached features vs the backbone every sub-epoch, and a paper-schedule trial on real data.
+
+``--paper-schedule``: one default BGAD-FAS trial on the shared MTD-200 split at 256 px with the paper's 25 x 8
+epochs, as a sweep trial runs it (features once, validation after every meta-epoch, selection on validation PRO,
+test once). Prints the wall time split into data loading (decode + backbone), training and validation, with the
+vectors/s of each, and validation and test (recorded only) after every meta-epoch: the learning curve.
+
+    .venv/bin/python -m benchmarks.bench_trial --paper-schedule [--stop-after K] [--set KEY=VALUE ...] [--json F]
+
+Without it: training on cached features vs recomputing the backbone every sub-epoch, at equal epochs.
 
 The paper's code runs the backbone on every batch of every epoch. Both arms here train the same flows with the
 same seeds on the same images (normals, drawn anomalies and their RACP samples, 256 px): "cached"
@@ -15,16 +24,20 @@ The backbone's weights do not change its cost: ``--weights random`` times the pa
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from bgad_core.backbone import FeatureExtractor
+from benchmarks.bench_accuracy import SHARED, cpu_flags, parse_overrides, protocol_data
+from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.features import extract_feature_set
 from bgad_core.model import BGADFlows
 from bgad_core.synthetic import make_synthetic_category
-from bgad_core.train import DataConfig, TrainingImages, load_training_images
+from bgad_core.train import (DataConfig, TrainingImages, build_feature_sets, load_training_images, objective_metric,
+                             train_and_select)
 from bgad_core.training import Trainer, TrainConfig, seed_everything
 
 
@@ -59,14 +72,79 @@ def recompute_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epo
     return trainer
 
 
+def paper_schedule_trial(data_root: Path, overrides: dict, stop_after: int | None, output: Path | None) -> None:
+    """One default trial on MTD-200 at 25 x 8 epochs: where its wall time goes, and its learning curve.
+
+    ``stop_after`` trains only the first meta-epochs of that schedule and extrapolates the full trial's time.
+    """
+    data = protocol_data("mtd", data_root)
+    config = TrainConfig(**{"meta_epochs": 25, "sub_epochs": 8, **overrides})
+    started = time.perf_counter()
+    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=DEFAULT_STRIDES)
+    _, has_masks, train, val, test = build_feature_sets(data, extractor)
+    loading = time.perf_counter() - started
+    images = len(train) + len(val) + len(test)
+    seed_everything(config.seed)
+    trainer = Trainer(BGADFlows.from_config(extractor.channels, config), config, train)
+    cells = sum(f.shape[2] * f.shape[3] for f in train.features)
+    objective = objective_metric(has_masks)
+    best = train_and_select(trainer, val, test, (256, 256), objective, test_every_epoch=True, stop_after=stop_after)
+    ran = len(best.history)
+    training = sum(h["train_seconds"] for h in best.history)
+    validation = sum(h["val_seconds"] for h in best.history)
+    # per sub-epoch: every normal once, plus abnormal_ratio as many drawn anomalies from phase 2 on
+    normals = int((train.labels == 0).sum())
+    phase2_images = normals + max(1, round(normals * config.abnormal_ratio))
+    trained = config.sub_epochs * cells * (min(ran, config.normal_epochs) * normals
+                                           + max(0, ran - config.normal_epochs) * phase2_images)
+    scored = ran * cells * (len(val) + min(normals, 512 if config.calibration == "position" else 64))
+    # a stopped run: the remaining meta-epochs cost what its phase-2 ones cost on average
+    phase2 = [h for h in best.history if h["phase"] == 2] or best.history
+    remaining = (config.meta_epochs - ran) * sum(h["train_seconds"] + h["val_seconds"] for h in phase2) / len(phase2)
+    print(f"machine: {cpu_flags()}")
+    print(f"MTD-200, lite0 (offline), 256 px, {config.meta_epochs} x {config.sub_epochs} epochs; "
+          f"config: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}")
+    print("| part | wall s | vectors/s |")
+    print("|---|---|---|")
+    print(f"| data loading (decode + backbone, {images} images) | {loading:.0f} | {images * cells / loading:,.0f} |")
+    print(f"| training | {training:.0f} | {trained / training:,.0f} |")
+    print(f"| validation (normalisation + val split, every meta-epoch) | {validation:.0f} | {scored / validation:,.0f} |")
+    print(f"| total ({ran} of {config.meta_epochs} meta-epochs, with the curve's test after each) | "
+          f"{time.perf_counter() - started:.0f} | |")
+    if ran < config.meta_epochs:
+        print(f"| estimated full schedule (the rest at this run's phase-2 training + validation mean) | "
+              f"{time.perf_counter() - started + remaining:.0f} | |")
+    print(f"selected meta-epoch {best.epoch} on val {objective}; test once: " +
+          ", ".join(f"{k} {best.test.metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")))
+    for h in best.history:
+        print(f"curve | {h['epoch']} | val image {h['val']['image_auroc']:.3f} PRO {h['val']['aupro']:.3f} | "
+              f"test image {h['test']['image_auroc']:.3f} PRO {h['test']['aupro']:.3f} | train {h['train_seconds']:.0f} s")
+    if output is not None:
+        output.write_text(json.dumps({"machine": cpu_flags(), "config": config.to_dict(), "loading_s": loading,
+                                      "remaining_s_estimate": remaining,
+                                      "training_s": training, "validation_s": validation, "epoch": best.epoch,
+                                      "test": best.test.metrics, "history": best.history}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sub-epochs", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--train-normals", type=int, default=32)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--sub-epochs", type=int, default=8, help="sub-epochs of the cached/recompute comparison")
+    parser.add_argument("--image-size", type=int, default=256, help="synthetic image side of that comparison")
+    parser.add_argument("--train-normals", type=int, default=32, help="synthetic training normals of that comparison")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone of that comparison")
     parser.add_argument("--weights", default="offline", help="auto, hub, offline, random or a file")
+    parser.add_argument("--paper-schedule", action="store_true",
+                        help="instead: one default trial on the shared MTD-200 split at 25 x 8 epochs")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder (--paper-schedule)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig overrides of the paper-schedule trial, e.g. cells_per_step=64")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="K",
+                        help="train only the first K meta-epochs of the 25 and extrapolate the trial's wall time")
+    parser.add_argument("--json", type=Path, default=None, help="also write the paper-schedule figures here")
     args = parser.parse_args()
+    if args.paper_schedule:
+        paper_schedule_trial(args.data_root, parse_overrides(args.set), args.stop_after, args.json)
+        return
     with tempfile.TemporaryDirectory() as root:
         category = make_synthetic_category(root, size=args.image_size, n_train=args.train_normals, n_test_good=4,
                                            n_test_per_defect=4)
