@@ -47,7 +47,8 @@ class TrainConfig:
         cells_per_step: 0 (the paper's) draws each step's vectors at random from all cells of the sampled images;
             k > 0 draws it as a block of k cells x ``fiber_batch // k`` images, so the positional condition term is
             computed for k cells instead of thousands (the same objective, still unbiased SGD; the BG-SPP boundary
-            is then a percentile over the block's cells). See BENCHMARKS.md for its speed and accuracy.
+            is then a percentile over the block's cells). +14-23 % vectors/s on a 2-core CPU; its effect on a trained
+            model is not measured yet, hence off by default (BENCHMARKS.md, "Second attempt").
         abnormal_ratio: abnormal images drawn per normal image in phase 2 (0.5 = normal:abnormal 2:1).
         push_fraction: share of each step's abnormal vectors that phase 2 trains on, the least likely first (1 = all,
             the paper); for image-level labels, whose masks mark whole images, see ``least_likely_abnormal``.
