@@ -39,8 +39,12 @@ def test_diverging_trial_fails_alone_and_is_not_retried(tmp_path, tiny_cache):
             assert len({r["pid"] for r in results(trial_dirs(config_path)[trial_id])}) == 1
         else:
             assert run.data.tags["bgad.outcome"] in ("finished", "pruned") and "bgad.failure" not in run.data.tags
-    states = {float(t.params["lr"]): t.state for t in study_of(config_path).trials}
-    assert states[DIVERGING_LR] == optuna.trial.TrialState.FAIL and states[1e-3] == optuna.trial.TrialState.COMPLETE
+    # Optuna agrees with MLflow: the diverged trial FAILs; the others COMPLETE or, stopped by ASHA, are PRUNED
+    states = [(float(t.params["lr"]), t.state) for t in study_of(config_path).trials]
+    State = optuna.trial.TrialState
+    assert all(state == State.FAIL for lr, state in states if lr == DIVERGING_LR), states
+    assert all(state in (State.COMPLETE, State.PRUNED) for lr, state in states if lr != DIVERGING_LR), states
+    assert any(state == State.COMPLETE for _, state in states), states
     [parent] = sweep_runs(config_path)
     assert parent.data.metrics[f"{CATEGORY}/best_test_image_auroc"] > 0.5  # the best trial is a finite one
     assert re.search(r"\| synthetic-tiles \| \d+/\d+/1 \|", log)  # summary table: finished/pruned/failed
