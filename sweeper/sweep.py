@@ -27,6 +27,7 @@ from bgad_core.patchcore import PatchCore
 from bgad_core.training import TrainConfig, evaluate
 from sweeper import credentials, tracking
 from sweeper.cache_reader import read_features
+from sweeper.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.config import ParamSpec, SweepConfig
 from sweeper.interrupt import STOP
 from sweeper.progress import SweepProgress
@@ -200,6 +201,7 @@ def run_experiment(
          **config.tune.custom_resources_per_trial},
     )
     expected = num_samples * _grid_size(param_space)
+    restore_cut_off_state(path)  # a driver killed while Tune saved the state left it cut off
     if tune.Tuner.can_restore(path):
         log.info("resuming experiment %s from %s", name, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
@@ -221,7 +223,7 @@ def run_experiment(
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=MODE
             ),
-            callbacks=[SweepProgress(name, metric, max_t, expected)],
+            callbacks=[SweepProgress(name, metric, max_t, expected), StateBackup(path)],
             verbose=0,
         ),
     )

@@ -1,5 +1,5 @@
 """A sweep interrupted by Ctrl-C after some trials ended: exit 130, nothing left RUNNING or FINISHED that did not
-finish, and the same command resumes without re-running them. (``ray job submit`` of the quickstart to a real
+finish, and the same command resumes without re-running them, also when the saved experiment state was cut off. (``ray job submit`` of the quickstart to a real
 token-authenticated head, and what it records: ``test_readme_commands.py``.)"""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray_processes import REPO, token_env
 from sweeper import tracking
 from sweeper.config import load_config
+from sweeper.experiment_state import BACKUP_SUFFIX, newest_state
 from sweeper.names import match
 from sweeper.sweep import sweep_id
 
@@ -87,10 +88,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags}
     steps_before = {t: len(client.get_metric_history(runs[t].info.run_id, "val_aupro")) for t in ended}
 
+    folder = Path(config.tune.storage_path) / sweep_id(config) / "synthetic-tiles"
+    saved = newest_state(folder)  # a driver SIGKILLed inside Tune's save leaves it cut off: resume from the copy
+    assert saved.with_name(saved.name + BACKUP_SUFFIX).read_bytes() == saved.read_bytes()
+    saved.write_bytes(saved.read_bytes()[:100])
+
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-6000:]
-    assert "resuming experiment" in log
+    assert "resuming experiment" in log and f"{saved} was cut off (100 bytes" in log
     for trial_id in ended:  # a finished trial neither reports again nor gains metric steps
         assert f"| {trial_id} epoch" not in log
         assert len(client.get_metric_history(runs[trial_id].info.run_id, "val_aupro")) == steps_before[trial_id]

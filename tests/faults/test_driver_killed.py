@@ -45,7 +45,8 @@ def test_cluster_refuses_clients_without_its_token(head, tmp_path):
 
 def test_killed_driver_resumes_without_rerunning_ended_trials(head, tmp_path, tiny_cache):
     with_cache(tmp_path, tiny_cache)
-    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 4})
+    # 4 sub-epochs: a meta-epoch lasts long enough (seconds, not tenths) for the kill to land inside a trial
+    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 4, "sub_epochs": 4})
     args = ("--address", head.address)
     cut: dict = {}
 
@@ -63,12 +64,12 @@ def test_killed_driver_resumes_without_rerunning_ended_trials(head, tmp_path, ti
         first.wait_for(a_trial_has_just_started, 300, "a trial started after the first one ended")
         time.sleep(0.5)  # Tune saves its state right after registering a checkpoint
         ended = ENDED.findall(first.log)
-        runs = trial_runs_by_id(config_path)
-        steps_before = {t: metric_steps(config_path, runs[t].info.run_id) for t in ended}
-        [parent] = sweep_runs(config_path)
-        reported = results(cut["folder"])[-1]["training_iteration"]
         first.kill()
     assert first.process.returncode == -9
+    runs = trial_runs_by_id(config_path)  # the records as the kill left them
+    steps_before = {t: metric_steps(config_path, runs[t].info.run_id) for t in ended}
+    [parent] = sweep_runs(config_path)
+    reported = results(cut["folder"])[-1]["training_iteration"]
     assert reported < 4 and cut["trial_id"] not in ended, (reported, ended)  # it was cut off mid-way
 
     code, log = run_job(config_path, head.env, *args)
