@@ -72,5 +72,6 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainC
     config = TrainConfig.from_dict({**predates, **checkpoint["train_config"]})
     model = BGADFlows.from_config(checkpoint["channels"], config)
     model.load_state_dict(checkpoint["flows"])
-    normalization = Normalization(**{k: tuple(v) for k, v in checkpoint["normalization"].items()})  # floats or maps
+    weight = config.coarse_level_weight  # a checkpoint from before the weight was stored kept it in its config
+    normalization = Normalization.from_dict(checkpoint["normalization"], 1.0 if weight == "auto" else float(weight))
     return model.eval(), config, normalization

@@ -103,8 +103,7 @@ class Scorer(nn.Module):
         stores them as constants, ``bgad_core.export``).
         """
         features = [f.to(self.feature_dtype) for f in features]
-        maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma,
-                            self.config.coarse_level_weight)
+        maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma)
         return image_scores(maps, self.config.image_score), maps
 
     def score(self, images: Iterable[np.ndarray]) -> Prediction:

@@ -25,15 +25,19 @@ CALIBRATIONS = ("level", "position")
 
 @dataclass(frozen=True)
 class Normalization:
-    """Location and scale of normal per-dim log-likelihoods, per level: scalars, or ``(H_l, W_l)`` maps.
+    """The scoring constants stored with a model: how its per-level log-likelihoods become one anomaly map.
 
-    The flows are conditioned on position, and their likelihoods still depend on it (borders, aligned parts of an
-    object): a per-position mean and deviation, measured on training normals, turns each cell's log-likelihood
-    into "how unusual for this place" instead of "how unusual for this level".
+    ``mean``, ``std``: location and scale of normal per-dim log-likelihoods, per level: scalars, or ``(H_l, W_l)``
+    maps. The flows are conditioned on position, and their likelihoods still depend on it (borders, aligned parts
+    of an object): a per-position mean and deviation, measured on training normals, turns each cell's
+    log-likelihood into "how unusual for this place" instead of "how unusual for this level".
+    ``coarse_level_weight``: how much more each level weighs in the map than the next finer one (1 = equal);
+    chosen on validation by ``Trainer.validate`` when the training config says "auto".
     """
 
     mean: tuple[torch.Tensor, ...]
     std: tuple[torch.Tensor, ...]
+    coarse_level_weight: float = 1.0
 
     def __post_init__(self) -> None:  # plain floats (checkpoints before per-position calibration) become tensors
         object.__setattr__(self, "mean", tuple(torch.as_tensor(m, dtype=torch.float32) for m in self.mean))
@@ -60,9 +64,16 @@ class Normalization:
                 stds.append(torch.tensor(level_std))
         return Normalization(tuple(means), tuple(stds))
 
-    def to_dict(self) -> dict[str, list]:
-        """Plain (nested) lists, for a ``weights_only`` checkpoint."""
-        return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std]}
+    def to_dict(self) -> dict[str, list | float]:
+        """Plain (nested) lists and a float, for a ``weights_only`` checkpoint."""
+        return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std],
+                "coarse_level_weight": float(self.coarse_level_weight)}
+
+    @staticmethod
+    def from_dict(values: dict[str, list | float], coarse_level_weight: float = 1.0) -> Normalization:
+        """The inverse of ``to_dict``; ``coarse_level_weight`` is the weight of a checkpoint that predates storing it."""
+        return Normalization(tuple(values["mean"]), tuple(values["std"]),
+                             float(values.get("coarse_level_weight", coarse_level_weight)))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -86,16 +97,15 @@ def anomaly_maps(
     normalization: Normalization,
     image_size: tuple[int, int],
     blur_sigma: float = 4.0,
-    coarse_level_weight: float = 1.0,
 ) -> torch.Tensor:
     """Anomaly map ``(B, H, W)`` at image resolution: weighted mean over levels of standardised negative log-likelihood.
 
     Each level's ``(B, H_l, W_l)`` map becomes (mean - logp) / std (higher = more anomalous; the constants are
     scalars or per-cell maps, see ``Normalization``), is upsampled bilinearly, and the levels (finest first) are
-    averaged with weights growing by ``coarse_level_weight`` per level (1 = equal, the paper's), then smoothed as in
-    the paper (Gaussian, sigma 4).
+    averaged with weights growing by ``normalization.coarse_level_weight`` per level (1 = equal, the paper's), then
+    smoothed as in the paper (Gaussian, sigma 4).
     """
-    weights = [coarse_level_weight**level for level in range(len(logp_maps))]
+    weights = [normalization.coarse_level_weight**level for level in range(len(logp_maps))]
     total = None
     for level, logps in enumerate(logp_maps):
         score = (normalization.mean[level] - logps.float()) / normalization.std[level]

@@ -32,14 +32,10 @@ from bgad_core.features import FeatureSet, extract_feature_set
 from bgad_core.model import BGADFlows
 from bgad_core.splits import Splits, check_validation, make_splits
 from bgad_core.synthetic import make_synthetic_category
-from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
+from bgad_core.training import (Evaluation, Trainer, TrainConfig, decision_threshold, objective_metric,
+                                seed_everything)
 
 log = logging.getLogger("bgad_core.train")
-
-
-def objective_metric(has_masks: bool) -> str:
-    """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
-    return "aupro" if has_masks else "image_auroc"
 
 
 def load_records(records: Sequence[ImageRecord], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,10 +197,10 @@ def train_and_select(
         losses = trainer.train_meta_epoch()
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        result = trainer.evaluate(val, trainer.fit_normalization(), image_size)
+        result = trainer.validate(val, image_size, objective)
         row = {"epoch": trainer.epoch, "phase": int(losses["phase"]), "loss": losses["loss"],
                "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - started, 2),
-               "val": result.metrics}
+               "coarse_level_weight": result.normalization.coarse_level_weight, "val": result.metrics}
         if test_every_epoch:
             row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
         history.append(row)

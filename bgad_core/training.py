@@ -10,8 +10,8 @@ likelihood on normals, no BG-SPP and no focal weights, whatever ``focal_weightin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from bgad_core.precision import PRECISION_CHOICES, resolve_precision
 from bgad_core.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
 
 IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
+COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", the equal weights first
 
 
 @dataclass
@@ -64,8 +65,11 @@ class TrainConfig:
             per level, the paper's kind of constant). Per cell raised test PRO by 0.05 on KolektorSDD and image AUROC
             by 0.01-0.02 on MTD-200 at every meta-epoch (BENCHMARKS.md).
         coarse_level_weight: how much more each level weighs in the anomaly map than the next finer one (1 = equal,
-            the paper's); see ``scoring.anomaly_maps``. 2 helped MTD-200 and hurt KolektorSDD: a value for the search
-            (validation chooses it), not a default.
+            the paper's; see ``scoring.anomaly_maps``), or "auto" (default): at every validation, the weight of
+            ``COARSE_LEVEL_WEIGHTS`` whose maps score best on the validation objective (``Trainer.validate``). The
+            best weight differs by dataset (2 on MTD-200, 1 on KolektorSDD, BENCHMARKS.md) and choosing it costs no
+            training: the flows run once and only the cheap scoring is repeated. The chosen weight is stored with
+            the scoring constants (``Normalization``) and used for test and serving.
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
@@ -95,7 +99,7 @@ class TrainConfig:
     cond_dim: int = 128
     local_aggregation: int = 3
     calibration: str = "position"
-    coarse_level_weight: float = 1.0
+    coarse_level_weight: float | str = "auto"
     blur_sigma: float = 4.0
     image_score: str = "max"
     precision: str = "auto"
@@ -103,8 +107,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_beta(self.beta)
-        positive = ("tau", "normalizer", "lr", "meta_epochs", "sub_epochs", "fiber_batch", "coupling_blocks", "clamp",
-                    "coarse_level_weight")
+        positive = ("tau", "normalizer", "lr", "meta_epochs", "sub_epochs", "fiber_batch", "coupling_blocks", "clamp")
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -119,6 +122,8 @@ class TrainConfig:
             raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.coarse_level_weight != "auto":
+            self.coarse_level_weight = _positive_number(self.coarse_level_weight, "coarse_level_weight", "'auto' or ")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {list(CALIBRATIONS)}, got {self.calibration!r}")
         if self.image_score not in IMAGE_SCORE_REDUCTIONS:
@@ -135,6 +140,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _positive_number(value: object, key: str, alternatives: str = "") -> float:
+    """``value`` as a float > 0 (a number, or its text from a command line); else a ConfigError naming ``key``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not number > 0 or math.isinf(number):
+        raise ConfigError(f"{key} must be {alternatives}a number > 0, got {value!r}")
+    return number
+
+
+def objective_metric(has_masks: bool) -> str:
+    """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
+    return "aupro" if has_masks else "image_auroc"
 
 
 @dataclass
@@ -347,6 +368,7 @@ class Trainer:
         """Scoring constants from (up to ``max_images``, evenly spaced for determinism) training normals.
 
         By default 64 images for per-level constants and 512 for per-position ones (those need a sample per cell).
+        The coarse-level weight is the configured one, or 1 for "auto" (``validate`` chooses it).
         """
         if max_images is None:
             max_images = 512 if self.config.calibration == "position" else 64
@@ -354,10 +376,33 @@ class Trainer:
         if len(rows) > max_images:
             rows = rows[torch.linspace(0, len(rows) - 1, max_images).long()]
         maps = logp_maps(self.model, self.train_set.select(rows), self.device)
-        return Normalization.fit(maps, self.config.calibration)
+        weight = self.config.coarse_level_weight
+        return replace(Normalization.fit(maps, self.config.calibration),
+                       coarse_level_weight=1.0 if weight == "auto" else weight)
+
+    def validate(self, val: FeatureSet, image_size: tuple[int, int], objective: str | None = None) -> Evaluation:
+        """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalization``).
+
+        With ``coarse_level_weight`` "auto", the validation maps are scored with each of ``COARSE_LEVEL_WEIGHTS``
+        and the best on ``objective`` (a metric name; ``objective_metric`` when the split has no such metric) is returned, its weight in its
+        ``normalization``; ties keep the smaller weight. The flows run once either way.
+        """
+        normalization = self.fit_normalization()
+        weights = COARSE_LEVEL_WEIGHTS if self.config.coarse_level_weight == "auto" else (None,)
+        logps = logp_maps(self.model, val, self.device)
+        results = [score_split(logps, val, normalization if w is None else replace(normalization, coarse_level_weight=w),
+                               image_size, self.config) for w in weights]
+        if objective not in results[0].metrics:  # None, or a metric this split has not (PRO without masks)
+            objective = objective_metric(val.pixel_masks is not None)
+
+        def value(result: Evaluation) -> float:
+            number = result.metrics.get(objective, math.nan)
+            return -math.inf if math.isnan(number) else number
+
+        return max(results, key=value)  # the first of equals
 
     def evaluate(self, split: FeatureSet, normalization: Normalization, image_size: tuple[int, int]) -> Evaluation:
-        """Evaluate the current flows on a split (see ``evaluate``)."""
+        """Evaluate the current flows on a split with given scoring constants (see ``evaluate``)."""
         return evaluate(self.model, split, normalization, image_size, self.config, self.device)
 
 
@@ -384,8 +429,18 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> Evaluation:
     """Anomaly maps, image scores and metrics of an evaluation split (pixel metrics when it has masks)."""
-    maps = anomaly_maps(logp_maps(model, split, device), normalization, image_size, config.blur_sigma,
-                        config.coarse_level_weight)
+    return score_split(logp_maps(model, split, device), split, normalization, image_size, config)
+
+
+def score_split(
+    logps: Sequence[torch.Tensor],
+    split: FeatureSet,
+    normalization: Normalization,
+    image_size: tuple[int, int],
+    config: TrainConfig,
+) -> Evaluation:
+    """``evaluate`` from the split's log-likelihood maps (``logp_maps``), to score them more than one way."""
+    maps = anomaly_maps(logps, normalization, image_size, config.blur_sigma)
     scores = image_scores(maps, config.image_score)
     labels = split.labels.numpy()
     masks = None if split.pixel_masks is None else split.pixel_masks.numpy()

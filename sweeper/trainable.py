@@ -126,7 +126,7 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
 
     try:
         while runs[0].trainer.epoch < config.meta_epochs:
-            metrics = _meta_epoch(runs, image_size)
+            metrics = _meta_epoch(runs, image_size, context.objective)
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node audits)
             epoch = runs[0].trainer.epoch
             final = epoch == config.meta_epochs
@@ -193,25 +193,32 @@ def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str,
     return _CategoryRun(category, Trainer(model, config, train, device=device), val)
 
 
-def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int]) -> dict[str, float]:
-    """Train every category one meta-epoch and evaluate on validation; metrics are means over categories."""
+def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective: str) -> dict[str, float]:
+    """Train every category one meta-epoch and evaluate on validation; metrics are means over categories.
+
+    Each category's coarse-level weight (chosen on its validation when "auto") is reported as
+    ``coarse_level_weight``, per category (``<name>/coarse_level_weight``) when the trial trains several.
+    """
     per_category: dict[str, dict[str, float]] = {}
     losses, phase = [], 1
     for run in runs:
         epoch = run.trainer.train_meta_epoch()
         losses.append(epoch["loss"])
         phase = int(epoch["phase"])
-        normalization = run.trainer.fit_normalization()
-        run.last = run.trainer.evaluate(run.val, normalization, image_size)
+        run.last = run.trainer.validate(run.val, image_size, objective.removeprefix("val_"))
         per_category[run.name] = run.last.metrics
     keys = sorted(set.intersection(*(set(m) for m in per_category.values())))
     metrics = {f"val_{k}": float(np.nanmean([m[k] for m in per_category.values()])) for k in keys}
     metrics["train_loss"] = float(np.mean(losses))
     # the loss changes meaning at the phase switch (likelihood of normals -> BG-SPP): one curve per phase in MLflow
     metrics[f"train_loss_phase{phase}"] = metrics["train_loss"]
+    weights = {run.name: run.last.normalization.coarse_level_weight for run in runs}
     if len(runs) > 1:
         for name, values in per_category.items():
             metrics.update({f"{name}/val_{k}": v for k, v in values.items()})
+            metrics[f"{name}/coarse_level_weight"] = weights[name]
+    else:
+        metrics["coarse_level_weight"] = weights[runs[0].name]
     return metrics
 
 

@@ -1,5 +1,7 @@
 """Scores are absolute: fixed constants, independent of the batch an image is scored in."""
 
+from dataclasses import replace
+
 import torch
 
 from bgad_core.model import BGADFlows
@@ -48,8 +50,10 @@ def test_position_calibration_scores_each_cell_against_its_own_normals():
         maps = anomaly_maps([image], norm, (4, 4), blur_sigma=0.0)
         peak = divmod(int(maps[0].argmax()), 4)
         assert peak == expected_peak, calibration
-    restored = Normalization(**{k: tuple(v) for k, v in norm.to_dict().items()})
+    restored = Normalization.from_dict(replace(norm, coarse_level_weight=2.0).to_dict())
     assert all(torch.equal(a, b) for a, b in zip(restored.std, norm.std))
+    assert restored.coarse_level_weight == 2.0
+    assert Normalization.from_dict({"mean": [0.0], "std": [1.0]}, 4.0).coarse_level_weight == 4.0  # an old checkpoint
     assert norm.mean[0].shape == (4, 4)
 
 
@@ -60,5 +64,5 @@ def test_coarse_level_weight_shifts_the_map_towards_the_coarser_level():
     fine_only = anomaly_maps([fine], norm, (8, 8), blur_sigma=0.0)
     coarse_only = anomaly_maps([coarse], norm, (8, 8), blur_sigma=0.0)
     torch.testing.assert_close(equal, (fine_only + coarse_only) / 2)
-    weighted = anomaly_maps([fine, coarse], norm, (8, 8), blur_sigma=0.0, coarse_level_weight=2.0)
+    weighted = anomaly_maps([fine, coarse], replace(norm, coarse_level_weight=2.0), (8, 8), blur_sigma=0.0)
     torch.testing.assert_close(weighted, (fine_only + 2 * coarse_only) / 3)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
+from bgad_core.errors import ConfigError
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
-from bgad_core.training import Trainer, TrainConfig, seed_everything
+from bgad_core.training import COARSE_LEVEL_WEIGHTS, Trainer, TrainConfig, seed_everything
 
 
 def normals_only(n: int = 6, scale: float = 1.0) -> FeatureSet:
@@ -82,3 +86,55 @@ def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change
     _, restored, normalization = model_from_checkpoint(checkpoint)
     assert (restored.local_aggregation, restored.calibration, restored.coarse_level_weight) == (1, "level", 1.0)
     assert float(normalization.std[0]) == 1.0
+    assert normalization.coarse_level_weight == 1.0
+    # a checkpoint from before the weight moved into the scoring constants scores with its configured weight
+    checkpoint["train_config"]["coarse_level_weight"] = 2.0
+    del checkpoint["normalization"]["coarse_level_weight"]
+    assert model_from_checkpoint(checkpoint)[2].coarse_level_weight == 2.0
+
+
+def normals_only_two_levels(n: int = 6) -> FeatureSet:
+    generator = torch.Generator().manual_seed(0)
+    return FeatureSet(features=[torch.randn(n, 8, 6, 6, generator=generator), torch.randn(n, 8, 3, 3, generator=generator)],
+                      masks=[torch.zeros(n, 6, 6), torch.zeros(n, 3, 3)], labels=torch.zeros(n, dtype=torch.long),
+                      ids=[str(i) for i in range(n)])
+
+
+def two_level_split(n: int, seed: int) -> FeatureSet:
+    """Half normal, half anomalous images whose anomaly is visible in both levels, more in the coarse one."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % 2).long()
+    fine, coarse = torch.randn(n, 8, 6, 6, generator=generator), torch.randn(n, 8, 3, 3, generator=generator)
+    fine[labels == 1, :, 2, 2] *= 1.5
+    coarse[labels == 1, :, 1, 1] *= 2.5
+    return FeatureSet(features=[fine, coarse], masks=[torch.zeros(n, 6, 6), torch.zeros(n, 3, 3)], labels=labels,
+                      ids=[str(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("weight", ["auto", 2.0])
+def test_validate_scores_with_the_configured_weight_or_the_best_on_validation(weight):
+    config = TrainConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, coarse_level_weight=weight)
+    trainer = Trainer(BGADFlows.from_config([8, 8], config), config, normals_only_two_levels())
+    val = two_level_split(16, seed=1)
+    chosen = trainer.validate(val, (24, 24))
+    normalization = trainer.fit_normalization()
+    by_weight = {w: trainer.evaluate(val, replace(normalization, coarse_level_weight=w), (24, 24)).metrics
+                 for w in COARSE_LEVEL_WEIGHTS}
+    if weight == "auto":
+        assert normalization.coarse_level_weight == 1.0
+        best = max(m["image_auroc"] for m in by_weight.values())
+        first_best = next(w for w, m in by_weight.items() if m["image_auroc"] == best)
+        assert chosen.normalization.coarse_level_weight == first_best
+    else:
+        assert chosen.normalization.coarse_level_weight == normalization.coarse_level_weight == 2.0
+    assert chosen.metrics == by_weight[chosen.normalization.coarse_level_weight]
+    # the test split is scored with the weight validation chose (train_and_select passes its normalization on)
+    test = trainer.evaluate(two_level_split(16, seed=2), chosen.normalization, (24, 24))
+    assert test.normalization.coarse_level_weight == chosen.normalization.coarse_level_weight
+
+
+@pytest.mark.parametrize("bad", ["often", 0.0, -1.0, float("inf"), True])
+def test_coarse_level_weight_is_auto_or_a_positive_number(bad):
+    assert TrainConfig(coarse_level_weight="2").coarse_level_weight == 2.0  # as a command line gives it
+    with pytest.raises(ConfigError, match=r"coarse_level_weight must be 'auto' or a number > 0, got"):
+        TrainConfig(coarse_level_weight=bad)
