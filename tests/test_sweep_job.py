@@ -54,7 +54,9 @@ def trial_runs(config_path: Path, role: str | None = None) -> list:
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1}, search={"compare_paper_default": False})
+    # the quickstart made small (4 trials of 3 meta-epochs, no plots): the interruption and resume are the point
+    config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1}, train={"meta_epochs": 3},
+                                search={"compare_paper_default": False, "num_samples": 4}, mlflow={"log_plots": False})
     config = load_config(config_path)
     env = token_env(tmp_path)
     env.pop("RAY_AUTH_MODE")
