@@ -4,6 +4,8 @@ trials FAIL, both tagged interrupted; no summary), and running the same command 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 
@@ -18,7 +20,7 @@ from ray_processes import REPO, VENV_BIN, RayHead
 from sweeper import tracking
 from sweeper.cache_reader import absolute_uri
 from sweeper.config import load_config
-from sweeper.lock import SweepLock, SweepLocked
+from sweeper.lock import SweepLock
 from sweeper.sweep import sweep_id
 from test_sweep_job import trial_runs
 
@@ -42,13 +44,18 @@ def has_reported(config_path) -> bool:
     return any(client.get_metric_history(r.info.run_id, OBJECTIVE) for r in trial_runs(config_path, role="trial"))
 
 
-def is_locked(config) -> bool:
-    """Whether some process holds the sweep's lock (trying it, and letting go at once when it was free)."""
+def held_by_a_job(config) -> bool:
+    """Whether another live process holds the sweep's lock, read from the holder the lock file names.
+
+    Not by trying the lock: a probe that holds it for an instant makes the job it waits for refuse to start.
+    """
+    path = SweepLock(sweep_id(config), absolute_uri(config.tune.storage_path)).path
     try:
-        with SweepLock(sweep_id(config), absolute_uri(config.tune.storage_path)):
-            return False
-    except SweepLocked:
-        return True
+        pid = json.loads(path.read_text())["pid"]
+        os.kill(pid, 0)  # alive (the holder writes its name only once it holds the lock, and keeps it until exit)
+    except (OSError, ValueError, KeyError):
+        return False
+    return pid != os.getpid()
 
 
 def wait_until(condition, head: RayHead, job_id: str, what: str, timeout_s: float = 400) -> None:
@@ -65,7 +72,7 @@ def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, 
     with head_node(tmp_path) as head:
         job_id = f"stop-{int(time.time())}"
         assert submit(head, config_path, "--no-wait", "--submission-id", job_id).returncode == 0
-        wait_until(lambda: is_locked(config), head, job_id, "the first job holds the sweep's lock")
+        wait_until(lambda: held_by_a_job(config), head, job_id, "the first job holds the sweep's lock")
         twin = submit(head, config_path)  # the same sweep again, while the first runs
         output = twin.stdout + twin.stderr
         assert twin.returncode != 0, output[-5000:]
