@@ -123,7 +123,7 @@ class TrainConfig:
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.coarse_level_weight != "auto":
-            self.coarse_level_weight = _positive_number(self.coarse_level_weight, "coarse_level_weight", "'auto' or ")
+            self.coarse_level_weight = _weight(self.coarse_level_weight)
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {list(CALIBRATIONS)}, got {self.calibration!r}")
         if self.image_score not in IMAGE_SCORE_REDUCTIONS:
@@ -142,14 +142,14 @@ class TrainConfig:
         return asdict(self)
 
 
-def _positive_number(value: object, key: str, alternatives: str = "") -> float:
-    """``value`` as a float > 0 (a number, or its text from a command line); else a ConfigError naming ``key``."""
+def _weight(value: object) -> float:
+    """A fixed ``coarse_level_weight`` as a float > 0 (a number, or its text from a command line)."""
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not number > 0 or math.isinf(number):
-        raise ConfigError(f"{key} must be {alternatives}a number > 0, got {value!r}")
+        raise ConfigError(f"coarse_level_weight must be 'auto' or a number > 0, got {value!r}")
     return number
 
 
@@ -384,14 +384,15 @@ class Trainer:
         """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalization``).
 
         With ``coarse_level_weight`` "auto", the validation maps are scored with each of ``COARSE_LEVEL_WEIGHTS``
-        and the best on ``objective`` (a metric name; ``objective_metric`` when the split has no such metric) is returned, its weight in its
-        ``normalization``; ties keep the smaller weight. The flows run once either way.
+        and the best on ``objective`` is returned, its weight in its ``normalization``; ties keep the smaller weight.
+        ``objective`` is a metric name (``objective_metric`` when the split has no such metric). The flows run once.
         """
         normalization = self.fit_normalization()
-        weights = COARSE_LEVEL_WEIGHTS if self.config.coarse_level_weight == "auto" else (None,)
+        auto = self.config.coarse_level_weight == "auto"
+        weights = COARSE_LEVEL_WEIGHTS if auto else (normalization.coarse_level_weight,)
         logps = logp_maps(self.model, val, self.device)
-        results = [score_split(logps, val, normalization if w is None else replace(normalization, coarse_level_weight=w),
-                               image_size, self.config) for w in weights]
+        results = [score_split(logps, val, replace(normalization, coarse_level_weight=w), image_size, self.config)
+                   for w in weights]
         if objective not in results[0].metrics:  # None, or a metric this split has not (PRO without masks)
             objective = objective_metric(val.pixel_masks is not None)
 

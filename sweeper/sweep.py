@@ -27,8 +27,8 @@ from bgad_core.patchcore import PatchCore
 from bgad_core.training import TrainConfig, evaluate
 from sweeper import credentials, tracking
 from sweeper.cache_reader import read_features
-from sweeper.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.config import ParamSpec, SweepConfig
+from sweeper.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.interrupt import STOP
 from sweeper.progress import SweepProgress
 from sweeper.trainable import DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, TrialContext, train_bgad

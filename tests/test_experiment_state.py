@@ -68,7 +68,8 @@ def test_an_unreadable_state_without_a_copy_is_named_and_kept(tmp_path):
     state(tmp_path, OLD, 1)
     path = tmp_path / NEW
     path.write_text('{"trial_da')
-    with pytest.raises(ExperimentStateError, match=re.escape(f"{path}: Tune's saved experiment state is unreadable (10 bytes")):
+    unreadable = re.escape(f"{path}: Tune's saved experiment state is unreadable (10 bytes")
+    with pytest.raises(ExperimentStateError, match=unreadable):
         restore_cut_off_state(str(tmp_path))
     assert path.read_text() == '{"trial_da'  # nothing deleted
     backup_of(path).write_text("")  # a copy that does not parse either is no copy

@@ -1,6 +1,7 @@
 """A sweep interrupted by Ctrl-C after some trials ended: exit 130, nothing left RUNNING or FINISHED that did not
-finish, and the same command resumes without re-running them, also when the saved experiment state was cut off. (``ray job submit`` of the quickstart to a real
-token-authenticated head, and what it records: ``test_readme_commands.py``.)"""
+finish, and the same command resumes without re-running them, also when the saved experiment state was cut off.
+(``ray job submit`` of the quickstart to a real token-authenticated head, and what it records:
+``test_readme_commands.py``.)"""
 
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change
 
 def normals_only_two_levels(n: int = 6) -> FeatureSet:
     generator = torch.Generator().manual_seed(0)
-    return FeatureSet(features=[torch.randn(n, 8, 6, 6, generator=generator), torch.randn(n, 8, 3, 3, generator=generator)],
+    features = [torch.randn(n, 8, 6, 6, generator=generator), torch.randn(n, 8, 3, 3, generator=generator)]
+    return FeatureSet(features=features,
                       masks=[torch.zeros(n, 6, 6), torch.zeros(n, 3, 3)], labels=torch.zeros(n, dtype=torch.long),
                       ids=[str(i) for i in range(n)])
 
