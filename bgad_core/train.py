@@ -205,8 +205,9 @@ def train_and_select(
             row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
         history.append(row)
         score = result.metrics.get(objective, float("nan"))
-        log.info("meta-epoch %d (phase %d) loss %.4f val %s (coarse level weight %g)", trainer.epoch, row["phase"],
-                 losses["loss"], _fmt(result.metrics), row["coarse_level_weight"])
+        log.info("meta-epoch %d (phase %d) loss %.4f val %s (coarse level weight %g)%s", trainer.epoch, row["phase"],
+                 losses["loss"], _fmt(result.metrics), row["coarse_level_weight"],
+                 f"; test (curve only) {_fmt(row['test'])}" if test_every_epoch else "")
         selectable = trainer.epoch > min(config.normal_epochs, epochs - 1)
         if selectable and (best is None or score > best["score"]):
             best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from bgad_core.errors import ConfigError
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
+from bgad_core.train import train_and_select
 from bgad_core.training import COARSE_LEVEL_WEIGHTS, Trainer, TrainConfig, seed_everything
 
 
@@ -139,3 +141,18 @@ def test_coarse_level_weight_is_auto_or_a_positive_number(bad):
     assert TrainConfig(coarse_level_weight="2").coarse_level_weight == 2.0  # as a command line gives it
     with pytest.raises(ConfigError, match=r"coarse_level_weight must be 'auto' or a number > 0, got"):
         TrainConfig(coarse_level_weight=bad)
+
+
+def test_the_curves_test_at_the_selected_epoch_is_the_final_test(caplog):
+    """A long run's per-meta-epoch log line carries the curve's test, and at the selected epoch it is the test."""
+    config = TrainConfig(meta_epochs=3, sub_epochs=1, warmup_epochs=1, coupling_blocks=2, cond_dim=8, fiber_batch=64)
+    seed_everything(config.seed)
+    train = normals_only_two_levels()
+    trainer = Trainer(BGADFlows.from_config([8, 8], config), config, train)
+    with caplog.at_level(logging.INFO, logger="bgad_core.train"):
+        best = train_and_select(trainer, two_level_split(16, seed=1), two_level_split(16, seed=2), (24, 24),
+                                "image_auroc", test_every_epoch=True)
+    assert [h["epoch"] for h in best.history] == [1, 2, 3]
+    assert best.history[best.epoch - 1]["test"] == best.test.metrics
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("meta-epoch")]
+    assert len(lines) == 3 and all("; test (curve only) image_auroc=" in line for line in lines)
