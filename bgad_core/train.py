@@ -185,8 +185,9 @@ def train_and_select(
 
     Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
     must not hand back the model that BG-SPP never touched. ``test_every_epoch`` also evaluates test after each
-    meta-epoch, for learning curves only: it is recorded in ``history`` and never used to select. ``stop_after``
-    ends training after that many meta-epochs of the configured schedule (to time a long schedule from its start).
+    meta-epoch, for learning curves only: it is recorded in ``history`` and in the meta-epoch's log line (so a
+    stopped run keeps its curve), and never used to select. ``stop_after`` ends training after that many
+    meta-epochs of the configured schedule (to time a long schedule from its start).
     """
     config, model = trainer.config, trainer.model
     best: dict | None = None
