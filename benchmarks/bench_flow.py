@@ -6,10 +6,15 @@ through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
 features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
-steps (the paper's) and with position-blocked ones (``cells_per_step``). On a CPU it
-also prints how much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give).
+steps (the paper's) and with position-blocked ones (``cells_per_step``).
 
-    .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu]
+Each backbone's rows end with the matmul ceiling: how many times fewer multiply-adds a blocked step does than the
+reference for the same function (``matmul_ceiling``). At equal matmul efficiency no fp32 implementation of this
+math can be faster than that; only cheaper arithmetic (bf16 hardware, a GPU) can. On a CPU it also prints how
+much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give). All arms run with
+malloc retaining freed memory (``bgad_core.memory``, which the trainer sets), the reference too.
+
+    .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from benchmarks.bench_accuracy import cpu_flags
 from bgad_core.features import FeatureSet
 from bgad_core.flow import log_likelihood
 from bgad_core.losses import ml_loss
+from bgad_core.memory import retain_freed_memory
 from bgad_core.model import BGADFlows
 from bgad_core.positional import positional_encoding_2d
 from bgad_core.training import Trainer, TrainConfig
@@ -31,10 +37,11 @@ from bgad_core.training import Trainer, TrainConfig
 BACKBONE_WIDTHS = {"tf_efficientnet_lite0": (24, 40, 112), "tf_efficientnet_b6": (40, 72, 200)}
 GRIDS = ((64, 64), (32, 32), (16, 16))  # 256 px input
 FIBER_BATCH = 4096
+BLOCK_CELLS = 64  # cells per position-blocked step
 TRAINER_ARMS = {  # name: TrainConfig options of our trainer's arms
     "ours fp32": dict(precision="fp32"),
     "ours bf16": dict(precision="bf16"),
-    "ours fp32, blocks of 64 cells": dict(precision="fp32", cells_per_step=64),
+    f"ours fp32, blocks of {BLOCK_CELLS} cells": dict(precision="fp32", cells_per_step=BLOCK_CELLS),
 }
 
 
@@ -70,8 +77,10 @@ def reference_sub_epoch(model: BGADFlows, optimizer: torch.optim.Optimizer, trai
     return vectors_seen
 
 
-def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch.device) -> dict[str, float]:
-    """Vectors/s of the reference loop and of the trainer (``TRAINER_ARMS``), after one warm-up sub-epoch each."""
+def measure(
+    widths: tuple[int, ...], images: int, sub_epochs: int, device: torch.device, arms: dict[str, dict]
+) -> dict[str, float]:
+    """Vectors/s of the reference loop and of the trainer's ``arms``, after one warm-up sub-epoch each."""
     train = random_features(widths, images)
     vectors_per_sub_epoch = images * sum(h * w for h, w in GRIDS)
     torch.manual_seed(0)
@@ -83,7 +92,7 @@ def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch
     seen = sum(reference_sub_epoch(reference_model, optimizer, train, device) for _ in range(sub_epochs))
     sync(device)
     rates = {"reference fp32": seen / (time.perf_counter() - started)}
-    for arm, options in TRAINER_ARMS.items():
+    for arm, options in arms.items():
         torch.manual_seed(0)
         config = TrainConfig(meta_epochs=sub_epochs + 1, sub_epochs=1, normal_epochs=sub_epochs + 1,
                              warmup_epochs=0, **options)
@@ -96,6 +105,32 @@ def measure(widths: tuple[int, ...], images: int, sub_epochs: int, device: torch
         sync(device)
         rates[arm] = sub_epochs * vectors_per_sub_epoch / (time.perf_counter() - started)
     return rates
+
+
+def coupling_macs(channels: int, cond_dim: int, condition_rows_per_vector: float) -> float:
+    """Multiply-adds per vector of one AllInOneBlock coupling's forward: its subnet's two layers and the permutation.
+
+    The subnet maps ``channels / 2`` features and the ``cond_dim`` condition to ``2 * (channels / 2 + cond_dim)``
+    hidden units and back to ``channels``. ``condition_rows_per_vector`` is how many condition rows go through the
+    first layer per vector: 1 in the reference, ``cells / vectors`` of a step for ours.
+    """
+    passive = channels - channels // 2
+    hidden = 2 * (passive + cond_dim)
+    return passive * hidden + condition_rows_per_vector * cond_dim * hidden + hidden * channels + channels * channels
+
+
+def matmul_ceiling(widths: tuple[int, ...], images: int, cond_dim: int = 128) -> float:
+    """Reference multiply-adds over a blocked step's, per sub-epoch (levels weighted by their vectors, ``GRIDS``).
+
+    A blocked step of ``images`` images holds ``min(images, FIBER_BATCH // BLOCK_CELLS)`` of them, each at
+    ``FIBER_BATCH`` / that many cells, and computes the condition term once per cell. Backward costs twice the
+    forward in both arms, so the forward's ratio is the whole step's.
+    """
+    cells = [h * w for h, w in GRIDS]
+    condition_rows = 1 / min(images, FIBER_BATCH // BLOCK_CELLS)
+    reference = sum(n * coupling_macs(c, cond_dim, 1.0) for c, n in zip(widths, cells))
+    blocked = sum(n * coupling_macs(c, cond_dim, condition_rows) for c, n in zip(widths, cells))
+    return reference / blocked
 
 
 def subnet_matmul_speedups(channels: int, vectors: int = FIBER_BATCH, repeats: int = 20) -> dict[str, float]:
@@ -133,20 +168,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32, help="training images (256 px) per sub-epoch")
     parser.add_argument("--sub-epochs", type=int, default=2, help="timed sub-epochs per arm, after one warm-up")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16 arm and the bf16 matmul table (without bf16 hardware they take most of the run)")
     args = parser.parse_args()
+    arms = {arm: options for arm, options in TRAINER_ARMS.items()
+            if not (args.no_bf16 and options["precision"] == "bf16")}
     device = torch.device(args.device)
+    retain_freed_memory()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_flags()
     print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.images} images x {sum(h * w for h, w in GRIDS)} vectors per sub-epoch, fiber batch {FIBER_BATCH}")
     print("| backbone widths | arm | vectors/s | vs reference |")
     print("|---|---|---|---|")
     for backbone, widths in BACKBONE_WIDTHS.items():
-        rates = measure(widths, args.images, args.sub_epochs, device)
+        rates = measure(widths, args.images, args.sub_epochs, device, arms)
         base = rates["reference fp32"]
         for arm, rate in rates.items():
             print(f"| {backbone} {widths} | {arm} | {rate:,.0f} | {rate / base:.2f}x |", flush=True)
-    if device.type == "cpu":
+        print(f"| {backbone} {widths} | matmul ceiling of the same math, blocked steps | | "
+              f"{matmul_ceiling(widths, args.images):.2f}x |", flush=True)
+    if device.type == "cpu" and not args.no_bf16:
         widths = sorted(set(BACKBONE_WIDTHS["tf_efficientnet_lite0"] + BACKBONE_WIDTHS["tf_efficientnet_b6"]))
         print(f"\nbf16 speed-up of the subnet matmuls alone (fp32 time / bf16 time), {FIBER_BATCH} vectors:")
         table = {channels: subnet_matmul_speedups(channels) for channels in widths}

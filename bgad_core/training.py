@@ -20,6 +20,7 @@ from bgad_core.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.features import FeatureSet
 from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
+from bgad_core.memory import retain_freed_memory
 from bgad_core.metrics import compute_metrics, f1_max
 from bgad_core.model import BGADFlows
 from bgad_core.precision import PRECISION_CHOICES, resolve_precision
@@ -46,7 +47,8 @@ class TrainConfig:
         warmup_epochs: meta-epochs of linear learning-rate warm-up before the cosine decay.
         fiber_batch: feature vectors per optimisation step (official: 4096).
         cells_per_step: 0 (the paper's) draws each step's vectors at random from all cells of the sampled images;
-            k > 0 draws it as a block of k cells x ``fiber_batch // k`` images, so the positional condition term is
+            k > 0 draws it as a block of k cells x ``fiber_batch // k`` images (more cells where a sub-epoch has
+            fewer images, so that steps keep ``fiber_batch`` vectors), so the positional condition term is
             computed for k cells instead of thousands (the same objective, still unbiased SGD; the BG-SPP boundary
             is then a percentile over the block's cells). +14-23 % vectors/s on a 2-core CPU; its effect on a trained
             model is not measured yet, hence off by default (BENCHMARKS.md, "Second attempt").
@@ -218,6 +220,8 @@ class Trainer:
         self, model: BGADFlows, config: TrainConfig, train: FeatureSet, device: str | torch.device = "cpu"
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # steps reuse their large tensors' pages instead of faulting in fresh ones
         self.model = model.to(self.device)
         self.config = config
         self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only on bf16 hardware
@@ -232,7 +236,9 @@ class Trainer:
         # maximum-likelihood training (the loss does not jump at the phase switch).
         self.focal = config.focal_weighting and len(self.abnormal_rows) > 0
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # fused: one kernel for all parameters' updates instead of a pass per moment over ~200 small tensors
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+                                          fused=self.device.type in ("cpu", "cuda"))
         self.epoch = 0
 
     def learning_rate(self, sub_epoch: int) -> float:
@@ -289,8 +295,9 @@ class Trainer:
             for chunk in fibers.split(cfg.fiber_batch):
                 yield chunk, None
             return
-        cells_per_step = min(cfg.cells_per_step, data.cells)
-        images_per_step = max(1, cfg.fiber_batch // cells_per_step)
+        # k cells x fiber_batch // k images; with fewer images than that, more cells, so steps keep their size
+        images_per_step = min(len(images), max(1, cfg.fiber_batch // min(cfg.cells_per_step, data.cells)))
+        cells_per_step = min(data.cells, max(1, cfg.fiber_batch // images_per_step))
         images = images[torch.randperm(len(images), generator=self.generator)].to(device)
         cells = torch.randperm(data.cells, generator=self.generator).to(device)
         image_groups, cell_groups = images.split(images_per_step), cells.split(cells_per_step)

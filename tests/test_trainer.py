@@ -75,6 +75,15 @@ def test_position_blocked_steps_visit_every_usable_cell_once_per_sub_epoch():
     trainer.train_meta_epoch()  # and a blocked epoch trains
 
 
+def test_position_blocked_steps_keep_their_size_with_few_images():
+    """Fewer images than fiber_batch // cells_per_step: each step takes more cells instead of shrinking."""
+    config = TrainConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, fiber_batch=48, cells_per_step=4)
+    trainer = Trainer(BGADFlows.from_config([8], config), config, normals_only(n=4))
+    steps = list(trainer._steps(0, trainer._sample_images(with_anomalies=False)))
+    assert [len(cells) for _, cells in steps] == [12, 12, 12]  # 4 images x 12 cells = 48 vectors, 36 cells in all
+    assert all(len(fibers) == 48 for fibers, _ in steps)
+
+
 def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change():
     """Options a checkpoint predates load as its model was scored then, not as today's defaults."""
     from bgad_core.checkpoint import make_checkpoint, model_from_checkpoint
