@@ -11,8 +11,7 @@ steps (the paper's) and with position-blocked ones (``cells_per_step``).
 Each backbone's rows end with the matmul ceiling: how many times fewer multiply-adds a blocked step does than the
 reference for the same function (``matmul_ceiling``). At equal matmul efficiency no fp32 implementation of this
 math can be faster than that; only cheaper arithmetic (bf16 hardware, a GPU) can. On a CPU it also prints how
-much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give). All arms run with
-malloc retaining freed memory (``bgad_core.memory``, which the trainer sets), the reference too.
+much faster each subnet matmul alone runs in bf16 than in fp32 (the ceiling bf16 can give).
 
     .venv/bin/python -m benchmarks.bench_flow [--images 32] [--sub-epochs 2] [--device cpu] [--no-bf16]
 """
@@ -28,7 +27,6 @@ from benchmarks.bench_accuracy import cpu_flags
 from bgad_core.features import FeatureSet
 from bgad_core.flow import log_likelihood
 from bgad_core.losses import ml_loss
-from bgad_core.memory import retain_freed_memory
 from bgad_core.model import BGADFlows
 from bgad_core.positional import positional_encoding_2d
 from bgad_core.training import Trainer, TrainConfig
@@ -175,7 +173,6 @@ def main() -> None:
     arms = {arm: options for arm, options in TRAINER_ARMS.items()
             if not (args.no_bf16 and options["precision"] == "bf16")}
     device = torch.device(args.device)
-    retain_freed_memory()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_flags()
     print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.images} images x {sum(h * w for h, w in GRIDS)} vectors per sub-epoch, fiber batch {FIBER_BATCH}")

@@ -20,7 +20,6 @@ from bgad_core.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.features import FeatureSet
 from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
-from bgad_core.memory import retain_freed_memory
 from bgad_core.metrics import compute_metrics, f1_max
 from bgad_core.model import BGADFlows
 from bgad_core.precision import PRECISION_CHOICES, resolve_precision
@@ -220,8 +219,6 @@ class Trainer:
         self, model: BGADFlows, config: TrainConfig, train: FeatureSet, device: str | torch.device = "cpu"
     ) -> None:
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            retain_freed_memory()  # steps reuse their large tensors' pages instead of faulting in fresh ones
         self.model = model.to(self.device)
         self.config = config
         self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only on bf16 hardware
