@@ -49,8 +49,9 @@ class TrainConfig:
             k > 0 draws it as a block of k cells x ``fiber_batch // k`` images (more cells where a sub-epoch has
             fewer images, so that steps keep ``fiber_batch`` vectors), so the positional condition term is
             computed for k cells instead of thousands (the same objective, still unbiased SGD; the BG-SPP boundary
-            is then a percentile over the block's cells). +14-23 % vectors/s on a 2-core CPU; its effect on a trained
-            model is not measured yet, hence off by default (BENCHMARKS.md, "Second attempt").
+            is then a percentile over the block's cells). Its steps are 1.1-1.4x faster on a 2-core CPU but a
+            trial only 1.05-1.14x; on MTD-200 test image AUROC and PRO stayed within 0.01 while pixel AUROC fell by
+            0.03, measured on that one dataset, hence off by default (BENCHMARKS.md, sections 1b and 1c).
         abnormal_ratio: abnormal images drawn per normal image in phase 2 (0.5 = normal:abnormal 2:1).
         push_fraction: share of each step's abnormal vectors that phase 2 trains on, the least likely first (1 = all,
             the paper); for image-level labels, whose masks mark whole images, see ``least_likely_abnormal``.
