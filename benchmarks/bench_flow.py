@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--sub-epochs", type=int, default=2, help="timed sub-epochs per arm, after one warm-up")
     parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     parser.add_argument("--no-bf16", action="store_true",
-                        help="skip the bf16 arm and the bf16 matmul table (without bf16 hardware they take most of the run)")
+                        help="skip the bf16 arm and the bf16 matmul table "
+                             "(without bf16 hardware they take most of the run)")
     args = parser.parse_args()
     arms = {arm: options for arm, options in TRAINER_ARMS.items()
             if not (args.no_bf16 and options["precision"] == "bf16")}

@@ -234,7 +234,7 @@ class Trainer:
         # maximum-likelihood training (the loss does not jump at the phase switch).
         self.focal = config.focal_weighting and len(self.abnormal_rows) > 0
         self.generator = torch.Generator().manual_seed(config.seed)
-        # fused: one kernel for all parameters' updates instead of a pass per moment over ~200 small tensors
+        # fused: the whole update of all ~200 parameter tensors in one kernel, not several foreach passes per step
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           fused=self.device.type in ("cpu", "cuda"))
         self.epoch = 0
