@@ -122,7 +122,7 @@ class SweepJob:
                 pytest.fail(f"sweep exited ({self.process.returncode}) before {what}:\n{self.log[-6000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"no {what} within {timeout_s} s:\n{self.log[-6000:]}")
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     def wait(self, timeout_s: float = 600) -> int:
         try:
@@ -198,6 +198,27 @@ def results(trial_dir: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line still being written
             break
     return rows
+
+
+KILL_AFTER = range(2, 4)  # meta-epochs whose report can trigger a kill: checkpoint 1 registered, epochs to go
+KILLABLE = {"meta_epochs": 5}  # a meta-epoch takes under a second: rows 2 and 3 leave a window of a second or more
+
+
+def assert_resumed_after_a_checkpoint(rows: list[dict], last: int) -> None:
+    """One trial's result.json ``rows`` show one attempt, then one retry from a checkpoint, not a restart.
+
+    Tune appends a result's row when the result arrives, then fetches its checkpoint from the trial's actor in a
+    second call: an actor killed between the two leaves that meta-epoch in result.json without a checkpoint, so the
+    retry trains and reports it again. Tune asks for the next result only once the save is registered, so a kill
+    after a trial's second row retries after checkpoint 1 at the earliest.
+    """
+    attempts: dict[tuple[str, int], list[int]] = {}
+    for row in rows:  # a retry runs in another worker process
+        attempts.setdefault((row["node_id"], row["pid"]), []).append(row["training_iteration"])
+    assert len(attempts) == 2, rows
+    first, retry = attempts.values()
+    assert first == list(range(1, len(first) + 1)) and retry == list(range(retry[0], last + 1)), rows
+    assert 2 <= retry[0] and first[-1] <= retry[0] <= first[-1] + 1, rows  # after the last checkpoint
 
 
 def metric_steps(config_path: Path, run_id: str, metric: str = OBJECTIVE) -> list[int]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from faults.conftest import (
-    SweepJob, assert_every_trial_accounted_for, head_node, metric_steps, results, tiny_sweep, trial_dirs, with_cache,
+    KILL_AFTER, KILLABLE, SweepJob, assert_every_trial_accounted_for, assert_resumed_after_a_checkpoint, head_node,
+    metric_steps, results, tiny_sweep, trial_dirs, with_cache,
 )
 from ray_processes import RayWorker
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
     with_cache(tmp_path, tiny_cache)
-    config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 4})
+    config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train=KILLABLE)
     victim: dict = {}
     # One CPU per node and two concurrent one-CPU trials: one trial runs on each node.
     with head_node(tmp_path, num_cpus=1) as head, RayWorker(head, num_cpus=1) as worker:
@@ -23,7 +24,7 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
         def worker_trial_reported() -> bool:
             for trial_id, folder in trial_dirs(config_path).items():
                 rows = results(folder)
-                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["training_iteration"] <= 2:
+                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["training_iteration"] in KILL_AFTER:
                     victim.update(trial_id=trial_id, folder=folder)
                     return True
             return False
@@ -38,12 +39,11 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
     assert worker.node_id not in survivors and len(survivors) == 1
 
     rows = results(victim["folder"])
-    iterations = [r["training_iteration"] for r in rows]
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 4, iterations  # resumed, not restarted
+    assert_resumed_after_a_checkpoint(rows, KILLABLE["meta_epochs"])
     assert rows[0]["node_id"] == worker.node_id and rows[-1]["node_id"] in survivors, rows  # moved to the head
     assert "Failure # 1" in (victim["folder"] / "error.txt").read_text()
     assert f"{victim['trial_id']} failed (" in log and "retrying from its last checkpoint" in log
 
     runs = assert_every_trial_accounted_for(config_path)
-    assert metric_steps(config_path, runs[victim["trial_id"]].info.run_id) == [1, 2, 3, 4]
+    assert metric_steps(config_path, runs[victim["trial_id"]].info.run_id) == [1, 2, 3, 4, 5]  # no epoch logged twice
     assert runs[victim["trial_id"]].data.tags["bgad.outcome"] == "finished"
