@@ -201,7 +201,10 @@ def results(trial_dir: Path) -> list[dict]:
 
 
 KILL_AFTER = range(2, 4)  # meta-epochs whose report can trigger a kill: checkpoint 1 registered, epochs to go
-KILLABLE = {"meta_epochs": 5}  # a meta-epoch takes under a second: rows 2 and 3 leave a window of a second or more
+# Rows reach result.json seconds after the report, and a 1-sub-epoch meta-epoch takes under a second: at 4
+# sub-epochs a meta-epoch lasts seconds, so a kill seen at row 2 or 3 lands with three meta-epochs still to go.
+KILLABLE = {"meta_epochs": 6, "sub_epochs": 4}
+EVERY_EPOCH = list(range(1, KILLABLE["meta_epochs"] + 1))  # the MLflow steps of a killed trial, each once
 
 
 def assert_resumed_after_a_checkpoint(rows: list[dict], last: int) -> None:
