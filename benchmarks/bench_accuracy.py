@@ -10,12 +10,21 @@ Every arm reads the same backbone features of the same split (extracted once, li
   and schedule.
 
 Protocols (``../shared/data/README.md``): ``mtd`` = MTD-200 (first 200 training normals, 10 anomalies per defect
-type); ``kolektor`` = KolektorSDD with 10 anomalies; ``brainmri`` = BrainMRI with one anomaly in total. Epochs are
-selected on validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the
-learning curves only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
+type); ``kolektor`` = KolektorSDD with 10 anomalies; ``brainmri`` = BrainMRI with one anomaly in total;
+``deeppcb-a`` and ``deeppcb-b`` = the two DeepPCB boards (every image a different board region) with one anomaly in
+total. ``--stress shift-rotate`` runs the protocol on an unaligned twin of its category instead: every image rotated
+and shifted by its own seeded draw, masks moved with it (``benchmarks.stress_data``). Epochs are selected on
+validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the learning curves
+only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
+
+``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
+choices validation makes, ``bgad_core.evaluation``, against fixed ones): each policy selects its own epoch on its
+own validation figure and reads test once there. All policies use constants from the same (up to 512) training
+normals; the ``auto`` row is what the default trainer gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
-        [--arms patchcore bgad bgad-fas paper] [--anomalies 0 1 2 5 10] [--json results.json]
+        [--arms patchcore bgad bgad-fas paper] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
+        [--compare-scoring] [--json results.json]
 """
 
 from __future__ import annotations
@@ -24,26 +33,40 @@ import argparse
 import json
 import logging
 import platform
+import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
+from benchmarks.stress_data import shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.datasets import read_category
+from bgad_core.evaluation import choose_scoring, score_split, scoring_candidates
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
 from bgad_core.patchcore import PatchCore
 from bgad_core.splits import make_splits
 from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
-from bgad_core.training import Trainer, TrainConfig, seed_everything
+from bgad_core.training import Trainer, TrainConfig, logp_maps, seed_everything
 
+log = logging.getLogger(__name__)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROTOCOLS = {
     "mtd": dict(path="mtd/magnetic_tile", num_anomalies=10, per_defect_type=True, max_train_normals=200),
     "kolektor": dict(path="kolektorsdd/commutator", num_anomalies=10, per_defect_type=True, max_train_normals=None),
     "brainmri": dict(path="brainmri/brain", num_anomalies=1, per_defect_type=False, max_train_normals=None),
+    "deeppcb-a": dict(path="deeppcb/board_a", num_anomalies=1, per_defect_type=False, max_train_normals=None),
+    "deeppcb-b": dict(path="deeppcb/board_b", num_anomalies=1, per_defect_type=False, max_train_normals=None),
+}
+STRESS = ("shift-rotate",)
+# (calibration, coarse_level_weight, image_score) of each scoring policy --compare-scoring reports
+SCORING_POLICIES = {
+    "auto (default)": ("auto", "auto", "auto"),
+    "auto, max": ("auto", "auto", "max"),
+    "position, weight auto, max (previous default)": ("position", "auto", "max"),
+    "level, weight auto, max": ("level", "auto", "max"),
 }
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper")
@@ -64,12 +87,17 @@ def cpu_flags() -> str:
     return f"{model}; {torch.get_num_threads()} threads; flags: {' '.join(f for f in wanted if f in flags) or 'none of interest'}"
 
 
-def protocol_data(dataset: str, data_root: Path) -> DataConfig:
-    """The ``DataConfig`` of a shared protocol at 256 px; exits with "skipped" where the data is absent."""
+def protocol_data(dataset: str, data_root: Path, stress: str | None = None, scratch: Path | None = None) -> DataConfig:
+    """The ``DataConfig`` of a shared protocol at 256 px; exits with "skipped" where the data is absent.
+
+    ``stress``: run it on a stress variant of the category, written under ``scratch``.
+    """
     protocol = PROTOCOLS[dataset]
     path = data_root / protocol["path"]
     if not path.is_dir():
         raise SystemExit(f"skipped: real data not found at {path}")
+    if stress == "shift-rotate":
+        path = shifted_rotated_copy(path, scratch / f"{dataset}-{stress}")
     return DataConfig(str(path), image_size=256, num_anomalies=protocol["num_anomalies"],
                       per_defect_type=protocol["per_defect_type"], max_train_normals=protocol["max_train_normals"],
                       held_out_anomalies=protocol["num_anomalies"])
@@ -113,6 +141,37 @@ def bgad_arm(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: Feat
             "seconds": round(time.perf_counter() - started, 1), "history": best.history}
 
 
+def scoring_arms(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
+                 size: tuple[int, int]) -> dict[str, dict]:
+    """Train flows once; per ``SCORING_POLICIES`` entry, the epoch its validation selects and test read there.
+
+    Epochs are selectable after phase 1, as in ``train_and_select``. Test log-likelihoods are computed every
+    meta-epoch (to read any policy's test at its own epoch) and scored only as each policy chose on validation.
+    """
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    trainer = Trainer(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    best: dict[str, dict] = {}
+    for _ in range(config.meta_epochs):
+        trainer.train_meta_epoch()
+        fits = dict(zip(("level", "position"), trainer.fit_normalizations(("level", "position"))))
+        val_logps, test_logps = logp_maps(trainer.model, val), logp_maps(trainer.model, test)
+        for name, policy in SCORING_POLICIES.items():
+            calibrations, weights, reductions = scoring_candidates(*policy)
+            chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
+                                    config.blur_sigma, objective)
+            score = chosen.metrics.get(objective, float("nan"))
+            log.info("meta-epoch %d, %s: val %s %.4f (%s)", trainer.epoch, name, objective, score,
+                     chosen.normalization.describe())
+            if trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1) and (
+                    name not in best or score > best[name]["score"]):
+                test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma)
+                best[name] = {"score": score, "epoch": trainer.epoch, "val": chosen.metrics,
+                              "test": test_result.metrics, "scoring": chosen.normalization.describe()}
+    seconds = round(time.perf_counter() - started, 1)
+    return {name: {**row, "seconds": seconds} for name, row in best.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(PROTOCOLS), default="mtd", help="which shared protocol to run")
@@ -127,9 +186,19 @@ def main() -> None:
                         help="levels the bgad and bgad-fas arms model (PatchCore keeps 8 16, the paper arm 4 8 16)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
+    parser.add_argument("--stress", choices=STRESS, default=None,
+                        help="run on a stress variant of the category (shift-rotate: every image moved by its own "
+                             "seeded shift and rotation, masks with it)")
+    parser.add_argument("--compare-scoring", action="store_true",
+                        help="score the bgad and bgad-fas arms under every scoring policy (one training each)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
     args = parser.parse_args()
-    data = protocol_data(args.dataset, args.data_root)
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as scratch:
+        run(args, protocol_data(args.dataset, args.data_root, args.stress, Path(scratch)))
+
+
+def run(args: argparse.Namespace, data: DataConfig) -> None:
+    """The arms ``args`` name on the protocol's data; prints the table (and writes the JSON)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = parse_overrides(args.set)
     base = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
@@ -149,11 +218,16 @@ def main() -> None:
         rows.append(("PatchCore, no labels", {"epoch": "-", "val": model.evaluate(val_all, size),
                                              "test": model.evaluate(test_all, size),
                                              "seconds": round(time.perf_counter() - started, 1)}))
-    if "bgad" in args.arms:
-        rows.append(("BGAD, no labels", bgad_arm(replace(base, focal_weighting=False), normals, val, test, objective,
-                                                 size, args.curves)))
-    if "bgad-fas" in args.arms:
-        rows.append((f"BGAD-FAS, n = {data.num_anomalies}", bgad_arm(base, train, val, test, objective, size, args.curves)))
+    arms = [("bgad", "BGAD, no labels", replace(base, focal_weighting=False), normals),
+            ("bgad-fas", f"BGAD-FAS, n = {data.num_anomalies}", base, train)]
+    for arm, label, config, rows_of in arms:
+        if arm not in args.arms:
+            continue
+        if args.compare_scoring:
+            for policy, row in scoring_arms(config, rows_of, val, test, objective, size).items():
+                rows.append((f"{label}, scoring {policy} [{row['scoring']}]", row))
+        else:
+            rows.append((label, bgad_arm(config, rows_of, val, test, objective, size, args.curves)))
     if "paper" in args.arms:
         paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0)
         rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
@@ -162,7 +236,7 @@ def main() -> None:
         subset = anomaly_subset(train, data, n)
         config = base if n else replace(base, focal_weighting=False)
         rows.append((f"BGAD-FAS, n = {n}", bgad_arm(config, subset, val, test, objective, size, args.curves)))
-    print(f"\n{args.dataset}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
+    print(f"\n{args.dataset}{'' if args.stress is None else ' (' + args.stress + ')'}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
           f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
     print(f"machine: {cpu_flags()}")
     print("| arm | epoch | val " + objective + " | test image AUROC | test pixel AUROC | test PRO | wall s |")
@@ -179,7 +253,7 @@ def main() -> None:
                 print(f"curve | {label} | {h['epoch']} | val {h['val'].get(objective, float('nan')):.3f} | "
                       f"test image {t.get('image_auroc', float('nan')):.3f} | test PRO {t.get('aupro', float('nan')):.3f}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"dataset": args.dataset, "machine": cpu_flags(),
+        args.json.write_text(json.dumps({"dataset": args.dataset, "stress": args.stress, "machine": cpu_flags(),
                                          "rows": [{"arm": label, **row} for label, row in rows]}, indent=1))
 
 

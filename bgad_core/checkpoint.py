@@ -68,10 +68,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainConfig, Normalization]:
     """Rebuild the flows (in eval mode), their training config and the scoring constants."""
     # options a checkpoint predates take the value its model was trained and scored with, not today's default
-    predates = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0}
+    predates = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0, "condition_on_position": True,
+                "image_score": "max"}
     config = TrainConfig.from_dict({**predates, **checkpoint["train_config"]})
     model = BGADFlows.from_config(checkpoint["channels"], config)
     model.load_state_dict(checkpoint["flows"])
-    weight = config.coarse_level_weight  # a checkpoint from before the weight was stored kept it in its config
-    normalization = Normalization.from_dict(checkpoint["normalization"], 1.0 if weight == "auto" else float(weight))
+    # a checkpoint from before the weight and the reduction were stored with the constants kept them in its config
+    weight, reduction = config.coarse_level_weight, config.image_score
+    normalization = Normalization.from_dict(checkpoint["normalization"], 1.0 if weight == "auto" else float(weight),
+                                            "max" if reduction == "auto" else reduction)
     return model.eval(), config, normalization

@@ -104,7 +104,7 @@ class Scorer(nn.Module):
         """
         features = [f.to(self.feature_dtype) for f in features]
         maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma)
-        return image_scores(maps, self.config.image_score), maps
+        return image_scores(maps, self.normalization.image_score), maps
 
     def score(self, images: Iterable[np.ndarray]) -> Prediction:
         """Score uint8 images of any size (``[H, W, 3]`` RGB or ``[H, W]`` grey; any iterable of them).

@@ -17,10 +17,8 @@ import torch.nn.functional as F
 
 from bgad_core.errors import ConfigError
 
-IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")
-
-
-CALIBRATIONS = ("level", "position")
+IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")  # the simpler (the paper's) first
+CALIBRATIONS = ("level", "position")  # the simpler (one constant per level, the paper's kind) first
 
 
 @dataclass(frozen=True)
@@ -32,16 +30,26 @@ class Normalization:
     of an object): a per-position mean and deviation, measured on training normals, turns each cell's
     log-likelihood into "how unusual for this place" instead of "how unusual for this level".
     ``coarse_level_weight``: how much more each level weighs in the map than the next finer one (1 = equal);
-    chosen on validation by ``Trainer.validate`` when the training config says "auto".
+    ``image_score``: how a map becomes an image score (``image_scores``). Each of the three (calibration,
+    weight, reduction) is chosen on validation by ``Trainer.validate`` when the training config says "auto", and
+    lives here so that test, checkpoints, serving and export score with the choice.
     """
 
     mean: tuple[torch.Tensor, ...]
     std: tuple[torch.Tensor, ...]
     coarse_level_weight: float = 1.0
+    image_score: str = "max"
 
     def __post_init__(self) -> None:  # plain floats (checkpoints before per-position calibration) become tensors
         object.__setattr__(self, "mean", tuple(torch.as_tensor(m, dtype=torch.float32) for m in self.mean))
         object.__setattr__(self, "std", tuple(torch.as_tensor(s, dtype=torch.float32) for s in self.std))
+        if self.image_score not in IMAGE_SCORE_REDUCTIONS:
+            raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
+
+    @property
+    def calibration(self) -> str:
+        """"position" when the constants are per-cell maps, "level" when they are one number per level."""
+        return "position" if any(m.ndim for m in self.mean) else "level"
 
     @staticmethod
     def fit(logp_maps: Sequence[torch.Tensor], calibration: str = "level") -> Normalization:
@@ -64,16 +72,32 @@ class Normalization:
                 stds.append(torch.tensor(level_std))
         return Normalization(tuple(means), tuple(stds))
 
-    def to_dict(self) -> dict[str, list | float]:
-        """Plain (nested) lists and a float, for a ``weights_only`` checkpoint."""
+    def choice_metrics(self) -> dict[str, float]:
+        """The scoring choices as numbers, for a metrics log: the coarse-level weight, and 1 or 0 for whether the
+        calibration is per cell ("position") and the image score the mean of the top 1 % ("top1pct_mean")."""
+        return {"coarse_level_weight": float(self.coarse_level_weight),
+                "calibration_position": float(self.calibration == "position"),
+                "image_score_top1pct_mean": float(self.image_score == "top1pct_mean")}
+
+    def describe(self) -> str:
+        """The choices in words, for a log line: ``calibration position, coarse level weight 2, image score max``."""
+        return (f"calibration {self.calibration}, coarse level weight {self.coarse_level_weight:g}, "
+                f"image score {self.image_score}")
+
+    def to_dict(self) -> dict[str, list | float | str]:
+        """Plain (nested) lists, a float and a string, for a ``weights_only`` checkpoint."""
         return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std],
-                "coarse_level_weight": float(self.coarse_level_weight)}
+                "coarse_level_weight": float(self.coarse_level_weight), "image_score": self.image_score}
 
     @staticmethod
-    def from_dict(values: dict[str, list | float], coarse_level_weight: float = 1.0) -> Normalization:
-        """The inverse of ``to_dict``; ``coarse_level_weight`` is the weight of a checkpoint that predates storing it."""
+    def from_dict(
+        values: dict[str, list | float | str], coarse_level_weight: float = 1.0, image_score: str = "max"
+    ) -> Normalization:
+        """The inverse of ``to_dict``; ``coarse_level_weight`` and ``image_score`` are the values of a checkpoint
+        that predates storing them (its training config's)."""
         return Normalization(tuple(values["mean"]), tuple(values["std"]),
-                             float(values.get("coarse_level_weight", coarse_level_weight)))
+                             float(values.get("coarse_level_weight", coarse_level_weight)),
+                             str(values.get("image_score", image_score)))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

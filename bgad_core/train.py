@@ -201,13 +201,13 @@ def train_and_select(
         result = trainer.validate(val, image_size, objective)
         row = {"epoch": trainer.epoch, "phase": int(losses["phase"]), "loss": losses["loss"],
                "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - started, 2),
-               "coarse_level_weight": result.normalization.coarse_level_weight, "val": result.metrics}
+               **result.normalization.choice_metrics(), "val": result.metrics}
         if test_every_epoch:
             row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
         history.append(row)
         score = result.metrics.get(objective, float("nan"))
-        log.info("meta-epoch %d (phase %d) loss %.4f val %s (coarse level weight %g)%s", trainer.epoch, row["phase"],
-                 losses["loss"], _fmt(result.metrics), row["coarse_level_weight"],
+        log.info("meta-epoch %d (phase %d) loss %.4f val %s (%s)%s", trainer.epoch, row["phase"],
+                 losses["loss"], _fmt(result.metrics), result.normalization.describe(),
                  f"; test (curve only) {_fmt(row['test'])}" if test_every_epoch else "")
         selectable = trainer.epoch > min(config.normal_epochs, epochs - 1)
         if selectable and (best is None or score > best["score"]):

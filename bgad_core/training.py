@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from bgad_core.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
+from bgad_core.evaluation import Evaluation, choose_scoring, score_split, scoring_candidates
 from bgad_core.features import FeatureSet
 from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
-from bgad_core.metrics import compute_metrics, f1_max
+from bgad_core.metrics import f1_max
 from bgad_core.model import BGADFlows
 from bgad_core.precision import PRECISION_CHOICES, resolve_precision
-from bgad_core.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
+from bgad_core.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization
 
 IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
-COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", the equal weights first
 
 
 @dataclass
@@ -58,22 +58,26 @@ class TrainConfig:
         abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
             (but some) defect are left out of the losses rather than trained as normal.
         coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
+        condition_on_position: condition the flows on each cell's position (the paper's, default); false models one
+            density per level, the same at every place (``model.BGADFlows``), for objects that do not sit at the
+            same place in every image.
         local_aggregation: each feature is averaged over its ``k x k`` neighbourhood before its flow (odd; 1 = the
             paper's per-cell features). See ``bgad_core.model``. Meant for grids of 16+ cells a side (256 px at
             stride 16); on small inputs (96 px: 12 and 6 cells) a 3x3 window spans much of the image and costs
             accuracy, so use 1 there.
         calibration: how log-likelihoods are standardised into scores, measured on training normals: "position"
-            (default: a mean and deviation per cell of each level's grid, ``scoring.Normalization``) or "level" (one
-            per level, the paper's kind of constant). Per cell raised test PRO by 0.05 on KolektorSDD and image AUROC
-            by 0.01-0.02 on MTD-200 at every meta-epoch (BENCHMARKS.md).
+            (a mean and deviation per cell of each level's grid, ``scoring.Normalization``), "level" (one per level,
+            the paper's kind of constant) or "auto" (default: chosen on validation, ``bgad_core.evaluation``). Per
+            cell raised test PRO by 0.05 on KolektorSDD, whose parts sit at the same place in every image, and
+            collapsed on unaligned objects (held-out tyres: PRO 0.19 against 0.80 per level).
         coarse_level_weight: how much more each level weighs in the anomaly map than the next finer one (1 = equal,
-            the paper's; see ``scoring.anomaly_maps``), or "auto" (default): at every validation, the weight of
-            ``COARSE_LEVEL_WEIGHTS`` whose maps score best on the validation objective (``Trainer.validate``). The
-            best weight differs by dataset (2 on MTD-200, 1 on KolektorSDD, BENCHMARKS.md) and choosing it costs no
-            training: the flows run once and only the cheap scoring is repeated. The chosen weight is stored with
-            the scoring constants (``Normalization``) and used for test and serving.
+            the paper's; see ``scoring.anomaly_maps``), or "auto" (default): chosen on validation among
+            ``evaluation.COARSE_LEVEL_WEIGHTS`` (2 helped MTD-200, 1 KolektorSDD, BENCHMARKS.md).
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
-        image_score: how an anomaly map becomes an image score ("max" or "top1pct_mean").
+        image_score: how an anomaly map becomes an image score: "max", "top1pct_mean" (the mean of its top 1 %
+            pixels) or "auto" (default: chosen on validation image AUROC). Every "auto" choice costs no training:
+            the flows run once per validation and only the scoring is repeated; the choices are stored with the
+            scoring constants (``Normalization``), used for test and serving, and logged per meta-epoch.
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
             loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, 2x slower on one without bf16
             instructions, BENCHMARKS.md); "auto" (default) takes bf16 only on a GPU or a CPU with bf16 hardware
@@ -99,11 +103,12 @@ class TrainConfig:
     coupling_blocks: int = 8
     clamp: float = 1.9
     cond_dim: int = 128
+    condition_on_position: bool = True
     local_aggregation: int = 3
-    calibration: str = "position"
+    calibration: str = "auto"
     coarse_level_weight: float | str = "auto"
     blur_sigma: float = 4.0
-    image_score: str = "max"
+    image_score: str = "auto"
     precision: str = "auto"
     seed: int = 0
 
@@ -126,10 +131,10 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.coarse_level_weight != "auto":
             self.coarse_level_weight = _weight(self.coarse_level_weight)
-        if self.calibration not in CALIBRATIONS:
-            raise ConfigError(f"calibration must be one of {list(CALIBRATIONS)}, got {self.calibration!r}")
-        if self.image_score not in IMAGE_SCORE_REDUCTIONS:
-            raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
+        if self.calibration not in ("auto", *CALIBRATIONS):
+            raise ConfigError(f"calibration must be one of {['auto', *CALIBRATIONS]}, got {self.calibration!r}")
+        if self.image_score not in ("auto", *IMAGE_SCORE_REDUCTIONS):
+            raise ConfigError(f"image_score must be one of {['auto', *IMAGE_SCORE_REDUCTIONS]}, got {self.image_score!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -158,16 +163,6 @@ def _weight(value: object) -> float:
 def objective_metric(has_masks: bool) -> str:
     """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
     return "aupro" if has_masks else "image_auroc"
-
-
-@dataclass
-class Evaluation:
-    """Metrics of one split with the per-image scores and anomaly maps they came from."""
-
-    metrics: dict[str, float]
-    scores: torch.Tensor
-    maps: torch.Tensor
-    normalization: Normalization
 
 
 def fiber_labels(mask_fractions: torch.Tensor, abnormal_fraction: float) -> torch.Tensor:
@@ -369,43 +364,36 @@ class Trainer:
             float(boundary.abnormal),
         )
 
-    def fit_normalization(self, max_images: int | None = None) -> Normalization:
-        """Scoring constants from (up to ``max_images``, evenly spaced for determinism) training normals.
+    def fit_normalizations(self, calibrations: Sequence[str], max_images: int | None = None) -> list[Normalization]:
+        """Scoring constants of each calibration, from (up to ``max_images``, evenly spaced for determinism) training
+        normals whose flows run once for all of them.
 
-        By default 64 images for per-level constants and 512 for per-position ones (those need a sample per cell).
-        The coarse-level weight is the configured one, or 1 for "auto" (``validate`` chooses it).
+        By default 512 images where a per-position calibration is among them (it needs a sample per cell), 64
+        otherwise. The coarse-level weight and image-score reduction are the defaults; ``validate`` sets them.
         """
         if max_images is None:
-            max_images = 512 if self.config.calibration == "position" else 64
+            max_images = 512 if "position" in calibrations else 64
         rows = self.normal_rows
         if len(rows) > max_images:
             rows = rows[torch.linspace(0, len(rows) - 1, max_images).long()]
         maps = logp_maps(self.model, self.train_set.select(rows), self.device)
-        weight = self.config.coarse_level_weight
-        return replace(Normalization.fit(maps, self.config.calibration),
-                       coarse_level_weight=1.0 if weight == "auto" else weight)
+        return [Normalization.fit(maps, calibration) for calibration in calibrations]
 
     def validate(self, val: FeatureSet, image_size: tuple[int, int], objective: str | None = None) -> Evaluation:
-        """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalization``).
+        """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalizations``).
 
-        With ``coarse_level_weight`` "auto", the validation maps are scored with each of ``COARSE_LEVEL_WEIGHTS``
-        and the best on ``objective`` is returned, its weight in its ``normalization``; ties keep the smaller weight.
-        ``objective`` is a metric name (``objective_metric`` when the split has no such metric). The flows run once.
+        Every scoring choice the config leaves "auto" (calibration, coarse-level weight, image-score reduction) is
+        made here on ``objective`` (a metric name; ``objective_metric`` of the split when None), by
+        ``evaluation.choose_scoring``; the returned evaluation's ``normalization`` holds the choices. The flows run
+        once over the normals and once over validation, whatever the number of candidates.
         """
-        normalization = self.fit_normalization()
-        auto = self.config.coarse_level_weight == "auto"
-        weights = COARSE_LEVEL_WEIGHTS if auto else (normalization.coarse_level_weight,)
+        cfg = self.config
+        calibrations, weights, reductions = scoring_candidates(cfg.calibration, cfg.coarse_level_weight,
+                                                               cfg.image_score)
+        fits = self.fit_normalizations(calibrations)
         logps = logp_maps(self.model, val, self.device)
-        results = [score_split(logps, val, replace(normalization, coarse_level_weight=w), image_size, self.config)
-                   for w in weights]
-        if objective not in results[0].metrics:  # None, or a metric this split has not (PRO without masks)
-            objective = objective_metric(val.pixel_masks is not None)
-
-        def value(result: Evaluation) -> float:
-            number = result.metrics.get(objective, math.nan)
-            return -math.inf if math.isnan(number) else number
-
-        return max(results, key=value)  # the first of equals
+        objective = objective or objective_metric(val.pixel_masks is not None)
+        return choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma, objective)
 
     def evaluate(self, split: FeatureSet, normalization: Normalization, image_size: tuple[int, int]) -> Evaluation:
         """Evaluate the current flows on a split with given scoring constants (see ``evaluate``)."""
@@ -435,23 +423,7 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> Evaluation:
     """Anomaly maps, image scores and metrics of an evaluation split (pixel metrics when it has masks)."""
-    return score_split(logp_maps(model, split, device), split, normalization, image_size, config)
-
-
-def score_split(
-    logps: Sequence[torch.Tensor],
-    split: FeatureSet,
-    normalization: Normalization,
-    image_size: tuple[int, int],
-    config: TrainConfig,
-) -> Evaluation:
-    """``evaluate`` from the split's log-likelihood maps (``logp_maps``), to score them more than one way."""
-    maps = anomaly_maps(logps, normalization, image_size, config.blur_sigma)
-    scores = image_scores(maps, config.image_score)
-    labels = split.labels.numpy()
-    masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
-    metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy() if masks is not None else None)
-    return Evaluation(metrics=metrics, scores=scores, maps=maps, normalization=normalization)
+    return score_split(logp_maps(model, split, device), split, normalization, image_size, config.blur_sigma)
 
 
 def decision_threshold(evaluation: Evaluation, labels: torch.Tensor) -> float:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PAPER_DEFAULT = {"beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
-                 "num_anomalies": 10, "racp_depth": 3}
+                 "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
 MODE = "max"
 
 

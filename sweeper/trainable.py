@@ -196,8 +196,9 @@ def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str,
 def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective: str) -> dict[str, float]:
     """Train every category one meta-epoch and evaluate on validation; metrics are means over categories.
 
-    Each category's coarse-level weight (chosen on its validation when "auto") is reported as
-    ``coarse_level_weight``, per category (``<name>/coarse_level_weight``) when the trial trains several.
+    Each category's scoring choices (made on its validation where "auto": ``Normalization.choice_metrics``, e.g.
+    ``coarse_level_weight``) are reported too, per category (``<name>/coarse_level_weight``) when the trial trains
+    several.
     """
     per_category: dict[str, dict[str, float]] = {}
     losses, phase = [], 1
@@ -212,13 +213,13 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
     metrics["train_loss"] = float(np.mean(losses))
     # the loss changes meaning at the phase switch (likelihood of normals -> BG-SPP): one curve per phase in MLflow
     metrics[f"train_loss_phase{phase}"] = metrics["train_loss"]
-    weights = {run.name: run.last.normalization.coarse_level_weight for run in runs}
+    choices = {run.name: run.last.normalization.choice_metrics() for run in runs}
     if len(runs) > 1:
         for name, values in per_category.items():
             metrics.update({f"{name}/val_{k}": v for k, v in values.items()})
-            metrics[f"{name}/coarse_level_weight"] = weights[name]
+            metrics.update({f"{name}/{k}": v for k, v in choices[name].items()})
     else:
-        metrics["coarse_level_weight"] = weights[runs[0].name]
+        metrics.update(choices[runs[0].name])
     return metrics
 
 

@@ -12,7 +12,8 @@ from bgad_core.errors import ConfigError
 from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
 from bgad_core.train import train_and_select
-from bgad_core.training import COARSE_LEVEL_WEIGHTS, Trainer, TrainConfig, seed_everything
+from bgad_core.evaluation import SCORING_MARGIN, scoring_candidates
+from bgad_core.training import Trainer, TrainConfig, seed_everything
 
 
 def normals_only(n: int = 6, scale: float = 1.0) -> FeatureSet:
@@ -102,6 +103,11 @@ def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change
     checkpoint["train_config"]["coarse_level_weight"] = 2.0
     del checkpoint["normalization"]["coarse_level_weight"]
     assert model_from_checkpoint(checkpoint)[2].coarse_level_weight == 2.0
+    # likewise the image-score reduction, which moved there with the "auto" choice
+    assert model_from_checkpoint(checkpoint)[2].image_score == "max"
+    checkpoint["train_config"]["image_score"] = "top1pct_mean"
+    del checkpoint["normalization"]["image_score"]
+    assert model_from_checkpoint(checkpoint)[2].image_score == "top1pct_mean"
 
 
 def normals_only_two_levels(n: int = 6) -> FeatureSet:
@@ -123,26 +129,34 @@ def two_level_split(n: int, seed: int) -> FeatureSet:
                       ids=[str(i) for i in range(n)])
 
 
-@pytest.mark.parametrize("weight", ["auto", 2.0])
-def test_validate_scores_with_the_configured_weight_or_the_best_on_validation(weight):
-    config = TrainConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, coarse_level_weight=weight)
+@pytest.mark.parametrize("fixed", [{}, {"calibration": "position", "coarse_level_weight": 2.0,
+                                          "image_score": "top1pct_mean"}])
+def test_validate_keeps_the_simplest_scoring_within_the_margin_of_the_best_or_the_configured_one(fixed):
+    """Every "auto" choice (calibration, coarse-level weight, reduction) is made on validation by the stated rule."""
+    config = TrainConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, **fixed)
     trainer = Trainer(BGADFlows.from_config([8, 8], config), config, normals_only_two_levels())
     val = two_level_split(16, seed=1)
     chosen = trainer.validate(val, (24, 24))
-    normalization = trainer.fit_normalization()
-    by_weight = {w: trainer.evaluate(val, replace(normalization, coarse_level_weight=w), (24, 24)).metrics
-                 for w in COARSE_LEVEL_WEIGHTS}
-    if weight == "auto":
-        assert normalization.coarse_level_weight == 1.0
-        best = max(m["image_auroc"] for m in by_weight.values())
-        first_best = next(w for w, m in by_weight.items() if m["image_auroc"] == best)
-        assert chosen.normalization.coarse_level_weight == first_best
-    else:
-        assert chosen.normalization.coarse_level_weight == normalization.coarse_level_weight == 2.0
-    assert chosen.metrics == by_weight[chosen.normalization.coarse_level_weight]
-    # the test split is scored with the weight validation chose (train_and_select passes its normalization on)
+    calibrations, weights, reductions = scoring_candidates(config.calibration, config.coarse_level_weight,
+                                                           config.image_score)
+    candidates = []  # (how many choices are not the simplest, evaluation), in the order the rule reads them
+    for c, fit in enumerate(trainer.fit_normalizations(calibrations)):
+        for w, weight in enumerate(weights):
+            for r, reduction in enumerate(reductions):
+                scoring = replace(fit, coarse_level_weight=weight, image_score=reduction)
+                candidates.append((c + w + r, trainer.evaluate(val, scoring, (24, 24))))
+    assert len(candidates) == (1 if fixed else 8)
+    best = max(e.metrics["image_auroc"] for _, e in candidates)
+    expected = next(e for _, e in sorted(candidates, key=lambda c: c[0])
+                    if e.metrics["image_auroc"] >= best - SCORING_MARGIN)
+    described = expected.normalization.describe()
+    assert chosen.normalization.describe() == described
+    assert chosen.metrics == expected.metrics
+    if fixed:
+        assert described == "calibration position, coarse level weight 2, image score top1pct_mean"
+    # the test split is scored the way validation chose (train_and_select passes its normalization on)
     test = trainer.evaluate(two_level_split(16, seed=2), chosen.normalization, (24, 24))
-    assert test.normalization.coarse_level_weight == chosen.normalization.coarse_level_weight
+    assert test.normalization.describe() == described
 
 
 @pytest.mark.parametrize("bad", ["often", 0.0, -1.0, float("inf"), True])
@@ -165,3 +179,18 @@ def test_the_curves_test_at_the_selected_epoch_is_the_final_test(caplog):
     assert best.history[best.epoch - 1]["test"] == best.test.metrics
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("meta-epoch")]
     assert len(lines) == 3 and all("; test (curve only) image_auroc=" in line for line in lines)
+
+
+def test_flows_without_position_give_a_vector_the_same_likelihood_at_every_cell():
+    """``condition_on_position=False``: one density per level; the default's likelihoods depend on the place."""
+    vectors = torch.randn(1, 8, 1, 1).expand(1, 8, 4, 4).contiguous()  # the same vector at all 16 cells
+    for positional in (True, False):
+        seed_everything(0)
+        config = TrainConfig(coupling_blocks=2, cond_dim=8, local_aggregation=1, condition_on_position=positional)
+        model = BGADFlows.from_config([8], config)
+        for parameter in model.parameters():  # FrEIA zero-initialises the last subnet layers: make the condition count
+            torch.nn.init.normal_(parameter, std=0.1)
+        with torch.no_grad():
+            logps = model([vectors])[0].flatten()
+        spread = float(logps.max() - logps.min())
+        assert (spread > 1e-4) if positional else (spread < 1e-5), (positional, spread)
