@@ -170,6 +170,7 @@ def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_fil
         f"{tracking.redact(tracking_uri)}",
         "next:",
         f"  {python} -m mlflow ui --backend-store-uri {tracking.redact(tracking_uri)}",
+        f"  then open {summary['mlflow_view']} (the sweep's runs with the best trial's figures)",
         f"  {python} -m sweeper.promote --sweep {config.name} --best --name {config.name}-model{store}",
         f"  {python} -m sweeper.serve {config.name}-model@champion{store}",
     ]
