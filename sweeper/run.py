@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 if __package__ in (None, ""):  # run as a script (``python sweeper/run.py``): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,7 +59,15 @@ from sweeper.sweep import SweepFailed, SweepInterrupted, run_sweep, summary_tabl
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESULTS = Path("runs")  # in the project directory
-CONSOLE_LOGGERS = ("sweeper", "bgad_core", "__main__")  # INFO on the console; everyone else's only from WARNING
+# The lowest level each logger (and its children) shows on the console; the log file takes everything from INFO.
+# The backbone's weights lines (which weights, why the hub was skipped, with the hub's address) are in the cache
+# report and the log; other libraries reach the console only with errors (Ray's token-auth notice is a warning).
+CONSOLE_LEVELS = {"sweeper": logging.INFO, "bgad_core": logging.INFO, "__main__": logging.INFO,
+                  "bgad_core.backbone": logging.WARNING}
+OTHERS_CONSOLE_LEVEL = logging.ERROR
+# Libraries that print to the console through handlers of their own; their records go to the root's handlers
+# instead. MLflow's handler (set up on import) also serves alembic and SQLAlchemy at the levels it gives them.
+OWN_CONSOLE_HANDLERS = ("ray", "ray.data", "optuna", "mlflow", "alembic", "sqlalchemy.engine")
 
 
 class RedactingFormatter(logging.Formatter):
@@ -100,6 +109,16 @@ def enter_project_dir(project_dir: Path | None, config: SweepConfig, path: Path)
     os.chdir(project_dir)
 
 
+def on_console(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is one of the sweep's console lines: ``CONSOLE_LEVELS`` of its closest named logger."""
+    parts = record.name.split(".")
+    for end in range(len(parts), 0, -1):
+        level = CONSOLE_LEVELS.get(".".join(parts[:end]))
+        if level is not None:
+            return record.levelno >= level
+    return record.levelno >= OTHERS_CONSOLE_LEVEL
+
+
 def log_to_file(path: Path) -> None:
     """Everything logged at INFO, whoever logs it, goes to ``path``; the console keeps the sweep's own lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,12 +126,31 @@ def log_to_file(path: Path) -> None:
     handler.setLevel(logging.INFO)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
-    for name in ("ray", "ray.data", "optuna"):  # libraries that print to the console through handlers of their own
+    for name in OWN_CONSOLE_HANDLERS:
         logger = logging.getLogger(name)
         for own in list(logger.handlers):
             if isinstance(own, logging.StreamHandler) and not isinstance(own, logging.FileHandler):
                 logger.removeHandler(own)  # console handlers only: Ray's session log files keep theirs
         logger.propagate = True
+
+
+def native_stderr_to(path: Path) -> TextIO:
+    """Send what native code writes to file descriptor 2 to ``path``; returns the console stream for Python's lines.
+
+    Ray's C++ core worker inside this (driver) process writes its ERROR-level lines to fd 2 itself, outside
+    Python's logging: e.g. ``core_worker.cc``'s warning that an actor with ``max_restarts`` has constructor arguments
+    in the object store, which every Ray Data actor pool (the feature cache's) raises. Ray has no setting that sends
+    them elsewhere (``RAY_BACKEND_LOG_LEVEL`` would drop them, also from Ray's own session log), so fd 2 goes to the
+    sweep's log file, and ``sys.stderr`` becomes a copy of the former fd 2: ``error:`` lines, tracebacks and the
+    console log handler stay on the console. For the rest of the process, which ends with the sweep.
+    """
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = console
+    return console
 
 
 def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_file: Path) -> str:
@@ -132,6 +170,7 @@ def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_fil
         f"{tracking.redact(tracking_uri)}",
         "next:",
         f"  {python} -m mlflow ui --backend-store-uri {tracking.redact(tracking_uri)}",
+        f"  then open {summary['mlflow_view']} (the sweep's runs with the best trial's figures)",
         f"  {python} -m sweeper.promote --sweep {config.name} --best --name {config.name}-model{store}",
         f"  {python} -m sweeper.serve {config.name}-model@champion{store}",
     ]
@@ -159,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
-    handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] in CONSOLE_LOGGERS)
+    handler.addFilter(on_console)
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     STOP.install()
     config_path = args.config.resolve()  # before entering the project directory
@@ -181,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 address = args.address or ("local" if args.num_cpus else None)
                 ray.init(address=address, num_cpus=args.num_cpus, log_to_driver=False)
                 STOP.install()  # again: ray.init puts a C-level SIGTERM handler of its own (stack dump, exit) over it
+            handler.setStream(native_stderr_to(log_file))
             report = build_cache(config, rebuild=args.rebuild_cache)
             print(tracking.redact(report.summary()), flush=True)
             summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)

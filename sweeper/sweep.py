@@ -371,6 +371,8 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
     except KeyboardInterrupt as stop:  # a stop outside an experiment (test evaluation, baseline, ...)
         raise SweepInterrupted(f"sweep {sid} was stopped by {STOP.name}; run the same command again to resume it") from stop
     summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["mlflow_view"] = tracking.save_runs_view(client, info.experiment_id, sid,
+                                                     [metric, *_best_trial_metrics(summary)])
     _log_summary(client, info.parent_run_id, summary)
     return summary
 
@@ -439,12 +441,17 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _best_trial_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Each category's best trial's validation and test figures, named as the sweep run logs them (the saved runs
+    view shows these columns)."""
+    return {f"{name}/best_{split}_{k}": v for name, entry in summary["categories"].items()
+            for split in ("val", "test") for k, v in entry["best"][split].items()}
+
+
 def _log_summary(client: Any, run_id: str, summary: Mapping[str, Any]) -> None:
     """Test metrics as parent-run metrics, the full summary and its table as artifacts; mark the run finished."""
-    metrics = {}
+    metrics = _best_trial_metrics(summary)
     for name, entry in summary["categories"].items():
-        metrics.update({f"{name}/best_test_{k}": v for k, v in entry["best"]["test"].items()})
-        metrics.update({f"{name}/best_val_{k}": v for k, v in entry["best"]["val"].items()})
         if "paper_default" in entry:
             metrics.update({f"{name}/paper_default_test_{k}": v for k, v in entry["paper_default"]["test"].items()})
         if "baseline" in entry:

@@ -7,13 +7,14 @@ which is safe from Ray worker processes, and retries briefly on SQLite's "databa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,17 @@ TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "bgad.interrupted"
+# What the experiment is to MLflow's UI: model training (a runs table), not GenAI development (traces). MLflow 3.17's
+# UI opens an experiment as its workflow switch says (the URL's ``workflowType``, default GenAI) and reads the tag
+# when that switch is off; MLflow's own API writes the tag. Values: mlflow/server/js, ExperimentKind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# A saved view of the runs table (the UI's "share view": an experiment tag holding its state, opened by
+# ``?viewStateShareKey=<key>``): the columns a sweep's results need, which the default table (Source, Models, Dataset)
+# does not show.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+DEFAULT_RUN_COLUMNS = ("attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`")
+MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
 SQLITE_PREFIX = "sqlite:///"
 LOCAL_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the project directory (sweeper/run.py --project-dir)
 REACHABILITY_TIMEOUT_S = 5.0  # per socket operation: a silent server is reported well within 10 s
@@ -101,13 +113,26 @@ def check_reachable(tracking_uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of the experiment ``name``, created (with ``artifact_location``) if it does not exist."""
+    """Id of the experiment ``name``, created (with ``artifact_location``) if it does not exist, tagged as a
+    model-training experiment (also one created before sweeps set the tag, unless someone chose another kind)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    if artifact_location and "://" not in artifact_location:
-        artifact_location = Path(artifact_location).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        if artifact_location and "://" not in artifact_location:
+            artifact_location = Path(artifact_location).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def save_runs_view(client: MlflowClient, experiment_id: str, key: str, metrics: Sequence[str]) -> str:
+    """Save a view of the experiment's runs table showing ``metrics`` after the default columns; returns its URL
+    under ``mlflow ui`` (model-training workflow, so the runs table rather than the GenAI overview opens)."""
+    state = {"selectedColumns": [*DEFAULT_RUN_COLUMNS, *(f"metrics.`{name}`" for name in metrics)]}
+    with_retry(lambda: client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + key, json.dumps(state)))
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "viewStateShareKey": key})
+    return f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> str | None:

@@ -114,6 +114,9 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     assert len(submits) == 2
     first, second = submits
     assert "| synthetic-tiles |" in first and "PatchCore (no labels)" in first and "best trial for" in first
+    for foreign in ("core_worker.cc", "Token authentication", "huggingface", "mlflow.store.db.utils"):
+        assert foreign not in first, foreign  # the job's console holds the project's lines only
+    assert "?workflowType=machine_learning&viewStateShareKey=" in first  # the saved view of the runs table
     assert "resuming experiment" in second and " epoch " not in second  # the same sweep: nothing trained again
     sweep = re.search(r'"sweep_id": "([^"]+)"', first).group(1)
     assert f'"sweep_id": "{sweep}"' in second
@@ -124,6 +127,9 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     experiment = client.get_experiment_by_name("bgad-sweeper").experiment_id
     [parent] = client.search_runs([experiment], match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "sweep"}))
     assert parent.info.status == "FINISHED" and parent.data.tags["bgad.best_trial.synthetic-tiles"]
+    tags = client.get_experiment(experiment).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
+    assert "metrics.`synthetic-tiles/best_test_image_auroc`" in tags[f"{tracking.SHARED_VIEW_TAG_PREFIX}{sweep}"]
     assert parent.data.params["best.synthetic-tiles.beta"]
     assert parent.data.metrics["synthetic-tiles/best_test_image_auroc"] > 0.5
     assert parent.data.metrics["synthetic-tiles/baseline_test_image_auroc"] > 0.5  # the one-class arm

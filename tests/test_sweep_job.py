@@ -100,6 +100,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-6000:]
     assert "resuming experiment" in log and f"{saved} was cut off (100 bytes" in log
+    for foreign in FOREIGN_LINES:  # the console holds the project's lines only; the sweep's log file the rest
+        assert foreign not in log and foreign not in "".join(output), foreign
     for trial_id in ended:  # a finished trial neither reports again nor gains metric steps
         assert f"| {trial_id} epoch" not in log
         assert len(client.get_metric_history(runs[trial_id].info.run_id, "val_aupro")) == steps_before[trial_id]
@@ -115,3 +117,5 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 
 ENDED = re.compile(r"\| (\w+) (?:finished|pruned) after ")
+# Ray's C++ actor warning (every Ray Data actor pool), its token-auth notice, MLflow's store set-up lines
+FOREIGN_LINES = ("core_worker.cc", "Token authentication", "mlflow.store.db.utils")
