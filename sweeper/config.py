@@ -304,13 +304,17 @@ class SchedulerSpec(Section):
 
 
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
+# What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.metrics.compute_metrics``).
+# AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector.
+OBJECTIVES = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
 
 
 class TuneSpec(Section):
     """How trials run.
 
     Attributes:
-        metric: objective reported by trials (``val_aupro``, ``val_image_auroc``, ...); ``auto`` = ``val_aupro``
+        metric: validation metric the sweep maximises, one of ``OBJECTIVES`` with or without its ``val_`` prefix
+            (``aupro``, ``image_auroc``, ``image_aupr``, ...; stored as ``val_<metric>``); ``auto`` = ``val_aupro``
             when every category has pixel masks, else ``val_image_auroc``.
         scheduler: early stopping of weak trials.
         max_concurrent_trials: trials running at once (one per GPU on a GPU cluster).
@@ -337,9 +341,12 @@ class TuneSpec(Section):
     @field_validator("metric")
     @classmethod
     def _metric_name(cls, value: str) -> str:
-        if value != "auto" and not value.startswith("val_"):
-            raise ValueError("must be 'auto' or a validation metric such as 'val_aupro' (never a test metric)")
-        return value
+        if value == "auto":
+            return value
+        if value.removeprefix("val_") not in OBJECTIVES:
+            raise ValueError(f"must be 'auto' or a validation metric, one of {list(OBJECTIVES)} (a 'val_' prefix is "
+                             "optional; test metrics never choose)")
+        return f"val_{value.removeprefix('val_')}"
 
     @field_validator("custom_resources_per_trial")
     @classmethod

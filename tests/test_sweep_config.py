@@ -36,6 +36,7 @@ def base():
         (lambda r: r["search"].update(space={}), "search.space"),
         (lambda r: r["train"].update(beta=0.0), "train"),
         (lambda r: r["tune"].update(metric="test_aupro"), "tune.metric"),
+        (lambda r: r["tune"].update(metric="val_image_auprc"), "tune.metric"),
         (lambda r: r["tune"].update(schedulr={}), "tune.schedulr"),
         (lambda r: r["search"]["space"].update(racp_depth={"choice": [3, 12]}), "search.space.racp_depth"),
         (lambda r: r["search"]["space"].update(tau={"uniform": [0.3, 0.1]}), "search.space.tau"),
@@ -75,6 +76,17 @@ def test_search_translations():
     assert fixed["meta_epochs"] == 25 and fixed["num_anomalies"] == 10
     paper = paper_default_params(load_config(SEARCH_SPACES / "quickstart.yaml"))
     assert paper["beta"] == 0.01 and paper["num_anomalies"] == 3 and paper["racp_depth"] == 3
+
+
+@pytest.mark.parametrize("metric", ["image_aupr", "val_image_aupr"])
+def test_image_aupr_is_a_selectable_objective(tmp_path, metric):
+    from sweeper.sweep import objective_metric
+
+    raw = base()
+    raw["tune"]["metric"] = metric
+    config = load_config(write(tmp_path, raw))
+    assert config.tune.metric == "val_image_aupr"
+    assert objective_metric(config, {"categories": {"tiles": {"has_masks": True}}}) == "val_image_aupr"
 
 
 def test_summary_table_shows_every_arm_beside_the_trial_counts():
