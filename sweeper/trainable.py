@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ray import tune
 from bgad_core.checkpoint import make_checkpoint, save_checkpoint
 from bgad_core.errors import TrainingDivergedError
 from bgad_core.features import FeatureSet
+from bgad_core.intervals import bootstrap_distribution, interval_metrics, percentile_interval
 from bgad_core.model import BGADFlows
 from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 from sweeper import plots, tracking
@@ -87,6 +89,7 @@ class _CategoryRun:
     trainer: Trainer
     val: FeatureSet
     last: Evaluation | None = None
+    intervals: dict[str, float] = field(default_factory=dict)  # ``<metric>_lo`` / ``_hi`` of ``last``
 
 
 def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
@@ -131,6 +134,8 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
             epoch = runs[0].trainer.epoch
             final = epoch == config.meta_epochs
             improved = _record_best(state, metrics.get(context.objective))
+            if improved:  # the checkpoint the sweep may test and promote also gets pixel-metric intervals
+                metrics.update(_validation_intervals(runs, pixels=True))
             with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
                 _write_checkpoint(Path(folder), runs, manifest, config, state, image_size)
                 if client is not None:
@@ -194,7 +199,8 @@ def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str,
 
 
 def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective: str) -> dict[str, float]:
-    """Train every category one meta-epoch and evaluate on validation; metrics are means over categories.
+    """Train every category one meta-epoch and evaluate on validation; metrics are means over categories, with the
+    image metrics' 95 % intervals (``val_<metric>_lo`` / ``_hi``, see ``_validation_intervals``).
 
     Each category's scoring choices (made on its validation where "auto": ``Normalization.choice_metrics``, e.g.
     ``coarse_level_weight``) are reported too, per category (``<name>/coarse_level_weight``) when the trial trains
@@ -210,6 +216,7 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
         per_category[run.name] = run.last.metrics
     keys = sorted(set.intersection(*(set(m) for m in per_category.values())))
     metrics = {f"val_{k}": float(np.nanmean([m[k] for m in per_category.values()])) for k in keys}
+    metrics.update(_validation_intervals(runs, pixels=False))
     metrics["train_loss"] = float(np.mean(losses))
     # the loss changes meaning at the phase switch (likelihood of normals -> BG-SPP): one curve per phase in MLflow
     metrics[f"train_loss_phase{phase}"] = metrics["train_loss"]
@@ -221,6 +228,30 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
     else:
         metrics.update(choices[runs[0].name])
     return metrics
+
+
+def _validation_intervals(runs: list[_CategoryRun], pixels: bool) -> dict[str, float]:
+    """95 % intervals of the validation metrics (``bgad_core.intervals``) as ``val_<metric>_lo`` / ``_hi``.
+
+    Image metrics cost milliseconds and come every meta-epoch; pixel metrics (``pixels``) re-bin every map, so the
+    trial asks for them only at a new best epoch. Each category's intervals are kept on its run (for its
+    checkpoint); the trial's are those of the mean over categories, from the mean of their bootstrap distributions.
+    """
+    distributions = []
+    for run in runs:
+        masks = run.val.pixel_masks if pixels else None
+        distribution = bootstrap_distribution(run.val.labels, run.last.scores, masks,
+                                              None if masks is None else run.last.maps)
+        run.intervals = interval_metrics({k: percentile_interval(v) for k, v in distribution.items()})
+        distributions.append(distribution)
+    keys = sorted(set.intersection(*(set(d) for d in distributions)))
+    with warnings.catch_warnings():  # a metric undefined in every category: NaN, left out of the percentiles
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: np.nanmean([d[k] for d in distributions], axis=0) for k in keys}
+    intervals = {f"val_{k}": v for k, v in interval_metrics({k: percentile_interval(v) for k, v in mean.items()}).items()}
+    if len(runs) > 1:
+        intervals.update({f"{run.name}/val_{k}": v for run in runs for k, v in run.intervals.items()})
+    return intervals
 
 
 def _write_checkpoint(
@@ -235,7 +266,7 @@ def _write_checkpoint(
         threshold = decision_threshold(evaluation, run.val.labels)
         checkpoint = make_checkpoint(
             run.trainer.model, config, backbone, image_size, evaluation.normalization, threshold,
-            {f"val_{k}": v for k, v in evaluation.metrics.items()}, run.trainer.epoch,
+            {f"val_{k}": v for k, v in {**evaluation.metrics, **run.intervals}.items()}, run.trainer.epoch,
         )
         checkpoint["cache_key"] = manifest["key"]
         checkpoint["category"] = run.name

@@ -150,6 +150,10 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     assert version.tags[tracking.TRIAL_TAG] == best["trial_id"]
     if int(version.tags["bgad.epoch"]) == best["epoch"]:  # the trial run holds the checkpoint the sweep tested
         assert json.loads(version.tags["bgad.test_metrics"]) == pytest.approx(best["test"])
+    validation = json.loads(version.tags["bgad.val_metrics"])  # 95 % intervals beside every figure
+    for figures in (validation, best["test"]):
+        assert all(figures[f"{key}_lo"] <= figures[f"{key}_hi"] for key in ("image_auroc", "pixel_auroc", "aupro"))
+    assert f"{category}/best_test_aupro_lo" in parent.data.metrics
 
     manifest = open_cache(parent.data.tags["bgad.cache_uri"])
     test = read_features(manifest, category, ["test"])

@@ -95,8 +95,20 @@ def test_summary_table_shows_every_arm_beside_the_trial_counts():
     arm = {"val": {"aupro": 0.5}, "test": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}}
     entry = {"trials": {"finished": 2, "pruned": 1, "failed": 0}, "best": arm, "paper_default": arm, "baseline": arm}
     table = summary_table({"objective": "val_aupro", "categories": {"tiles": entry}}).splitlines()
-    assert table[2].startswith("| tiles | 2/1/0 | best trial | 0.5000 | 0.9000 |")
+    assert table[2].startswith("| tiles | 2/1/0 | best trial | 0.500 | 0.900 |")
     assert [row.split(" | ")[2] for row in table[2:]] == ["best trial", "paper default", "PatchCore (no labels)"]
+
+
+def test_summary_table_shows_intervals_and_a_test_column_for_the_objective():
+    from sweeper.sweep import summary_table
+
+    arm = {"val": {"image_aupr": 0.874, "image_aupr_lo": 0.8123, "image_aupr_hi": 0.9311},
+           "test": {"image_auroc": 0.9, "image_auroc_lo": 0.85, "image_auroc_hi": 0.95, "image_aupr": 0.7}}
+    entry = {"trials": {"finished": 1, "pruned": 0, "failed": 0}, "best": arm}
+    header, rule, row = summary_table({"objective": "val_image_aupr", "categories": {"tiles": entry}}).splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == 9
+    assert header.endswith("| val image_aupr | test image AUROC | test pixel AUROC | test PRO | test image_aupr |")
+    assert row == "| tiles | 1/0/0 | best trial | 0.874 [0.81, 0.93] | 0.900 [0.85, 0.95] | - | - | 0.700 |"
 
 
 @pytest.mark.parametrize(
