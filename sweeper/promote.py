@@ -14,7 +14,9 @@ Aliases only, never the deprecated stages.
 
 A version holds the model logged by ``sweeper.serving`` (checkpoint + backbone weights, no network needed) and
 tags saying where it came from: sweep, run, trial, category, cache key, configuration, validation metrics of the
-promoted checkpoint, and its test metrics when the sweep's summary evaluated exactly that checkpoint.
+promoted checkpoint, and its test metrics when the sweep's summary evaluated exactly that checkpoint. Both carry the
+95 % intervals the sweep measured (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.intervals``): one test figure of a
+few dozen images is only as sure as its interval.
 """
 
 from __future__ import annotations
@@ -386,7 +388,8 @@ def rebuild_backbone(backbone: Mapping[str, Any], weights: str | None, owner: st
 
 
 def version_tags(source: Source, checkpoint: Mapping[str, Any], summary: Mapping[str, Any] | None) -> dict[str, str]:
-    """Where the version came from and how good it is (validation of this checkpoint; test when evaluated)."""
+    """Where the version came from and how good it is (validation of this checkpoint; test when evaluated), each
+    figure with its interval (``_lo`` / ``_hi``) where the sweep measured one."""
     trial = source.trial
     trial_id = trial.data.tags.get(tracking.TRIAL_TAG, "")
     config = dict(checkpoint["train_config"])
