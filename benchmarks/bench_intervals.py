@@ -11,25 +11,13 @@ approximation) on the same split.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 from benchmarks.bench_accuracy import cpu_flags
-from benchmarks.bench_aupro import make_split
+from benchmarks.bench_aupro import best_time, make_split
 from bgad_core.intervals import BINS, PIXEL_METRICS, _PixelTable, metric_intervals
 from bgad_core.metrics import compute_metrics
-
-
-def best_time(call: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` wall times, in seconds (the others include interference from the machine)."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
