@@ -248,7 +248,8 @@ def _validation_intervals(runs: list[_CategoryRun], pixels: bool) -> dict[str, f
     with warnings.catch_warnings():  # a metric undefined in every category: NaN, left out of the percentiles
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {k: np.nanmean([d[k] for d in distributions], axis=0) for k in keys}
-    intervals = {f"val_{k}": v for k, v in interval_metrics({k: percentile_interval(v) for k, v in mean.items()}).items()}
+    trial = interval_metrics({k: percentile_interval(v) for k, v in mean.items()})
+    intervals = {f"val_{k}": v for k, v in trial.items()}
     if len(runs) > 1:
         intervals.update({f"{run.name}/val_{k}": v for run in runs for k, v in run.intervals.items()})
     return intervals

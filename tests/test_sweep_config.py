@@ -129,3 +129,24 @@ def test_names_that_reach_mlflow_must_be_safe(tmp_path, edit, key):
     line = next(line for line in str(error.value).splitlines() if line.strip().startswith(f"{key}:"))
     assert "1 to 64 letters, digits, '_', '.' or '-'" in line and "sweep.yaml" in str(error.value)
 
+
+
+def test_a_trial_over_several_categories_reports_intervals_of_its_mean_and_of_each():
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.bench_aupro import make_split
+    from sweeper.trainable import _validation_intervals
+
+    runs = []
+    for seed, name in enumerate(("tiles", "rails")):
+        labels, scores, masks, maps = make_split(16, 32, seed)
+        val = SimpleNamespace(labels=torch.tensor(labels), pixel_masks=torch.tensor(masks) if seed == 0 else None)
+        last = SimpleNamespace(scores=torch.tensor(scores), maps=torch.tensor(maps))
+        runs.append(SimpleNamespace(name=name, val=val, last=last, intervals={}))
+    intervals = _validation_intervals(runs, pixels=True)
+    assert intervals["val_image_auroc_lo"] < intervals["val_image_auroc_hi"]
+    assert "tiles/val_aupro_lo" in intervals and "rails/val_aupro_lo" not in intervals  # rails has no masks
+    assert "val_aupro_lo" not in intervals  # the mean covers the metrics every category has
+    assert runs[0].intervals["aupro_lo"] == intervals["tiles/val_aupro_lo"]  # what the checkpoint records
