@@ -94,3 +94,14 @@ def test_train_and_select_stops_at_the_plateau_and_keeps_the_best_epoch(caplog):
     assert best.epoch == max(scores, key=lambda e: (scores[e], -e))  # the first maximum after phase 1
     assert best.history[best.epoch - 1]["test"] == best.test.metrics
     assert any("training stops after meta-epoch 4 of 8" in r.getMessage() for r in caplog.records)
+
+
+def test_the_recorded_curves_replay_as_the_defaults_claim():
+    """``bench_plateau`` on BENCHMARKS.md's 25 x 8 curves: stop and selected epochs, test within 0.003."""
+    from benchmarks.bench_plateau import CURVES, replay
+
+    replays = {r.curve.name: r for r in (replay(curve, PlateauConfig()) for curve in CURVES)}
+    assert {name: (r.stopped, r.selected, r.full_selected) for name, r in replays.items()} == {
+        "MTD-200 BGAD-FAS": (12, 9, 13), "KolektorSDD BGAD-FAS": (5, 3, 3), "BrainMRI BGAD-FAS": (8, 5, 5),
+        "BrainMRI BGAD (no labels)": (22, 19, 24)}
+    assert max(r.test_gap() for r in replays.values()) <= 0.003 + 1e-9

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from bgad_core.errors import ConfigError
+from bgad_core.stopping import PlateauConfig
 from sweeper.config import load_config
 from sweeper.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
 
@@ -43,6 +44,11 @@ def base():
         (lambda r: r.update(baseline={"coreset_ratio": 0.0}), "baseline.coreset_ratio"),
         (lambda r: r["train"].update(local_aggregation=2), "train"),
         (lambda r: r["search"]["space"].update(push_fraction={"uniform": [0.0, 0.5]}), "search.space.push_fraction"),
+        (lambda r: r["tune"].update(plateau={"patience": -1}), "tune.plateau.patience"),
+        (lambda r: r["tune"].update(plateau={"patience": 2.5}), "tune.plateau.patience"),
+        (lambda r: r["tune"].update(plateau={"min_delta": -0.01}), "tune.plateau.min_delta"),
+        (lambda r: r["tune"].update(plateau={"min_delta": float("inf")}), "tune.plateau.min_delta"),
+        (lambda r: r["tune"].update(plateau={"patiense": 3}), "tune.plateau.patiense"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, edit, key):
@@ -105,3 +111,14 @@ def test_names_that_reach_mlflow_must_be_safe(tmp_path, edit, key):
     line = next(line for line in str(error.value).splitlines() if line.strip().startswith(f"{key}:"))
     assert "1 to 64 letters, digits, '_', '.' or '-'" in line and "sweep.yaml" in str(error.value)
 
+
+
+def test_plateau_stopping_is_on_by_default_and_can_be_turned_off(tmp_path):
+    raw = base()
+    assert load_config(write(tmp_path, raw)).tune.plateau.rule() == PlateauConfig()
+    raw["tune"]["plateau"] = {"enabled": False, "patience": 5}
+    assert not load_config(write(tmp_path, raw)).tune.plateau.rule().enabled
+    raw["tune"]["plateau"] = {"patience": 0}
+    assert not load_config(write(tmp_path, raw)).tune.plateau.rule().enabled
+    raw["tune"]["plateau"] = {"patience": 4, "min_delta": 0}
+    assert load_config(write(tmp_path, raw)).tune.plateau.rule() == PlateauConfig(4, 0.0)
