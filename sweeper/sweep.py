@@ -74,9 +74,10 @@ class SweepOptunaSearch(OptunaSearch):
     Ray's OptunaSearch tells Optuna COMPLETE for every trial that reported: an ASHA-stopped trial then competes
     with its low-budget value, and a diverged one (NaN objective) is rejected by Optuna and stays RUNNING forever.
     Here a trial whose last result says ``failed`` is a FAIL, one stopped before ``max_t`` meta-epochs by ASHA is
-    PRUNED (TPE reads its intermediate values), one the plateau rule ended is COMPLETE, and every trial carries user attributes ``tune_trial_id`` and
-    ``mlflow_run_id``. A trial that an interruption marked FAIL (``bgad.interrupted``) and that completes after the
-    resume is recorded again as a new study trial with the same parameters, as Optuna never reopens a trial.
+    PRUNED (TPE reads its intermediate values), one the plateau rule ended is COMPLETE, and every trial carries user
+    attributes ``tune_trial_id`` and ``mlflow_run_id``. A trial that an interruption marked FAIL
+    (``bgad.interrupted``) and that completes after the resume is recorded again as a new study trial with the same
+    parameters, as Optuna never reopens a trial.
     """
 
     def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
@@ -186,13 +187,15 @@ class PlateauStopper(Stopper):
     (``sweeper.trainable``), which keeps its state (last gain, meta-epochs since) in ``trial_state.json`` with every
     checkpoint and reports its verdict with every meta-epoch. A stopper cannot keep that state itself: Tune pickles
     the run config, stoppers included, once when the experiment is created and never checkpoints them, so after
-    ``Tuner.restore`` a driver-side count would start again from zero for every resumed trial (which would train
-    ``patience`` meta-epochs past its plateau), and a trial retried from an older checkpoint reports some meta-epochs
-    twice, which a driver-side count would count twice. The trial's checkpointed count has neither problem.
+    ``Tuner.restore`` a driver-side count would start again from zero for every resumed trial (which would then
+    train up to ``patience`` meta-epochs past its plateau), and a trial retried from an older checkpoint reports some
+    meta-epochs twice, which a driver-side count would count twice. The trial's checkpointed count has neither
+    problem. The trial also leaves its loop on the verdict, so one resumed from the checkpoint of its stopping epoch
+    (the driver gone before it recorded the stop) trains nothing more.
 
     Tune's own ``TrialPlateauStopper`` does not implement the rule: it stops when the standard deviation of the
-    last ``num_results`` values falls below ``std``, so a falling curve never stops it (KolektorSDD's validation PRO
-    after its peak at meta-epoch 3, 0.563 0.530 0.505 0.500, has a deviation of 0.025, above its default 0.01),
+    last ``num_results`` values falls below ``std``, so a curve falling from its peak does not stop it (KolektorSDD's
+    validation PRO after meta-epoch 3, 0.563 0.530 0.505 0.500, has a deviation of 0.025, above its default 0.01),
     while a curve still climbing by 0.008 per meta-epoch is stopped (deviation 0.009 over 4 results), where the
     rule sees a gain above min_delta 0.005 every epoch. It knows nothing of phase 1, and it counts results since
     the driver started, so it too restarts on a restore.
