@@ -2,7 +2,8 @@
 
     python -m bgad_core.train --data ../shared/data/mtd/magnetic_tile --num-anomalies 10
 
-Features are extracted once (backbone frozen), flows train on them; the epoch with the best *validation*
+Features are extracted once (backbone frozen), flows train on them until the validation objective stops gaining
+(``--patience``, ``--min-delta``: ``bgad_core.stopping``) or the schedule ends; the epoch with the best *validation*
 objective is kept and the test split is evaluated exactly once with it.
 """
 
@@ -31,6 +32,7 @@ from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
 from bgad_core.features import FeatureSet, extract_feature_set
 from bgad_core.model import BGADFlows
 from bgad_core.splits import Splits, check_validation, make_splits
+from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 from bgad_core.synthetic import make_synthetic_category
 from bgad_core.training import (Evaluation, Trainer, TrainConfig, decision_threshold, objective_metric,
                                 seed_everything)
@@ -180,19 +182,24 @@ def train_and_select(
     objective: str,
     test_every_epoch: bool = False,
     stop_after: int | None = None,
+    plateau: PlateauConfig | None = None,
 ) -> Selection:
-    """Train every meta-epoch, keep the one with the best *validation* ``objective``, evaluate test once with it.
+    """Train meta-epochs, keep the one with the best *validation* ``objective``, evaluate test once with it.
 
     Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
-    must not hand back the model that BG-SPP never touched. ``test_every_epoch`` also evaluates test after each
-    meta-epoch, for learning curves only: it is recorded in ``history`` and in the meta-epoch's log line (so a
-    stopped run keeps its curve), and never used to select. ``stop_after`` ends training after that many
-    meta-epochs of the configured schedule (to time a long schedule from its start).
+    must not hand back the model that BG-SPP never touched. ``plateau`` ends training once validation has stopped
+    gaining (``bgad_core.stopping.PlateauRule``, watching the same epochs the selection considers); the selected
+    epoch is still the best one, usually ``patience`` meta-epochs back. None trains the whole schedule, as the
+    learning-curve benchmarks need. ``test_every_epoch`` also evaluates test after each meta-epoch, for learning
+    curves only: it is recorded in ``history`` and in the meta-epoch's log line (so a stopped run keeps its curve),
+    and never used to select. ``stop_after`` ends training after that many meta-epochs of the configured schedule
+    (to time a long schedule from its start).
     """
     config, model = trainer.config, trainer.model
     best: dict | None = None
     history = []
     epochs = config.meta_epochs if stop_after is None else max(1, min(stop_after, config.meta_epochs))
+    rule = PlateauRule(plateau or PlateauConfig(patience=0), first_watched_epoch(config.normal_epochs, epochs))
     for _ in range(epochs):
         started = time.perf_counter()
         losses = trainer.train_meta_epoch()
@@ -209,16 +216,23 @@ def train_and_select(
         log.info("meta-epoch %d (phase %d) loss %.4f val %s (%s)%s", trainer.epoch, row["phase"],
                  losses["loss"], _fmt(result.metrics), result.normalization.describe(),
                  f"; test (curve only) {_fmt(row['test'])}" if test_every_epoch else "")
-        selectable = trainer.epoch > min(config.normal_epochs, epochs - 1)
+        selectable = trainer.epoch >= rule.first_epoch
         if selectable and (best is None or score > best["score"]):
             best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
+        if rule.update(trainer.epoch, score):
+            log.info("validation %s has not gained more than %g for %d meta-epochs: training stops after meta-epoch "
+                     "%d of %d (best: %d)", objective, rule.config.min_delta, rule.stale, trainer.epoch, epochs,
+                     best["epoch"])
+            break
     model.load_state_dict(best["state"])
     test_result = trainer.evaluate(test, best["val"].normalization, image_size)
     return Selection(best["epoch"], best["val"], test_result, history)
 
 
-def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None) -> dict:
-    """Train, select the best epoch on validation, evaluate test once; return a JSON-able summary."""
+def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None,
+        plateau: PlateauConfig = PlateauConfig()) -> dict:
+    """Train until validation plateaus (``plateau``) or the schedule ends, select the best epoch on validation,
+    evaluate test once; return a JSON-able summary."""
     started = time.perf_counter()
     seed_everything(config.seed)
     extractor = FeatureExtractor(backbone, weights=weights, strides=strides)
@@ -233,11 +247,12 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
     image_size = (data.image_size, data.image_size)
     model = BGADFlows.from_config(extractor.channels, config)
     trainer = Trainer(model, config, train)
-    best = train_and_select(trainer, val, test, image_size, objective)
+    best = train_and_select(trainer, val, test, image_size, objective, plateau=plateau)
     threshold = decision_threshold(best.val, val.labels)
     summary = {
         "objective": objective,
         "best_epoch": best.epoch,
+        "meta_epochs_run": len(best.history),
         "val": best.val.metrics,
         "test": best.test.metrics,
         "weights_source": extractor.weights_source,
@@ -339,15 +354,17 @@ def _main(argv: Sequence[str] | None) -> dict:
     parser.add_argument("--output", type=Path, default=None, help="folder for model.pt and summary.json")
     _add_dataclass_args(parser, DataConfig, skip=("data",))
     _add_dataclass_args(parser, TrainConfig)
+    _add_dataclass_args(parser, PlateauConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
+    plateau = PlateauConfig(**{f.name: args[f.name] for f in fields(PlateauConfig)})
     with tempfile.TemporaryDirectory(prefix="bgad-synthetic-") as scratch:
         if args["data"] is None:
             args["data"] = str(make_synthetic_category(Path(scratch), size=args["image_size"]))
             log.info("no --data given: training on generated defect images in %s", args["data"])
         data = DataConfig(**{f.name: args[f.name] for f in fields(DataConfig)})
-        summary = run(data, config, args["backbone"], args["weights"], args["strides"], args["output"])
+        summary = run(data, config, args["backbone"], args["weights"], args["strides"], args["output"], plateau)
     print(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return summary
 

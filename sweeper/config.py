@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 from bgad_core.augment import TRANSFORMS
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
+from bgad_core.stopping import PlateauConfig
 from bgad_core.synthetic import DEFECT_TYPES
 from bgad_core.training import TrainConfig
 from sweeper import credentials
@@ -259,8 +260,9 @@ class SearchSpec(Section):
         seed: TPE sampler seed.
         space: parameter -> distribution, for ``optuna``.
         grid: parameter -> list of values, for ``grid``.
-        compare_paper_default: also train the paper's default configuration with the same schedule (no early
-            stopping) and report its test score beside the best trial's.
+        compare_paper_default: also train the paper's default configuration with the same schedule (no ASHA; it
+            stops at its plateau as the trials do, ``tune.plateau``) and report its test score beside the best
+            trial's.
     """
 
     algorithm: Literal["optuna", "grid"] = "optuna"
@@ -303,6 +305,32 @@ class SchedulerSpec(Section):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+_PLATEAU_DEFAULTS = PlateauConfig()
+
+
+class PlateauSpec(Section):
+    """Per-trial plateau stopping (``bgad_core.stopping``): a trial ends once its validation objective has gone
+    ``patience`` meta-epochs after phase 1 without rising more than ``min_delta``, and keeps its best epoch's
+    checkpoint. ASHA still prunes weak trials; this ends the survivors at their plateau. The defaults replay the
+    recorded 25 x 8 curves with the selected epoch's test within 0.003 of the full runs' in a third of their
+    meta-epochs (``benchmarks/bench_plateau.py``; ``bgad_core.stopping.PlateauConfig`` says why these values).
+
+    Attributes:
+        enabled: stop trials at their plateau (``false``, or ``patience: 0``, trains every trial ASHA keeps to
+            ``train.meta_epochs``).
+        patience: meta-epochs in a row without a gain before a trial stops.
+        min_delta: the rise of the validation objective that counts as a gain must exceed this.
+    """
+
+    enabled: bool = True
+    patience: int = Field(_PLATEAU_DEFAULTS.patience, ge=0)
+    min_delta: float = Field(_PLATEAU_DEFAULTS.min_delta, ge=0, allow_inf_nan=False)
+
+    def rule(self) -> PlateauConfig:
+        """The rule's settings for the trials (patience 0, never stopping, when disabled)."""
+        return PlateauConfig(self.patience if self.enabled else 0, self.min_delta)
+
+
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
 # What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.metrics.compute_metrics``).
 # AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector.
@@ -317,6 +345,7 @@ class TuneSpec(Section):
             (``aupro``, ``image_auroc``, ``image_aupr``, ...; stored as ``val_<metric>``); ``auto`` = ``val_aupro``
             when every category has pixel masks, else ``val_image_auroc``.
         scheduler: early stopping of weak trials.
+        plateau: early stopping of every trial once its validation objective stops gaining.
         max_concurrent_trials: trials running at once (one per GPU on a GPU cluster).
         cpus_per_trial, gpus_per_trial: resources of one trial (a GPU fraction packs several trials per GPU).
         custom_resources_per_trial: Ray custom resources each trial also requests, e.g. ``{trial_node: 1}`` to
@@ -330,6 +359,7 @@ class TuneSpec(Section):
 
     metric: str = "auto"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    plateau: PlateauSpec = Field(default_factory=PlateauSpec)
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)

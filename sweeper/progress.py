@@ -3,7 +3,7 @@
     [synthetic-tiles]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro 0.9687 (f69d176c) | ETA <= 52s | 4e1075a2 epoch 2 val_aupro=0.9539
 
 The ETA is an upper bound: it assumes every trial still to run or running goes the full ``max_t`` meta-epochs at the
-rate measured so far (ASHA stops most of them earlier).
+rate measured so far (ASHA and the plateau rule stop most of them earlier).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from ray import tune
 
 from sweeper.interrupt import STOP
-from sweeper.trainable import FAILED_KEY
+from sweeper.trainable import FAILED_KEY, ran_its_course
 
 
 class SweepProgress(tune.Callback):
@@ -75,7 +75,7 @@ class SweepProgress(tune.Callback):
         if status == "ERROR" or (status == "TERMINATED" and last.get(FAILED_KEY)):
             return "failed"
         if status == "TERMINATED":
-            return "finished" if last.get("training_iteration", 0) >= self.max_t else "pruned"
+            return "finished" if ran_its_course(last, self.max_t) else "pruned"
         return None
 
     def _print(self, trials: list, event: str, ending: dict[str, str | None] | None = None) -> None:

@@ -7,9 +7,10 @@ A trial trains one category (``per_category`` mode) or every category of the swe
 
 Faults. A trial killed mid-way (worker process, node, driver) restarts from its last checkpoint: trainer state
 (weights, optimizer, epoch, sampling stream) and its MLflow run id, so it continues the same run and never logs a
-meta-epoch twice. A diverging loss (NaN/inf) is not a fault but an outcome of the configuration: the trial ends
-at once with ``failed`` in its last result (see ``_end_diverged``) instead of raising, so Tune's retries stay
-reserved for infrastructure faults and the sweep goes on with the other trials.
+meta-epoch twice. The plateau rule's count (``bgad_core.stopping``) is part of that checkpointed state, so a
+resumed trial stops where an uninterrupted one would. A diverging loss (NaN/inf) is not a fault but an outcome of
+the configuration: the trial ends at once with ``failed`` in its last result (see ``_end_diverged``) instead of
+raising, so Tune's retries stay reserved for infrastructure faults and the sweep goes on with the other trials.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from bgad_core.errors import TrainingDivergedError
 from bgad_core.features import FeatureSet
 from bgad_core.intervals import bootstrap_distribution, interval_metrics, percentile_interval
 from bgad_core.model import BGADFlows
+from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 from sweeper import plots, tracking
 from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 DATA_KEYS = ("num_anomalies", "racp_depth")  # searched like hyperparameters, but select cached rows
 FAILED_KEY = "failed"  # 1.0 in the last result of a trial whose training diverged (its objective is NaN)
 FAILURE_TAG = "bgad.failure"  # MLflow tag with the reason a trial failed
+PLATEAU_KEY = "plateau_stop"  # 1.0 in the result of the meta-epoch after which the plateau rule ends the trial
+PLATEAU_STALE_KEY = "plateau_stale"  # meta-epochs since the validation objective last gained more than min_delta
 STATE_FILE = "trial_state.json"
 TRAINER_FILE = "trainer.pt"
 MODEL_FILE = "model.pt"
@@ -61,6 +66,7 @@ class TrialContext:
         log_plots: log anomaly-map overlays, histograms and ROC/PR curves at the last meta-epoch.
         threads: torch CPU threads (the trial's CPU share).
         device: "cuda" when the trial holds a GPU, else "cpu".
+        plateau: when a trial has stopped gaining (``tune.plateau``; the sweep's Tune stopper acts on the verdict).
     """
 
     sweep_id: str
@@ -72,6 +78,7 @@ class TrialContext:
     log_plots: bool = True
     threads: int = 1
     device: str = "cpu"
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
 
 
 def split_params(params: dict[str, Any]) -> tuple[TrainConfig, dict[str, int]]:
@@ -102,13 +109,15 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
     image_size = (manifest["image_size"], manifest["image_size"])
     runs = [_prepare(manifest, name, config, data, context.device) for name in context.categories]
 
+    plateau = PlateauRule(context.plateau, first_watched_epoch(config.normal_epochs, config.meta_epochs))
     restored = tune.get_checkpoint()
-    state: dict[str, Any] = {"mlflow_run_id": None}
+    state: dict[str, Any] = {"mlflow_run_id": None, "plateau": plateau.state_dict()}
     if restored is not None:
         with restored.as_directory() as folder:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             for run in runs:
                 run.trainer.load_state_dict(torch.load(Path(folder) / run.name / TRAINER_FILE, weights_only=True))
+        plateau.load_state_dict(state["plateau"])
         log.info("resumed from meta-epoch %d", runs[0].trainer.epoch)
 
     client = run_id = None
@@ -128,11 +137,13 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
             logged_until = _last_logged_step(client, run_id, context.objective)
 
     try:
-        while runs[0].trainer.epoch < config.meta_epochs:
+        # a trial resumed from the checkpoint of its plateau (stopped before Tune recorded the stop) trains no more
+        while runs[0].trainer.epoch < config.meta_epochs and not plateau.stopped:
             metrics = _meta_epoch(runs, image_size, context.objective)
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node audits)
             epoch = runs[0].trainer.epoch
-            final = epoch == config.meta_epochs
+            plateaued = _record_plateau(plateau, state, metrics, epoch, context.objective)
+            final = epoch == config.meta_epochs or plateaued
             improved = _record_best(state, metrics.get(context.objective))
             if improved:  # the checkpoint the sweep may test and promote also gets pixel-metric intervals
                 metrics.update(_validation_intervals(runs, pixels=True))
@@ -151,6 +162,23 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
         return
     if client is not None:
         tracking.with_retry(lambda: client.set_terminated(run_id, status="FINISHED"))
+
+
+def _record_plateau(plateau: PlateauRule, state: dict[str, Any], metrics: dict[str, Any], epoch: int,
+                    objective: str) -> bool:
+    """Feed the meta-epoch's objective to the plateau rule; its state goes into ``state`` (the checkpoint) and its
+    verdict into ``metrics`` (the result the sweep's stopper reads). True when the trial ends after this epoch."""
+    value = metrics.get(objective)
+    plateaued = plateau.update(epoch, None if value is None else float(value))
+    state["plateau"] = plateau.state_dict()
+    metrics[PLATEAU_STALE_KEY] = plateau.stale
+    metrics[PLATEAU_KEY] = float(plateaued)
+    return plateaued
+
+
+def ran_its_course(result: Mapping[str, Any], max_t: int) -> bool:
+    """Whether a trial's last result ends it unpruned: all ``max_t`` meta-epochs trained, or stopped at its plateau."""
+    return result.get("training_iteration", 0) >= max_t or bool(result.get(PLATEAU_KEY))
 
 
 def _record_best(state: dict[str, Any], value: float | None) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from bgad_core.errors import ConfigError
+from bgad_core.stopping import PlateauConfig
 from sweeper.config import load_config
 from sweeper.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
 
@@ -44,6 +45,11 @@ def base():
         (lambda r: r.update(baseline={"coreset_ratio": 0.0}), "baseline.coreset_ratio"),
         (lambda r: r["train"].update(local_aggregation=2), "train"),
         (lambda r: r["search"]["space"].update(push_fraction={"uniform": [0.0, 0.5]}), "search.space.push_fraction"),
+        (lambda r: r["tune"].update(plateau={"patience": -1}), "tune.plateau.patience"),
+        (lambda r: r["tune"].update(plateau={"patience": 2.5}), "tune.plateau.patience"),
+        (lambda r: r["tune"].update(plateau={"min_delta": -0.01}), "tune.plateau.min_delta"),
+        (lambda r: r["tune"].update(plateau={"min_delta": float("inf")}), "tune.plateau.min_delta"),
+        (lambda r: r["tune"].update(plateau={"patiense": 3}), "tune.plateau.patiense"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, edit, key):
@@ -150,3 +156,14 @@ def test_a_trial_over_several_categories_reports_intervals_of_its_mean_and_of_ea
     assert "tiles/val_aupro_lo" in intervals and "rails/val_aupro_lo" not in intervals  # rails has no masks
     assert "val_aupro_lo" not in intervals  # the mean covers the metrics every category has
     assert runs[0].intervals["aupro_lo"] == intervals["tiles/val_aupro_lo"]  # what the checkpoint records
+
+
+def test_plateau_stopping_is_on_by_default_and_can_be_turned_off(tmp_path):
+    raw = base()
+    assert load_config(write(tmp_path, raw)).tune.plateau.rule() == PlateauConfig()
+    raw["tune"]["plateau"] = {"enabled": False, "patience": 5}
+    assert not load_config(write(tmp_path, raw)).tune.plateau.rule().enabled
+    raw["tune"]["plateau"] = {"patience": 0}
+    assert not load_config(write(tmp_path, raw)).tune.plateau.rule().enabled
+    raw["tune"]["plateau"] = {"patience": 4, "min_delta": 0}
+    assert load_config(write(tmp_path, raw)).tune.plateau.rule() == PlateauConfig(4, 0.0)

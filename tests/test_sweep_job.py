@@ -55,9 +55,13 @@ def trial_runs(config_path: Path, role: str | None = None) -> list:
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    # the quickstart made small (4 trials of 3 meta-epochs, no plots): the interruption and resume are the point
-    config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1}, train={"meta_epochs": 3},
-                                search={"compare_paper_default": False, "num_samples": 4}, mlflow={"log_plots": False})
+    # the quickstart made small (4 trials of at most 3 of 4 meta-epochs, no plots): the interruption and resume are the
+    # point; a plateau rule that no gain can satisfy (AUROC cannot rise by 1) ends every trial ASHA keeps after
+    # meta-epoch 3, one past the first it watches, so a trial stopped at its plateau also ends and resumes here
+    plateau = {"patience": 1, "min_delta": 1.0}
+    config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1, "plateau": plateau},
+                                train={"meta_epochs": 4}, search={"compare_paper_default": False, "num_samples": 4},
+                                mlflow={"log_plots": False})
     config = load_config(config_path)
     env = token_env(tmp_path)
     env.pop("RAY_AUTH_MODE")
@@ -108,11 +112,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     after = [r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags]
     assert len(after) == config.search.num_samples
     assert all(r.data.tags.get("bgad.outcome") in ("finished", "pruned") for r in after)
+    ran = {r.data.tags[tracking.TRIAL_TAG]: int(r.data.tags["bgad.meta_epochs_run"]) for r in after}
+    assert 3 in ran.values() and max(ran.values()) == 3, ran  # no trial trained past its plateau
+    assert all(r.data.tags["bgad.outcome"] == "finished" for r in after if ran[r.data.tags[tracking.TRIAL_TAG]] == 3)
     assert parent.info.run_id == trial_runs(config_path, role="sweep")[0].info.run_id
     study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
     ended = [t for t in study.trials if not t.user_attrs.get("bgad.interrupted")]  # an interrupted one ran again
     assert len(ended) == config.search.num_samples
     assert {t.state for t in ended} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ended if ran[t.user_attrs["tune_trial_id"]] == 3)
     assert all(t.user_attrs.get("mlflow_run_id") and t.user_attrs.get("tune_trial_id") for t in ended)
 
 

@@ -30,12 +30,13 @@ from test_sweep_job import quickstart_in, trial_runs
 
 CATEGORY = "synthetic-tiles"
 OBJECTIVE = "val_aupro"
-# The quickstart at its smallest useful size: a few trials of a few meta-epochs, no early stopping (a trial killed
-# by a test must still be running when killed), no plots, no paper-default reference run.
+# The quickstart at its smallest useful size: a few trials of a few meta-epochs, no early stopping, neither ASHA nor
+# at a plateau (a trial killed by a test must still be running when killed, and then run all its meta-epochs), no
+# plots, no paper-default reference run.
 TINY = {
     "search": {"num_samples": 3, "compare_paper_default": False},
     "train": {"meta_epochs": 3},
-    "tune": {"scheduler": {"type": "fifo"}},
+    "tune": {"scheduler": {"type": "fifo"}, "plateau": {"enabled": False}},
     "mlflow": {"log_plots": False},
 }
 
