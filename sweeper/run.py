@@ -25,11 +25,12 @@ that reach a log line this process formats are masked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -134,23 +135,41 @@ def log_to_file(path: Path) -> None:
         logger.propagate = True
 
 
-def native_stderr_to(path: Path) -> TextIO:
-    """Send what native code writes to file descriptor 2 to ``path``; returns the console stream for Python's lines.
+@contextlib.contextmanager
+def native_stderr_to(path: Path) -> Iterator[TextIO]:
+    """While open, what native code writes to file descriptor 2 goes to ``path``; yields the stream for console lines.
 
     Ray's C++ core worker inside this (driver) process writes its ERROR-level lines to fd 2 itself, outside
     Python's logging: e.g. ``core_worker.cc``'s warning that an actor with ``max_restarts`` has constructor arguments
     in the object store, which every Ray Data actor pool (the feature cache's) raises. Ray has no setting that sends
     them elsewhere (``RAY_BACKEND_LOG_LEVEL`` would drop them, also from Ray's own session log), so fd 2 goes to the
-    sweep's log file, and ``sys.stderr`` becomes a copy of the former fd 2: ``error:`` lines, tracebacks and the
-    console log handler stay on the console. For the rest of the process, which ends with the sweep.
+    sweep's log file, and where ``sys.stderr`` wrote to fd 2 it becomes a copy of the former fd 2: ``error:`` lines,
+    tracebacks and the console log handler stay on the console. A ``sys.stderr`` that is no file descriptor (a
+    caller capturing it, as pytest's ``capsys``) is left as it is. On exit fd 2 and ``sys.stderr`` are put back,
+    so a caller of ``main`` (a test, a notebook) gets its own stderr again.
     """
-    sys.stderr.flush()
-    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    original = sys.stderr
+    try:
+        on_fd2 = original.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        on_fd2 = False
+    original.flush()
+    saved = os.dup(2)
+    console = os.fdopen(os.dup(saved), "w", buffering=1, encoding=original.encoding or "utf-8",
+                        errors="backslashreplace") if on_fd2 else original
     log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 2)
     os.close(log)
     sys.stderr = console
-    return console
+    try:
+        yield console
+    finally:
+        console.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = original
+        if console is not original:
+            console.close()
 
 
 def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_file: Path) -> str:
@@ -201,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.addFilter(on_console)
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     STOP.install()
+    with contextlib.ExitStack() as native_stderr:  # fd 2 to the log file from Ray's start until main returns
+        return _run(args, handler, native_stderr)
+
+
+def _run(args: argparse.Namespace, handler: logging.StreamHandler, native_stderr: contextlib.ExitStack) -> int:
+    """``main`` after its arguments and console: the sweep, its table and next commands; the exit status."""
     config_path = args.config.resolve()  # before entering the project directory
     try:
         config = load_config(config_path)  # every config error surfaces here, before any Ray work
@@ -220,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 address = args.address or ("local" if args.num_cpus else None)
                 ray.init(address=address, num_cpus=args.num_cpus, log_to_driver=False)
                 STOP.install()  # again: ray.init puts a C-level SIGTERM handler of its own (stack dump, exit) over it
-            handler.setStream(native_stderr_to(log_file))
+            console = native_stderr.enter_context(native_stderr_to(log_file))
+            native_stderr.callback(handler.setStream, handler.setStream(console))  # put back first, on the way out
             report = build_cache(config, rebuild=args.rebuild_cache)
             print(tracking.redact(report.summary()), flush=True)
             summary = run_sweep(config, report.uri, open_cache(report.uri), tracking_uri)

@@ -41,13 +41,14 @@ def test_native_stderr_goes_to_the_log_file_and_python_stderr_stays_on_the_conso
     log = tmp_path / "sweep.log"
     script = (
         "import os, sys; from pathlib import Path; from sweeper.run import native_stderr_to\n"
-        f"native_stderr_to(Path({str(log)!r}))\n"
-        "os.write(2, b'[E 1 1] core_worker.cc:1: from C++\\n')\n"  # what Ray's core worker does
-        "print('error: for the user', file=sys.stderr)\n"
+        f"with native_stderr_to(Path({str(log)!r})):\n"
+        "    os.write(2, b'[E 1 1] core_worker.cc:1: from C++\\n')\n"  # what Ray's core worker does
+        "    print('error: for the user', file=sys.stderr)\n"
+        "os.write(2, b'after the sweep\\n')\n"  # fd 2 is the caller's again once the sweep is over
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "error: for the user\n"
+    assert done.stderr == "error: for the user\nafter the sweep\n"
     assert log.read_text() == "[E 1 1] core_worker.cc:1: from C++\n"
 
 
