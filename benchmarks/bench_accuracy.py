@@ -48,6 +48,7 @@ from bgad_core.features import FeatureSet
 from bgad_core.model import BGADFlows
 from bgad_core.patchcore import PatchCore
 from bgad_core.splits import make_splits
+from bgad_core.stopping import first_watched_epoch
 from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
 from bgad_core.training import Trainer, TrainConfig, logp_maps, seed_everything
 
@@ -152,6 +153,7 @@ def scoring_arms(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: 
     started = time.perf_counter()
     trainer = Trainer(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
     best: dict[str, dict] = {}
+    first_epoch = first_watched_epoch(config.normal_epochs, config.meta_epochs)
     for _ in range(config.meta_epochs):
         trainer.train_meta_epoch()
         fits = dict(zip(("level", "position"), trainer.fit_normalizations(("level", "position"))))
@@ -163,8 +165,7 @@ def scoring_arms(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: 
             score = chosen.metrics.get(objective, float("nan"))
             log.info("meta-epoch %d, %s: val %s %.4f (%s)", trainer.epoch, name, objective, score,
                      chosen.normalization.describe())
-            if trainer.epoch > min(config.normal_epochs, config.meta_epochs - 1) and (
-                    name not in best or score > best[name]["score"]):
+            if trainer.epoch >= first_epoch and (name not in best or score > best[name]["score"]):
                 test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma)
                 best[name] = {"score": score, "epoch": trainer.epoch, "val": chosen.metrics,
                               "test": test_result.metrics, "scoring": chosen.normalization.describe()}
