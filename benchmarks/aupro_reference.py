@@ -1,6 +1,6 @@
 """Straightforward AUPRO: one binarisation of the maps per threshold, overlaps measured region by region.
 
-It follows the MVTec AD definition literally and shares no code with ``bgad_core.metrics``, so the
+It follows the MVTec AD definition literally and shares no code with ``bgad_core.evaluation.metrics``, so the
 tests use it as an oracle for the vectorised implementation and the benchmark as its speed baseline.
 """
 

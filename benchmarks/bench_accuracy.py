@@ -2,7 +2,7 @@
 
 Every arm reads the same backbone features of the same split (extracted once, lite0 offline weights, 256 px):
 
-- ``patchcore``: one-class PatchCore (``bgad_core.patchcore``), strides 8 + 16, 1 % coreset, k = 9. No labels.
+- ``patchcore``: one-class PatchCore (``bgad_core.models.patchcore.torch_model``), strides 8 + 16, 1 % coreset, k = 9. No labels.
 - ``bgad``: plain BGAD: the default flows, trained on the normals only, focal weighting off. No labels.
 - ``bgad-fas``: the default BGAD-FAS (``TrainConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
   ``--strides`` and ``--set KEY=VALUE`` change what the ``bgad`` and ``bgad-fas`` arms model, for ablations.
@@ -18,7 +18,7 @@ validation, test is evaluated once; ``--curves`` also records test after every m
 only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
 
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
-choices validation makes, ``bgad_core.evaluation``, against fixed ones): each policy selects its own epoch on its
+choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones): each policy selects its own epoch on its
 own validation figure and reads test once there. All policies use constants from the same (up to 512) training
 normals; the ``auto`` row is what the default trainer gives.
 
@@ -42,15 +42,15 @@ import torch
 
 from benchmarks.stress_data import shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
-from bgad_core.datasets import read_category
-from bgad_core.evaluation import choose_scoring, score_split, scoring_candidates
-from bgad_core.features import FeatureSet
-from bgad_core.model import BGADFlows
-from bgad_core.patchcore import PatchCore
-from bgad_core.splits import make_splits
-from bgad_core.stopping import first_watched_epoch
+from bgad_core.data.datasets import read_category
+from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.patchcore.torch_model import PatchCore
+from bgad_core.data.splits import make_splits
+from bgad_core.engine.stopping import first_watched_epoch
 from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
-from bgad_core.training import Trainer, TrainConfig, logp_maps, seed_everything
+from bgad_core.models.bgad.training import Trainer, TrainConfig, logp_maps, seed_everything
 
 log = logging.getLogger(__name__)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -120,7 +120,7 @@ def parse_overrides(items: list[str]) -> dict:
 def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
     """Training rows with only the first ``n`` drawn anomalies (and the RACP samples cut from them).
 
-    Draws are nested in n (``bgad_core.splits``), so this is the training set a run with ``num_anomalies=n`` draws,
+    Draws are nested in n (``bgad_core.data.splits``), so this is the training set a run with ``num_anomalies=n`` draws,
     evaluated on the very same validation and test images.
     """
     index = read_category(data.data)

@@ -2,7 +2,7 @@
 
 Run from the repository root: ``python -m benchmarks.bench_aupro [--images 100 --size 256]``.
 Evaluation runs after every meta-epoch of every trial in a sweep, so its cost multiplies; this shows
-what the single shared sort in ``bgad_core.metrics`` saves over a loop over thresholds and over
+what the single shared sort in ``bgad_core.evaluation.metrics`` saves over a loop over thresholds and over
 scikit-learn's per-metric sorts.
 """
 
@@ -17,7 +17,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from benchmarks.aupro_reference import aupro_reference
-from bgad_core.metrics import aupro, compute_metrics
+from bgad_core.evaluation.metrics import aupro, compute_metrics
 
 REFERENCE_THRESHOLDS = 200
 

@@ -30,12 +30,12 @@ import torch
 import bgad_core
 from benchmarks.bench_accuracy import cpu_flags
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
-from bgad_core.checkpoint import make_checkpoint, save_checkpoint
-from bgad_core.export import INPUT_NAME, ExportableScorer, export_onnx
-from bgad_core.inference import Scorer, save_backbone_weights
-from bgad_core.model import BGADFlows
-from bgad_core.scoring import Normalization
-from bgad_core.training import TrainConfig, seed_everything
+from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.export import INPUT_NAME, ExportableScorer, export_onnx
+from bgad_core.engine.inference import Scorer, save_backbone_weights
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.scoring import Normalization
+from bgad_core.models.bgad.training import TrainConfig, seed_everything
 from sweeper import serving
 from sweeper.promote import pip_requirements
 

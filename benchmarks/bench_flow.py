@@ -5,7 +5,7 @@ encoding is built and repeated for every image, the vectors are shuffled, and ea
 through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
-features; ours is ``bgad_core.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
+features; ours is ``bgad_core.models.bgad.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
 steps (the paper's) and with position-blocked ones (``cells_per_step``).
 
 Each backbone's rows end with the matmul ceiling: how many times fewer multiply-adds a blocked step does than the
@@ -24,12 +24,12 @@ import time
 import torch
 
 from benchmarks.bench_accuracy import cpu_flags
-from bgad_core.features import FeatureSet
-from bgad_core.flow import log_likelihood
-from bgad_core.losses import ml_loss
-from bgad_core.model import BGADFlows
-from bgad_core.positional import positional_encoding_2d
-from bgad_core.training import Trainer, TrainConfig
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.flow import log_likelihood
+from bgad_core.models.bgad.losses import ml_loss
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.positional import positional_encoding_2d
+from bgad_core.models.bgad.training import Trainer, TrainConfig
 
 # Feature widths at strides 4/8/16 (timm features_only channels).
 BACKBONE_WIDTHS = {"tf_efficientnet_lite0": (24, 40, 112), "tf_efficientnet_b6": (40, 72, 200)}

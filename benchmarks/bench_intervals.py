@@ -1,4 +1,4 @@
-"""Time the bootstrap intervals of ``bgad_core.intervals`` on an image-metric case and a pixel-metric case.
+"""Time the bootstrap intervals of ``bgad_core.evaluation.intervals`` on an image-metric case and a pixel-metric case.
 
 Run from the repository root: ``python -m benchmarks.bench_intervals [--images 400 --pixel-images 100 --size 256]``.
 Every figure a sweep reports gets an interval (every validation meta-epoch for the image metrics, every test
@@ -16,8 +16,8 @@ import numpy as np
 
 from benchmarks.bench_accuracy import cpu_flags
 from benchmarks.bench_aupro import best_time, make_split
-from bgad_core.intervals import BINS, PIXEL_METRICS, _PixelTable, metric_intervals
-from bgad_core.metrics import compute_metrics
+from bgad_core.evaluation.intervals import BINS, PIXEL_METRICS, _PixelTable, metric_intervals
+from bgad_core.evaluation.metrics import compute_metrics
 
 
 def main() -> None:

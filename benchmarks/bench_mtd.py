@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bgad_core.train import DataConfig, run
-from bgad_core.training import TrainConfig
+from bgad_core.models.bgad.training import TrainConfig
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
 

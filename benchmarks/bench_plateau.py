@@ -4,7 +4,7 @@
 
 No training: the validation objective and test figures of every meta-epoch are the ones BENCHMARKS.md records in
 "Learning curves at the paper's schedule, 25 x 8 (fourth session)" (one default trial per dataset, 25 x 8 epochs,
-warm-up 2, phase 1 = meta-epoch 1). Each curve is fed through ``bgad_core.stopping.PlateauRule``, the rule
+warm-up 2, phase 1 = meta-epoch 1). Each curve is fed through ``bgad_core.engine.stopping.PlateauRule``, the rule
 ``train_and_select`` and the sweep's trials use, until it says stop; the epoch is then selected as
 ``train_and_select`` selects it (the first strict maximum of validation after phase 1, among the meta-epochs run)
 and its test figures are compared with those of the full run's selected epoch. Meta-epochs trained stand in for
@@ -21,7 +21,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 
 META_EPOCHS = 25
 NORMAL_EPOCHS = 1  # TrainConfig().normal_epochs of the recorded runs

@@ -33,12 +33,12 @@ import torch
 
 from benchmarks.bench_accuracy import SHARED, cpu_flags, parse_overrides, protocol_data
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
-from bgad_core.features import extract_feature_set
-from bgad_core.model import BGADFlows
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.features import extract_feature_set
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.data.synthetic import make_synthetic_category
 from bgad_core.train import (DataConfig, TrainingImages, build_feature_sets, load_training_images, objective_metric,
                              train_and_select)
-from bgad_core.training import Trainer, TrainConfig, seed_everything
+from bgad_core.models.bgad.training import Trainer, TrainConfig, seed_everything
 
 
 def config_for(sub_epochs: int) -> TrainConfig:

@@ -3,7 +3,7 @@
     python -m bgad_core.train --data ../shared/data/mtd/magnetic_tile --num-anomalies 10
 
 Features are extracted once (backbone frozen), flows train on them until the validation objective stops gaining
-(``--patience``, ``--min-delta``: ``bgad_core.stopping``) or the schedule ends; the epoch with the best *validation*
+(``--patience``, ``--min-delta``: ``bgad_core.engine.stopping``) or the schedule ends; the epoch with the best *validation*
 objective is kept and the test split is evaluated exactly once with it.
 """
 
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bgad_core.augment import racp_samples
+from bgad_core.data.racp import racp_samples
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, FeatureExtractor
-from bgad_core.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError, DataError, TrainingDivergedError
-from bgad_core.datasets import ImageRecord, load_image, load_mask, read_category
-from bgad_core.features import FeatureSet, extract_feature_set
-from bgad_core.model import BGADFlows
-from bgad_core.splits import Splits, check_validation, make_splits
-from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
-from bgad_core.synthetic import make_synthetic_category
-from bgad_core.training import (Evaluation, Trainer, TrainConfig, decision_threshold, objective_metric,
+from bgad_core.data.datasets import ImageRecord, load_image, load_mask, read_category
+from bgad_core.data.features import FeatureSet, extract_feature_set
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.data.splits import Splits, check_validation, make_splits
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.data.synthetic import make_synthetic_category
+from bgad_core.models.bgad.training import (Evaluation, Trainer, TrainConfig, decision_threshold, objective_metric,
                                 seed_everything)
 
 log = logging.getLogger("bgad_core.train")
@@ -188,7 +188,7 @@ def train_and_select(
 
     Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
     must not hand back the model that BG-SPP never touched. ``plateau`` ends training once validation has stopped
-    gaining (``bgad_core.stopping.PlateauRule``, watching the same epochs the selection considers); the selected
+    gaining (``bgad_core.engine.stopping.PlateauRule``, watching the same epochs the selection considers); the selected
     epoch is still the best one, usually ``patience`` meta-epochs back. None trains the whole schedule, as the
     learning-curve benchmarks need. ``test_every_epoch`` also evaluates test after each meta-epoch, for learning
     curves only: it is recorded in ``history`` and in the meta-epoch's log line (so a stopped run keeps its curve),

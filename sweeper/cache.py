@@ -72,11 +72,11 @@ import torch
 from ray.data import ActorPoolStrategy, ExecutionResources
 from ray.data.datasource import FilenameProvider
 
-from bgad_core.augment import racp_sample
+from bgad_core.data.racp import racp_sample
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.datasets import ImageRecord, load_image, load_mask
+from bgad_core.data.datasets import ImageRecord, load_image, load_mask
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.features import mask_to_grid
+from bgad_core.data.features import mask_to_grid
 from sweeper.cache_reader import (
     CACHE_FORMAT_VERSION,
     FEATURE_DTYPES,
@@ -542,7 +542,7 @@ def _manifest(
         "dtype": config.cache.dtype,
         "levels": levels,
         "recipe": recipe(config),
-        "backbone": {  # what a checkpoint needs to rebuild the backbone (bgad_core.checkpoint / inference)
+        "backbone": {  # what a checkpoint needs to rebuild the backbone (bgad_core.engine.checkpoint / inference)
             "name": extractor.name,
             "weights": config.backbone.weights,
             "weights_source": extractor.weights_source,

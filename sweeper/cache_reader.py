@@ -55,9 +55,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from bgad_core.datasets import Size, load_image
+from bgad_core.data.datasets import Size, load_image
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.features import FeatureSet
+from bgad_core.data.features import FeatureSet
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -178,7 +178,7 @@ class Downloads:
 
 
 def load_image_at(location: str, size: Size | None) -> np.ndarray:
-    """``bgad_core.datasets.load_image`` of a path or a storage URI (a cache's ``path`` column holds either)."""
+    """``bgad_core.data.datasets.load_image`` of a path or a storage URI (a cache's ``path`` column holds either)."""
     with tempfile.TemporaryDirectory(prefix="bgad-image-") as folder:
         files = Downloads(Path(folder))
         try:

@@ -29,12 +29,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from bgad_core.augment import TRANSFORMS
+from bgad_core.data.racp import TRANSFORMS
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
-from bgad_core.stopping import PlateauConfig
-from bgad_core.synthetic import DEFECT_TYPES
-from bgad_core.training import TrainConfig
+from bgad_core.engine.stopping import PlateauConfig
+from bgad_core.data.synthetic import DEFECT_TYPES
+from bgad_core.models.bgad.training import TrainConfig
 from sweeper import credentials
 from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
 
@@ -62,7 +62,7 @@ Location = Annotated[str, AfterValidator(_no_secret)]
 
 
 class SyntheticSpec(Section):
-    """Arguments of ``bgad_core.synthetic.make_synthetic_category`` (a generated MVTec-layout category).
+    """Arguments of ``bgad_core.data.synthetic.make_synthetic_category`` (a generated MVTec-layout category).
 
     The category is generated deterministically before use into ``<cache.root>/../data/<name>`` when the cache root
     is a local path; when it is a storage URI, into ``runs/data/generated/<digest>/<name>`` (working directory) and
@@ -123,12 +123,12 @@ class DatasetSpec(Section):
 
 
 class DataSpec(Section):
-    """How every category is split (``bgad_core.splits.make_splits``) and loaded.
+    """How every category is split (``bgad_core.data.splits.make_splits``) and loaded.
 
     ``on_bad_image``: ``error`` stops the cache build at the first unreadable image (naming it); ``skip`` leaves it
     out with a warning and records it in the cache manifest. Entries named like images that are no readable file
     (dangling symlink, symlink loop, directory, no read permission) stop the build too, or with ``skip`` are left
-    out of the dataset with a warning naming each (``bgad_core.datasets.read_category``).
+    out of the dataset with a warning naming each (``bgad_core.data.datasets.read_category``).
     """
 
     image_size: int = Field(256, ge=32)
@@ -156,7 +156,7 @@ class BackboneSpec(Section):
 
 
 class BaselineSpec(Section):
-    """The one-class PatchCore baseline (``bgad_core.patchcore``) every sweep reports beside its best trial.
+    """The one-class PatchCore baseline (``bgad_core.models.patchcore.torch_model``) every sweep reports beside its best trial.
 
     It sees no defect, so the gap between it and the best trial is what the labelled anomalies bought.
 
@@ -309,11 +309,11 @@ _PLATEAU_DEFAULTS = PlateauConfig()
 
 
 class PlateauSpec(Section):
-    """Per-trial plateau stopping (``bgad_core.stopping``): a trial ends once its validation objective has gone
+    """Per-trial plateau stopping (``bgad_core.engine.stopping``): a trial ends once its validation objective has gone
     ``patience`` meta-epochs after phase 1 without rising more than ``min_delta``, and keeps its best epoch's
     checkpoint. ASHA still prunes weak trials; this ends the survivors at their plateau. The defaults replay the
     recorded 25 x 8 curves with the selected epoch's test within 0.003 of the full runs' in a third of their
-    meta-epochs (``benchmarks/bench_plateau.py``; ``bgad_core.stopping.PlateauConfig`` says why these values).
+    meta-epochs (``benchmarks/bench_plateau.py``; ``bgad_core.engine.stopping.PlateauConfig`` says why these values).
 
     Attributes:
         enabled: stop trials at their plateau (``false``, or ``patience: 0``, trains every trial ASHA keeps to
@@ -332,7 +332,7 @@ class PlateauSpec(Section):
 
 
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
-# What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.metrics.compute_metrics``).
+# What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.evaluation.metrics.compute_metrics``).
 # AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector.
 OBJECTIVES = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
 

@@ -7,7 +7,7 @@
 The source is a registered version (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the checkpoint and backbone
 weights its pyfunc serves), a trial run id (its checkpoint and the sweep's backbone, as ``sweeper.promote``
 rebuilds them) or a checkpoint file of ``bgad_core.train`` (backbone from ``--weights``, default ``auto``).
-``DIR/model.onnx`` is the graph of ``bgad_core.export`` (uint8 ``[batch, H, W, 3]`` RGB in; ``score``, ``map``,
+``DIR/model.onnx`` is the graph of ``bgad_core.engine.export`` (uint8 ``[batch, H, W, 3]`` RGB in; ``score``, ``map``,
 ``decision`` out); ``DIR/README.md`` says how to feed it and what it returns. Before anything is logged,
 onnxruntime runs the file on generated images and its outputs must match the PyTorch model's (scores within
 ``SCORE_TOLERANCE``, maps within ``MAP_TOLERANCE``, the same scores one image at a time as in a batch).
@@ -38,10 +38,10 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from bgad_core.checkpoint import load_checkpoint
+from bgad_core.engine.checkpoint import load_checkpoint
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.export import OPSET, Agreement, ExportableScorer, ExportError, export_onnx, onnx_agreement
-from bgad_core.inference import Scorer
+from bgad_core.engine.export import OPSET, Agreement, ExportableScorer, ExportError, export_onnx, onnx_agreement
+from bgad_core.engine.inference import Scorer
 from sweeper import promote, serving, tracking
 
 log = logging.getLogger("sweeper.export")

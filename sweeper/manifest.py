@@ -5,7 +5,7 @@ synthetic RandAugmented-CutPaste (RACP) recipes and fingerprints the files. Noth
 the backbone, so a cache hit costs only this.
 
 Few-shot anomalies. K_max = ``cache.max_anomalies`` anomalies per defect type are drawn once per sweep with
-``bgad_core.splits.make_splits`` (seeded by ``data.split_seed``), and validation/test exclude all of them, so every
+``bgad_core.data.splits.make_splits`` (seeded by ``data.split_seed``), and validation/test exclude all of them, so every
 trial is evaluated on the same rows whatever its n. Each drawn anomaly gets a *rank* within its defect type (within
 all types when ``per_defect_type`` is false): the k at which ``make_splits(num_anomalies=k)`` first draws it, minus
 one. ``make_splits`` draws are nested in k, so a trial reading ranks < n trains on exactly the anomalies that
@@ -14,7 +14,7 @@ one. ``make_splits`` draws are nested in k, so a trial reading ranks < n trains 
 Synthetic anomalies. For every depth S in ``cache.racp_depths``, M = ``cache.racp_per_anomaly`` RACP samples are
 made of each drawn anomaly. Sample i of (category, defect type, rank, S) has its own seed ``aug_seed`` (derived from
 ``cache.racp_seed`` and those five values), which picks the normal it is pasted on (stream 0) and drives
-``bgad_core.augment.racp_sample`` (stream 1). Each sample is therefore reproducible on its own, in any worker and
+``bgad_core.data.racp.racp_sample`` (stream 1). Each sample is therefore reproducible on its own, in any worker and
 any order, and the samples of an anomaly do not depend on K_max or on the other depths.
 
 Where the files are. Planning reads a category on this machine; extraction reads its files on whichever node a
@@ -63,14 +63,14 @@ import pyarrow.fs as pafs
 import timm
 from tqdm import tqdm
 
-import bgad_core.augment
-import bgad_core.datasets
+import bgad_core.data.racp
+import bgad_core.data.datasets
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.datasets import CategoryIndex, ImageRecord, read_category
+from bgad_core.data.datasets import CategoryIndex, ImageRecord, read_category
 from bgad_core.errors import DataError
-from bgad_core.features import mask_to_grid
-from bgad_core.splits import make_splits
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.features import mask_to_grid
+from bgad_core.data.splits import make_splits
+from bgad_core.data.synthetic import make_synthetic_category
 from sweeper.cache_reader import (
     CACHE_FORMAT_VERSION,
     absolute_uri,
@@ -277,10 +277,10 @@ def draw_ranks(
                 break
             new = [r for r in make_splits(index, k, **split_args).train_anomalies if r.record_id not in ranks]
             if any(count > 1 for count in Counter(group(r) for r in new).values()):
-                raise RuntimeError("bgad_core.splits.make_splits draws are not nested in num_anomalies any more")
+                raise RuntimeError("bgad_core.data.splits.make_splits draws are not nested in num_anomalies any more")
             ranks.update({r.record_id: k - 1 for r in new})
     if set(ranks) != {r.record_id for r in drawn}:
-        raise RuntimeError("bgad_core.splits.make_splits draws are not nested in num_anomalies any more")
+        raise RuntimeError("bgad_core.data.splits.make_splits draws are not nested in num_anomalies any more")
     return ranks
 
 
@@ -428,9 +428,9 @@ def key_inputs(config: SweepConfig, categories: Sequence[CategoryPlan], extracto
         "recipe": recipe(config),
         "hash_images": cache.hash_images,
         "code": {
-            "bgad_core.datasets": _source_digest(bgad_core.datasets),
-            "bgad_core.augment": _source_digest(bgad_core.augment),
-            "bgad_core.features.mask_to_grid": _source_digest(mask_to_grid),
+            "bgad_core.data.datasets": _source_digest(bgad_core.data.datasets),
+            "bgad_core.data.racp": _source_digest(bgad_core.data.racp),
+            "bgad_core.data.features.mask_to_grid": _source_digest(mask_to_grid),
             "bgad_core.backbone.FeatureExtractor.extract": _source_digest(FeatureExtractor.extract),
             "pillow": PIL.__version__,
             "timm": timm.__version__,

@@ -15,7 +15,7 @@ Aliases only, never the deprecated stages.
 A version holds the model logged by ``sweeper.serving`` (checkpoint + backbone weights, no network needed) and
 tags saying where it came from: sweep, run, trial, category, cache key, configuration, validation metrics of the
 promoted checkpoint, and its test metrics when the sweep's summary evaluated exactly that checkpoint. Both carry the
-95 % intervals the sweep measured (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.intervals``): one test figure of a
+95 % intervals the sweep measured (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``): one test figure of a
 few dozen images is only as sure as its interval.
 """
 
@@ -45,9 +45,9 @@ from mlflow.tracking import MlflowClient
 
 import bgad_core
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.checkpoint import load_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.inference import save_backbone_weights
+from bgad_core.engine.inference import save_backbone_weights
 from sweeper import serving, tracking
 from sweeper.names import SAFE_NAME_RULE, is_filter_value, is_safe_name, match
 

@@ -11,7 +11,7 @@ images as
   ``{"inputs": [{"image": ...}]}`` or ``{"inputs": {"image": [...]}}`` (``instances`` like ``inputs``).
 
 The reply is ``{"predictions": [{"score": 0.91, "decision": true, "map": [[...], ...]}, ...]}`` in request order;
-``map`` (omitted with ``map_mode="none"``) has at most the model's input size (``bgad_core.inference.map_size``).
+``map`` (omitted with ``map_mode="none"``) has at most the model's input size (``bgad_core.engine.inference.map_size``).
 A refused request gets ``{"error": "<one line>"}`` and a 4xx: 400 unreadable image, bad base64 or JSON, a text field
 in a form; 413 body over ``max_body_bytes``, more than ``max_images`` images or an image over ``max_pixels``; 415
 another content type; 422 an image side under ``min_side``. Anything unexpected is a 500 whose traceback goes to
@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.image_input import ImageLimits, ImageTooLarge, ImageTooSmall, decode, from_base64, open_image
-from bgad_core.inference import Prediction, Scorer
+from bgad_core.data.image_input import ImageLimits, ImageTooLarge, ImageTooSmall, decode, from_base64, open_image
+from bgad_core.engine.inference import Prediction, Scorer
 from sweeper.serving import IMAGE_COLUMN
 
 log = logging.getLogger("sweeper.serve")

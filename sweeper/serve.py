@@ -10,7 +10,7 @@ registry is the tracking store ``sweeper.promote`` writes to, resolved the same 
 version that does not exist is a one-line ``error:`` naming the store and what it does hold (exit 2), and no
 empty store is ever created.
 
-The server scores with the repository's ``bgad_core.inference.Scorer`` built from the version's artifacts (its
+The server scores with the repository's ``bgad_core.engine.inference.Scorer`` built from the version's artifacts (its
 checkpoint, read ``weights_only``, and backbone weights, safetensors): the object the registered pyfunc wraps, so
 scores equal the pyfunc's and the trial's own evaluation, and no code stored in the registry runs here. uvicorn
 runs inside this process (no ``uvicorn`` executable on PATH needed; one process, one copy of the model). The port
@@ -41,8 +41,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.image_input import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
-from bgad_core.inference import Scorer
+from bgad_core.data.image_input import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
+from bgad_core.engine.inference import Scorer
 from sweeper import serving, tracking
 from sweeper.names import SAFE_NAME_RULE, is_safe_name, match
 from sweeper.promote import SOURCE_RUN_TAG

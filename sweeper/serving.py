@@ -1,4 +1,4 @@
-"""The registered model: an MLflow pyfunc around ``bgad_core.inference.Scorer``, logged as code.
+"""The registered model: an MLflow pyfunc around ``bgad_core.engine.inference.Scorer``, logged as code.
 
 ``sweeper.promote`` logs this file with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts=...)``
 (models-from-code: nothing is pickled; MLflow runs this file at load time and takes the model from
@@ -13,12 +13,12 @@ one (for Python callers in this process), or -- the JSON-friendly form -- a stri
     {"dataframe_records": [{"image": "<base64 PNG>"}]}
 
 A string is never taken for a file path: a JSON client could otherwise make the server read any file it can.
-Every image is checked against ``bgad_core.image_input.ImageLimits`` (16 MP at most, 32 px per side at least),
+Every image is checked against ``bgad_core.data.image_input.ImageLimits`` (16 MP at most, 32 px per side at least),
 encoded ones from their header before decoding.
 
 Output: one row per image with ``score`` (absolute: the same image always scores the same), ``decision``
 (``score >= threshold``, the F1-max threshold of validation) and ``map`` (the anomaly map at the image's
-resolution, no side longer than the model's input: ``bgad_core.inference.map_size``).
+resolution, no side longer than the model's input: ``bgad_core.engine.inference.map_size``).
 
     >>> import mlflow.pyfunc, pandas as pd                                           # doctest: +SKIP
     >>> model = mlflow.pyfunc.load_model("models:/bgad-tiles@champion")              # doctest: +SKIP
@@ -40,8 +40,8 @@ from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 from PIL import Image
 
 from bgad_core.errors import DataError
-from bgad_core.image_input import ImageLimits, check_array, decode, from_base64, open_image
-from bgad_core.inference import Scorer
+from bgad_core.data.image_input import ImageLimits, check_array, decode, from_base64, open_image
+from bgad_core.engine.inference import Scorer
 
 IMAGE_COLUMN = "image"
 CHECKPOINT_ARTIFACT = "checkpoint"

@@ -25,12 +25,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
-from bgad_core.features import FeatureSet
-from bgad_core.intervals import interval_metrics, metric_intervals
-from bgad_core.metrics import compute_metrics
-from bgad_core.patchcore import PatchCore
-from bgad_core.training import TrainConfig, evaluate
+from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.data.features import FeatureSet
+from bgad_core.evaluation.intervals import interval_metrics, metric_intervals
+from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.models.patchcore.torch_model import PatchCore
+from bgad_core.models.bgad.training import TrainConfig, evaluate
 from sweeper import credentials, tracking
 from sweeper.cache_reader import read_features
 from sweeper.config import ParamSpec, SweepConfig
@@ -188,7 +188,7 @@ def paper_default_params(config: SweepConfig) -> dict[str, Any]:
 class PlateauStopper(Stopper):
     """Ends a trial on the result whose ``plateau_stop`` says its validation objective has plateaued.
 
-    The rule is ``bgad_core.stopping.PlateauRule``, the one ``bgad_core.train`` applies; it runs inside the trial
+    The rule is ``bgad_core.engine.stopping.PlateauRule``, the one ``bgad_core.train`` applies; it runs inside the trial
     (``sweeper.trainable``), which keeps its state (last gain, meta-epochs since) in ``trial_state.json`` with every
     checkpoint and reports its verdict with every meta-epoch. A stopper cannot keep that state itself: Tune pickles
     the run config, stoppers included, once when the experiment is created and never checkpoints them, so after
@@ -350,7 +350,7 @@ def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], catego
 
 def split_figures(split: FeatureSet, scores: torch.Tensor, maps: torch.Tensor) -> dict[str, float]:
     """A split's metrics (``compute_metrics``; pixel ones where it has masks) and their 95 % intervals from a seeded
-    stratified bootstrap over its images (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.intervals``)."""
+    stratified bootstrap over its images (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``)."""
     masks = split.pixel_masks
     maps = None if masks is None else maps
     metrics = compute_metrics(split.labels, scores, masks, maps)

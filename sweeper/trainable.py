@@ -7,7 +7,7 @@ A trial trains one category (``per_category`` mode) or every category of the swe
 
 Faults. A trial killed mid-way (worker process, node, driver) restarts from its last checkpoint: trainer state
 (weights, optimizer, epoch, sampling stream) and its MLflow run id, so it continues the same run and never logs a
-meta-epoch twice. The plateau rule's count (``bgad_core.stopping``) is part of that checkpointed state, so a
+meta-epoch twice. The plateau rule's count (``bgad_core.engine.stopping``) is part of that checkpointed state, so a
 resumed trial stops where an uninterrupted one would. A diverging loss (NaN/inf) is not a fault but an outcome of
 the configuration: the trial ends at once with ``failed`` in its last result (see ``_end_diverged``) instead of
 raising, so Tune's retries stay reserved for infrastructure faults and the sweep goes on with the other trials.
@@ -29,13 +29,13 @@ import ray
 import torch
 from ray import tune
 
-from bgad_core.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
 from bgad_core.errors import TrainingDivergedError
-from bgad_core.features import FeatureSet
-from bgad_core.intervals import bootstrap_distribution, interval_metrics, percentile_interval
-from bgad_core.model import BGADFlows
-from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
-from bgad_core.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
+from bgad_core.data.features import FeatureSet
+from bgad_core.evaluation.intervals import bootstrap_distribution, interval_metrics, percentile_interval
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.models.bgad.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
 from sweeper import plots, tracking
 from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
 
@@ -259,7 +259,7 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
 
 
 def _validation_intervals(runs: list[_CategoryRun], pixels: bool) -> dict[str, float]:
-    """95 % intervals of the validation metrics (``bgad_core.intervals``) as ``val_<metric>_lo`` / ``_hi``.
+    """95 % intervals of the validation metrics (``bgad_core.evaluation.intervals``) as ``val_<metric>_lo`` / ``_hi``.
 
     Image metrics cost milliseconds and come every meta-epoch; pixel metrics (``pixels``) re-bin every map, so the
     trial asks for them only at a new best epoch. Each category's intervals are kept on its run (for its

@@ -19,10 +19,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from bgad_core.data.synthetic import make_synthetic_category
 from bgad_core.train import DataConfig, build_feature_sets, run
-from bgad_core.training import TrainConfig, evaluate
+from bgad_core.models.bgad.training import TrainConfig, evaluate
 from sweeper import tracking
 
 CATEGORY = "tiles"

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from bgad_core.augment import _OPS, GEOMETRIC, TRANSFORMS, racp_sample, racp_samples
+from bgad_core.data.racp import _OPS, GEOMETRIC, TRANSFORMS, racp_sample, racp_samples
 from bgad_core.errors import ConfigError, DataError
 
 SIZE = 48

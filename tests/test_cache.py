@@ -18,11 +18,11 @@ import torch
 
 import sweeper.cache as cache_module
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.datasets import load_image, load_mask, read_category
+from bgad_core.data.datasets import load_image, load_mask, read_category
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.features import mask_to_grid
-from bgad_core.splits import make_splits
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.features import mask_to_grid
+from bgad_core.data.splits import make_splits
+from bgad_core.data.synthetic import make_synthetic_category
 from sweeper.cache import build_cache, publish
 from sweeper.cache_reader import (
     MANIFEST,

@@ -34,9 +34,9 @@ from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 from sqlalchemy.engine import make_url
 
-from bgad_core.datasets import load_image
+from bgad_core.data.datasets import load_image
 from bgad_core.errors import DataError
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.synthetic import make_synthetic_category
 from ray_processes import REPO, VENV_BIN, RayHead, RayWorker, free_port, stop_group
 from sweeper import tracking
 from sweeper.cache import _decode_batch

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgad_core.datasets import (
+from bgad_core.data.datasets import (
     FOLDER_TEST_EVERY,
     ImageRecord,
     detect_layout,
@@ -21,7 +21,7 @@ from bgad_core.datasets import (
     read_category,
 )
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.synthetic import make_synthetic_category
 
 
 def _write(path: Path, array: np.ndarray, **save_kwargs: object) -> Path:
@@ -158,7 +158,7 @@ def test_unreadable_image_entries_are_an_error_naming_the_file(mvtec: Path, monk
 def test_skip_warns_about_every_unreadable_image_entry(mvtec: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     bad = _bad_entries(mvtec, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="bgad_core.datasets"):
+    with caplog.at_level(logging.WARNING, logger="bgad_core.data.datasets"):
         index = read_category(mvtec, on_bad_image="skip")
     assert [r.path.name for r in index.train] == ["a.JPG", "b.jpeg", "c.bmp", "notes.TIF"]
     assert sorted(caplog.messages) == sorted(f"skipping image {path}: {reason}" for path, reason in bad.items())

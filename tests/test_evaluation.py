@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from bgad_core.evaluation import (SCORING_MARGIN, Candidate, Evaluation, choose_scoring, scoring_candidates,
+from bgad_core.models.bgad.scoring_choice import (SCORING_MARGIN, Candidate, Evaluation, choose_scoring, scoring_candidates,
                                   simplest_within_margin)
-from bgad_core.features import FeatureSet
-from bgad_core.scoring import Normalization
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.scoring import Normalization
 
 
 def candidate(rank: int, value: float) -> Candidate:

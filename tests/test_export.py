@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.checkpoint import load_checkpoint
-from bgad_core.datasets import load_image
-from bgad_core.export import ExportableScorer, ExportError, export_onnx
-from bgad_core.inference import Scorer
+from bgad_core.engine.checkpoint import load_checkpoint
+from bgad_core.data.datasets import load_image
+from bgad_core.engine.export import ExportableScorer, ExportError, export_onnx
+from bgad_core.engine.inference import Scorer
 from registry_fixtures import CATEGORY, SWEEP_ID
 from sweeper.export import DIGEST_TAG, ONNX_TAG, load_source, main
 from sweeper.promote import promote

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from bgad_core.flow import build_flow, log_likelihood
-from bgad_core.model import BGADFlows
-from bgad_core.positional import positional_encoding_2d
+from bgad_core.models.bgad.flow import build_flow, log_likelihood
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.positional import positional_encoding_2d
 
 
 def test_log_likelihood_matches_brute_force_jacobian():

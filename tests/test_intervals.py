@@ -1,4 +1,4 @@
-"""bgad_core.intervals: stratified bootstrap intervals, checked against exact metrics and a naive resampling loop."""
+"""bgad_core.evaluation.intervals: stratified bootstrap intervals, checked against exact metrics and a naive resampling loop."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-import bgad_core.intervals as intervals_module
+import bgad_core.evaluation.intervals as intervals_module
 from benchmarks.bench_aupro import make_split
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.intervals import (
+from bgad_core.evaluation.intervals import (
     IMAGE_METRICS,
     PIXEL_METRICS,
     _ImageTable,
@@ -22,7 +22,7 @@ from bgad_core.intervals import (
     metric_intervals,
     percentile_interval,
 )
-from bgad_core.metrics import compute_metrics
+from bgad_core.evaluation.metrics import compute_metrics
 
 
 def image_split(normals: int, anomalies: int, seed: int, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:

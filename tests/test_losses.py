@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from bgad_core.boundary import Boundary, find_boundary
+from bgad_core.models.bgad.boundary import Boundary, find_boundary
 from bgad_core.errors import ConfigError
-from bgad_core.losses import abnormal_focal_weights, bg_spp_loss, ml_loss, normal_focal_weights
+from bgad_core.models.bgad.losses import abnormal_focal_weights, bg_spp_loss, ml_loss, normal_focal_weights
 
 
 def test_boundary_is_beta_quantile_of_normals():

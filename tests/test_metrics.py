@@ -1,4 +1,4 @@
-"""bgad_core.metrics against scikit-learn, brute force and a literal AUPRO implementation."""
+"""bgad_core.evaluation.metrics against scikit-learn, brute force and a literal AUPRO implementation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from benchmarks.aupro_reference import aupro_reference
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.metrics import (
+from bgad_core.evaluation.metrics import (
     aupro,
     compute_metrics,
     f1_max,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bgad_core.errors import ConfigError
-from bgad_core.features import FeatureSet
-from bgad_core.patchcore import PatchCore, greedy_coreset, nearest_distances, patch_embeddings
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances, patch_embeddings
 
 
 def feature_set(features: list[torch.Tensor], labels: list[int] | None = None) -> FeatureSet:

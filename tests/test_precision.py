@@ -7,7 +7,7 @@ import pytest
 from bgad_core import precision
 from bgad_core.errors import ConfigError
 from bgad_core.precision import resolve_precision
-from bgad_core.training import TrainConfig
+from bgad_core.models.bgad.training import TrainConfig
 
 
 @pytest.fixture

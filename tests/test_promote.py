@@ -7,8 +7,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
-from bgad_core.training import evaluate
+from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.models.bgad.training import evaluate
 from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME,
                                served_scores)
 from sweeper import tracking

@@ -7,7 +7,7 @@ BENCHMARKS.md); this test checks that real, mixed-format, mask-less data trains 
 import pytest
 
 from bgad_core.train import DataConfig, run
-from bgad_core.training import TrainConfig
+from bgad_core.models.bgad.training import TrainConfig
 
 
 @pytest.mark.real_data

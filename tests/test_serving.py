@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.checkpoint import load_checkpoint
-from bgad_core.datasets import load_image
+from bgad_core.engine.checkpoint import load_checkpoint
+from bgad_core.data.datasets import load_image
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.image_input import ImageLimits, ImageTooLarge, ImageTooSmall
-from bgad_core.inference import Scorer, as_rgb
+from bgad_core.data.image_input import ImageLimits, ImageTooLarge, ImageTooSmall
+from bgad_core.engine.inference import Scorer, as_rgb
 from registry_fixtures import served_scores, trial_evaluation
 from sweeper.serving import decode_image, encode_image
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bgad_core.datasets import CategoryIndex, ImageRecord, read_category
+from bgad_core.data.datasets import CategoryIndex, ImageRecord, read_category
 from bgad_core.errors import ConfigError
-from bgad_core.splits import Splits, make_splits
+from bgad_core.data.splits import Splits, make_splits
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* anomalies of:UserWarning")
 

@@ -1,4 +1,4 @@
-"""The plateau rule (``bgad_core.stopping``) on hand-made curves, and ``train_and_select`` stopping with it."""
+"""The plateau rule (``bgad_core.engine.stopping``) on hand-made curves, and ``train_and_select`` stopping with it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 
 from bgad_core.errors import ConfigError
-from bgad_core.model import BGADFlows
-from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 from bgad_core.train import main, train_and_select
-from bgad_core.training import Trainer, TrainConfig, seed_everything
+from bgad_core.models.bgad.training import Trainer, TrainConfig, seed_everything
 from test_trainer import normals_only_two_levels, two_level_split
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bgad_core.errors import ConfigError
-from bgad_core.stopping import PlateauConfig
+from bgad_core.engine.stopping import PlateauConfig
 from sweeper.config import load_config
 from sweeper.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
 

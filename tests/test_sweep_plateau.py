@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.bench_plateau import CURVES
-from bgad_core.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 from sweeper.sweep import PlateauStopper
 from sweeper.trainable import PLATEAU_KEY, PLATEAU_STALE_KEY, _record_plateau, ran_its_course
 

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.data.synthetic import make_synthetic_category
 from bgad_core.train import DataConfig, main, run
-from bgad_core.training import TrainConfig
+from bgad_core.models.bgad.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from bgad_core.errors import ConfigError
-from bgad_core.features import FeatureSet
-from bgad_core.model import BGADFlows
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.train import train_and_select
-from bgad_core.evaluation import SCORING_MARGIN, scoring_candidates
-from bgad_core.training import Trainer, TrainConfig, seed_everything
+from bgad_core.models.bgad.scoring_choice import SCORING_MARGIN, scoring_candidates
+from bgad_core.models.bgad.training import Trainer, TrainConfig, seed_everything
 
 
 def normals_only(n: int = 6, scale: float = 1.0) -> FeatureSet:
@@ -87,8 +87,8 @@ def test_position_blocked_steps_keep_their_size_with_few_images():
 
 def test_a_checkpoint_keeps_the_scoring_it_was_trained_with_when_defaults_change():
     """Options a checkpoint predates load as its model was scored then, not as today's defaults."""
-    from bgad_core.checkpoint import make_checkpoint, model_from_checkpoint
-    from bgad_core.scoring import Normalization
+    from bgad_core.engine.checkpoint import make_checkpoint, model_from_checkpoint
+    from bgad_core.models.bgad.scoring import Normalization
 
     config = TrainConfig(coupling_blocks=2, cond_dim=8)
     checkpoint = make_checkpoint(BGADFlows.from_config([8], config), config, {}, (24, 24),

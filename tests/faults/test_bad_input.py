@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import sweeper.run
-from bgad_core.synthetic import make_synthetic_category
+from bgad_core.data.synthetic import make_synthetic_category
 from faults.conftest import edit_config, local_env, run_job, tiny_sweep
 from sweeper.cache import build_cache
 from sweeper.cache_reader import verify_cache

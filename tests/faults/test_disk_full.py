@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgad_core.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from faults.conftest import (
     SweepJob, assert_every_trial_accounted_for, local_env, results, tiny_sweep, trial_dirs, with_cache,
 )

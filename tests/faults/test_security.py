@@ -18,7 +18,7 @@ from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, _ActorClassCache
 
 import sweeper.run
-from bgad_core.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+from bgad_core.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from faults.conftest import edit_config, tiny_sweep
 from ray_processes import REPO
 from sweeper import credentials, tracking

@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from bgad_core.boundary import check_beta, find_boundary
+from bgad_core.models.bgad.boundary import check_beta, find_boundary
 from bgad_core.errors import ConfigError, TrainingDivergedError
-from bgad_core.evaluation import Evaluation, choose_scoring, score_split, scoring_candidates
-from bgad_core.features import FeatureSet
-from bgad_core.losses import bg_spp_loss, focal_weights, ml_loss
-from bgad_core.metrics import f1_max
-from bgad_core.model import BGADFlows
+from bgad_core.models.bgad.scoring_choice import Evaluation, choose_scoring, score_split, scoring_candidates
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
+from bgad_core.evaluation.metrics import f1_max
+from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.precision import PRECISION_CHOICES, resolve_precision
-from bgad_core.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization
+from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization
 
 IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
 
@@ -62,12 +62,12 @@ class TrainConfig:
             density per level, the same at every place (``model.BGADFlows``), for objects that do not sit at the
             same place in every image.
         local_aggregation: each feature is averaged over its ``k x k`` neighbourhood before its flow (odd; 1 = the
-            paper's per-cell features). See ``bgad_core.model``. Meant for grids of 16+ cells a side (256 px at
+            paper's per-cell features). See ``bgad_core.models.bgad.torch_model``. Meant for grids of 16+ cells a side (256 px at
             stride 16); on small inputs (96 px: 12 and 6 cells) a 3x3 window spans much of the image and costs
             accuracy, so use 1 there.
         calibration: how log-likelihoods are standardised into scores, measured on training normals: "position"
             (a mean and deviation per cell of each level's grid, ``scoring.Normalization``), "level" (one per level,
-            the paper's kind of constant) or "auto" (default: chosen on validation, ``bgad_core.evaluation``). Per
+            the paper's kind of constant) or "auto" (default: chosen on validation, ``bgad_core.models.bgad.scoring_choice``). Per
             cell raised test PRO by 0.05 on KolektorSDD, whose parts sit at the same place in every image, and
             collapsed on unaligned objects (held-out tyres: PRO 0.19 against 0.80 per level).
         coarse_level_weight: how much more each level weighs in the anomaly map than the next finer one (1 = equal,

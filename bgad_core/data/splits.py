@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bgad_core.datasets import CategoryIndex, ImageRecord
+from bgad_core.data.datasets import CategoryIndex, ImageRecord
 from bgad_core.errors import ConfigError
 
 

@@ -3,7 +3,7 @@
 Training never sees images, only cached backbone features (fp16 by default). A served model must reproduce what
 the trial's own evaluation computed from those features, so ``Scorer`` runs the same frozen backbone in fp32,
 *rounds its features to the dtype training stored them in* and then applies the flows, the fixed normalisation
-and the image-score reduction of ``bgad_core.scoring``: served scores equal the trial's evaluation scores, and the
+and the image-score reduction of ``bgad_core.models.bgad.scoring``: served scores equal the trial's evaluation scores, and the
 F1-max threshold chosen on validation applies to them unchanged.
 
 Rounding to fp16 reproduces the cached features because ``FeatureExtractor.extract`` gives an image the same
@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.scoring import anomaly_maps, image_scores
+from bgad_core.models.bgad.scoring import anomaly_maps, image_scores
 
 SCORE_BATCH = 16  # images per backbone call in ``Scorer.score``
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -47,7 +47,7 @@ class Scorer(nn.Module):
     """A servable BGAD model: frozen backbone, flows, normalisation constants and decision threshold.
 
     Args:
-        checkpoint: a ``bgad_core.checkpoint`` dict whose ``backbone`` names the backbone (``name``, ``strides``,
+        checkpoint: a ``bgad_core.engine.checkpoint`` dict whose ``backbone`` names the backbone (``name``, ``strides``,
             ``weights_digest``, optionally ``feature_dtype``).
         extractor: the backbone with the weights the flows were trained on (checked against the digest).
     """
@@ -100,7 +100,7 @@ class Scorer(nn.Module):
         """Backbone features (fp32) -> image scores ``(B,)`` and maps ``(B, H, W)``: all of the model after the backbone.
 
         ``tables``: the flows' ``condition_tables`` at the features' grids, if the caller holds them (the ONNX export
-        stores them as constants, ``bgad_core.export``).
+        stores them as constants, ``bgad_core.engine.export``).
         """
         features = [f.to(self.feature_dtype) for f in features]
         maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma)

@@ -109,7 +109,7 @@ def read_category(path: str | Path, layout: str = "auto", on_bad_image: str = "e
 
     ``on_bad_image`` (one of ``ON_BAD_IMAGE``) decides what an image-named entry that is not a readable file does.
 
-    >>> from bgad_core.synthetic import make_synthetic_category
+    >>> from bgad_core.data.synthetic import make_synthetic_category
     >>> import tempfile
     >>> index = read_category(make_synthetic_category(tempfile.mkdtemp(), size=32, n_train=2, n_test_good=1,
     ...                                               n_test_per_defect=1))

@@ -1,7 +1,7 @@
 """The served model as one ONNX graph: uint8 images in, per-image score, anomaly map and decision out.
 
 Inspection stations often run next to the camera without Python or a GPU; an ONNX file runs in onnxruntime (C,
-C++, C#, Java, JS), OpenVINO and TensorRT. ``ExportableScorer`` wraps a ``bgad_core.inference.Scorer`` and runs
+C++, C#, Java, JS), OpenVINO and TensorRT. ``ExportableScorer`` wraps a ``bgad_core.engine.inference.Scorer`` and runs
 exactly its code after the image decoding and resizing: the backbone's normalisation, the rounding of the features
 to the dtype training stored them in, local aggregation, the flows' log-likelihoods, the fixed normalisation
 constants, upsampling, blur and image-score reduction, and the decision at the stored threshold. The only
@@ -25,8 +25,8 @@ is not ``build_flow``'s AllInOneBlock stack is refused before tracing.
 
 Example (``sweeper.export`` is the command line around it, with the registry)::
 
-    >>> from bgad_core.export import ExportableScorer, export_onnx
-    >>> from bgad_core.inference import Scorer
+    >>> from bgad_core.engine.export import ExportableScorer, export_onnx
+    >>> from bgad_core.engine.inference import Scorer
     >>> scorer = Scorer.load("model.pt", "backbone.safetensors")          # doctest: +SKIP
     >>> export_onnx(ExportableScorer(scorer), "out/model.onnx")           # doctest: +SKIP
 """
@@ -48,8 +48,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from bgad_core.fast_flow import check_supported
-from bgad_core.inference import Scorer
+from bgad_core.models.bgad.fast_flow import check_supported
+from bgad_core.engine.inference import Scorer
 
 OPSET = 18
 INPUT_NAME = "images"

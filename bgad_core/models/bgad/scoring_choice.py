@@ -1,7 +1,7 @@
 """Scoring an evaluation split, and the scoring choices validation makes at no training cost.
 
 Three cheap choices turn the flows' per-level log-likelihood maps into anomaly maps and image scores
-(``bgad_core.scoring``): one scoring constant per level or per cell (``calibration``), how much more the coarser
+(``bgad_core.models.bgad.scoring``): one scoring constant per level or per cell (``calibration``), how much more the coarser
 level weighs (``coarse_level_weight``) and how a map becomes an image score (``image_score``). The best of each
 depends on the data, and a wrong one can cost more than any hyperparameter: per-cell constants raised KolektorSDD's
 test PRO by 0.05, where the commutator sits at the same place in every image, and collapsed on a held-out set of
@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bgad_core.features import FeatureSet
-from bgad_core.metrics import compute_metrics
-from bgad_core.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
+from bgad_core.data.features import FeatureSet
+from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
 
 COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", equal weights (the simpler) first
 SCORING_MARGIN = 0.005  # how much better on validation a more elaborate scoring must be to replace a simpler one

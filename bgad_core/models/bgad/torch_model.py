@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bgad_core.fast_flow import (check_supported, condition_tables, distinct_positions, grid_log_likelihood,
+from bgad_core.models.bgad.fast_flow import (check_supported, condition_tables, distinct_positions, grid_log_likelihood,
                                  positioned_log_likelihood)
-from bgad_core.features import local_average
-from bgad_core.flow import build_flow
-from bgad_core.positional import positional_encoding_2d
+from bgad_core.data.features import local_average
+from bgad_core.models.bgad.flow import build_flow
+from bgad_core.models.bgad.positional import positional_encoding_2d
 
 if TYPE_CHECKING:
-    from bgad_core.training import TrainConfig
+    from bgad_core.models.bgad.training import TrainConfig
 
 
 class BGADFlows(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgad_core.flow import log_likelihood
+from bgad_core.models.bgad.flow import log_likelihood
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""95 % intervals for the metrics of ``bgad_core.metrics``, from a stratified bootstrap over images.
+"""95 % intervals for the metrics of ``bgad_core.evaluation.metrics``, from a stratified bootstrap over images.
 
 Why. Models are chosen on validation splits of a few dozen images and judged on one test figure; at 45 images an
 AUROC's standard error is about 0.05, so a point estimate to four decimals overstates what the split can tell.
@@ -27,7 +27,7 @@ they are map values themselves, so the binned ROC and PRO curves are exactly the
 subset of their thresholds, joined by straight lines. Between two neighbouring thresholds at most about 1/``bins``
 of the defect pixels and 1/``bins`` of the normal pixels change side, so the area lost or gained is at most about
 1/(2 ``bins``) for pixel AUROC and 1/(2 ``bins`` x fpr_limit) for PRO (1024 bins: 5e-4 and 1.6e-3); in practice
-it is far smaller (``tests/test_intervals.py`` checks unit weights against ``bgad_core.metrics``). Image metrics
+it is far smaller (``tests/test_intervals.py`` checks unit weights against ``bgad_core.evaluation.metrics``). Image metrics
 are exact on every resample.
 
 Conventions. A metric undefined on the whole split (one class only, no defect region) gets (NaN, NaN); resamples
@@ -38,7 +38,7 @@ metric once per image, and its correction is small next to the width these split
 thresholds and so biased upwards on a resample; its interval can lean above the point estimate.
 
 >>> import numpy as np
->>> from bgad_core.metrics import image_auroc
+>>> from bgad_core.evaluation.metrics import image_auroc
 >>> rng = np.random.default_rng(0)
 >>> labels = np.repeat([0, 1], [30, 15])  # a validation split of 45 images
 >>> scores = rng.normal(size=45) + labels
@@ -61,7 +61,7 @@ from scipy import ndimage, stats
 from threadpoolctl import threadpool_limits
 
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.metrics import _REGION_STRUCTURE, _check_fpr_limit, _image_inputs, _pixel_inputs
+from bgad_core.evaluation.metrics import _REGION_STRUCTURE, _check_fpr_limit, _image_inputs, _pixel_inputs
 
 __all__ = [
     "BOOTSTRAP_SEED",

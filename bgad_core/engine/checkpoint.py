@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from bgad_core.model import BGADFlows
-from bgad_core.scoring import Normalization
-from bgad_core.training import TrainConfig
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.scoring import Normalization
+from bgad_core.models.bgad.training import TrainConfig
 
 CHECKPOINT_VERSION = 1
 

@@ -3,7 +3,7 @@
 It sees no defect: a memory bank of locally aggregated normal patch features, thinned by a greedy coreset, and the
 distance of each test patch to its nearest bank entry as the anomaly score. It exists so that every sweep can show
 what BGAD-FAS's few labels buy over what a user would otherwise run; it shares ``FeatureSet``, the splits, the
-anomaly-map upsampling and blur (``bgad_core.scoring``) and the metrics with BGAD.
+anomaly-map upsampling and blur (``bgad_core.models.bgad.scoring``) and the metrics with BGAD.
 
 The recipe follows the paper and anomalib's reference model: each level is averaged over 3x3 neighbourhoods,
 coarser levels are upsampled (bilinear) to the finest chosen one and concatenated, the coreset is chosen by greedy
@@ -12,7 +12,7 @@ how isolated its nearest bank entry is among its ``num_neighbors`` neighbours.
 
 Example:
     >>> import torch
-    >>> from bgad_core.features import FeatureSet
+    >>> from bgad_core.data.features import FeatureSet
     >>> def rows(n):
     ...     return FeatureSet([torch.randn(n, 8, 8, 8), torch.randn(n, 16, 4, 4)],
     ...                       [torch.zeros(n, 8, 8), torch.zeros(n, 4, 4)], torch.zeros(n, dtype=torch.long),
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bgad_core.errors import ConfigError
-from bgad_core.features import FeatureSet, local_average
-from bgad_core.metrics import compute_metrics
-from bgad_core.scoring import gaussian_blur
+from bgad_core.data.features import FeatureSet, local_average
+from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.models.bgad.scoring import gaussian_blur
 
 PROJECTION_DIM = 128  # k-center distances are computed on a random projection of this width (enough to rank)
 DISTANCE_CHUNK = 8192  # query patches per distance block: bounds memory at 8192 x bank size floats
@@ -206,7 +206,7 @@ class PatchCore(nn.Module):
         return torch.cat(scores), torch.cat(maps)
 
     def evaluate(self, split: FeatureSet, image_size: tuple[int, int]) -> dict[str, float]:
-        """The metrics BGAD reports (``bgad_core.metrics.compute_metrics``) on an evaluation split."""
+        """The metrics BGAD reports (``bgad_core.evaluation.metrics.compute_metrics``) on an evaluation split."""
         scores, maps = self.predict(split, image_size)
         masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
         return compute_metrics(split.labels.numpy(), scores.numpy(), masks, None if masks is None else maps.numpy())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bgad_core.boundary import Boundary
+from bgad_core.models.bgad.boundary import Boundary
 
 
 def ml_loss(logps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

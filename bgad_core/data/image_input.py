@@ -21,7 +21,7 @@ names is ever opened, and no message says whether a file exists.
     >>> open_image(buffer.getvalue(), "image 0", ImageLimits(max_pixels=1000))
     Traceback (most recent call last):
     ...
-    bgad_core.image_input.ImageTooLarge: image 0: 64 x 48 = 3072 pixels, more than the limit of 1000
+    bgad_core.data.image_input.ImageTooLarge: image 0: 64 x 48 = 3072 pixels, more than the limit of 1000
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bgad_core.datasets import rgb_image
+from bgad_core.data.datasets import rgb_image
 from bgad_core.errors import ConfigError, DataError
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # Pillow's names for the suffixes of datasets.IMAGE_EXTENSIONS
