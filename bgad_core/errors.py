@@ -14,3 +14,7 @@ class ConfigError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message names the meta-epoch, level and loss terms."""
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported to ONNX; the message names the layer that stops it."""
