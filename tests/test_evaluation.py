@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from bgad_core.models.bgad.scoring_choice import (SCORING_MARGIN, Candidate, Evaluation, choose_scoring, scoring_candidates,
+from bgad_core.models.bgad.scoring_choice import (SCORING_MARGIN, Candidate, ScoredSplit, choose_scoring, scoring_candidates,
                                   simplest_within_margin)
 from bgad_core.data.features import FeatureSet
 from bgad_core.models.bgad.scoring import Normalization
 
 
 def candidate(rank: int, value: float) -> Candidate:
-    evaluation = Evaluation({"image_auroc": value}, torch.zeros(1), torch.zeros(1, 1, 1), Normalization((0.0,), (1.0,)))
+    evaluation = ScoredSplit({"image_auroc": value}, torch.zeros(1), torch.zeros(1, 1, 1), Normalization((0.0,), (1.0,)))
     return Candidate(rank, (rank, 0), 0, evaluation)
 
 

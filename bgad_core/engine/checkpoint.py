@@ -1,42 +1,40 @@
-"""A self-describing checkpoint: everything needed to rebuild the scorer, loadable with ``weights_only=True``.
+"""A self-describing checkpoint: everything needed to rebuild the detector, loadable with ``weights_only=True``.
 
-Only tensors, numbers, strings, lists and dicts go in, so loading never unpickles arbitrary objects.
+Only tensors, numbers, strings, lists and dicts go in, so loading never unpickles arbitrary objects. Version 2 names
+the detector family and holds the detector's own entry (``Detector.to_checkpoint``); version 1 (BGAD only, written
+before families existed) is upgraded on load, so old checkpoints and registered versions keep serving.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.models.bgad.scoring import Normalization
-from bgad_core.models.bgad.training import TrainConfig
+from bgad_core.models.base import Detector
+from bgad_core.models.registry import family
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_V1_DETECTOR_KEYS = {"flows": "flows", "channels": "channels", "train_config": "config", "normalization": "normalization"}
 
 
 def make_checkpoint(
-    model: BGADFlows,
-    config: TrainConfig,
-    backbone: dict[str, Any],
-    image_size: tuple[int, int],
-    normalization: Normalization,
+    detector: Detector,
+    backbone: Mapping[str, Any],
     threshold: float,
-    metrics: dict[str, float],
+    metrics: Mapping[str, float],
     epoch: int,
 ) -> dict[str, Any]:
-    """Assemble the checkpoint dict (flows on the CPU, plain Python values elsewhere)."""
+    """Assemble the checkpoint dict of a detector (its tensors on the CPU, plain Python values elsewhere)."""
     return {
         "version": CHECKPOINT_VERSION,
-        "flows": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "channels": list(model.channels),
-        "train_config": config.to_dict(),
+        "family": detector.family,
+        "detector": detector.to_checkpoint(),
         "backbone": dict(backbone),
-        "image_size": list(image_size),
-        "normalization": normalization.to_dict(),
+        "image_size": list(detector.image_size),
         "threshold": float(threshold),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "epoch": int(epoch),
@@ -57,24 +55,29 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) and check its format version."""
+    """Read a checkpoint safely (``weights_only=True``), upgrading a version-1 one; other versions are refused."""
     checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
     version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if version == 1:
+        return upgrade_v1(checkpoint)
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not a bgad checkpoint of version {CHECKPOINT_VERSION} (found {version!r})")
+        raise ValueError(f"{path}: not a bgad checkpoint of version 1 or {CHECKPOINT_VERSION} (found {version!r})")
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[BGADFlows, TrainConfig, Normalization]:
-    """Rebuild the flows (in eval mode), their training config and the scoring constants."""
-    # options a checkpoint predates take the value its model was trained and scored with, not today's default
-    predates = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0, "condition_on_position": True,
-                "image_score": "max"}
-    config = TrainConfig.from_dict({**predates, **checkpoint["train_config"]})
-    model = BGADFlows.from_config(checkpoint["channels"], config)
-    model.load_state_dict(checkpoint["flows"])
-    # a checkpoint from before the weight and the reduction were stored with the constants kept them in its config
-    weight, reduction = config.coarse_level_weight, config.image_score
-    normalization = Normalization.from_dict(checkpoint["normalization"], 1.0 if weight == "auto" else float(weight),
-                                            "max" if reduction == "auto" else reduction)
-    return model.eval(), config, normalization
+def upgrade_v1(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 checkpoint (BGAD flows, their config and constants at the top level) in version 2's form."""
+    detector = {new: checkpoint[old] for old, new in _V1_DETECTOR_KEYS.items()}
+    rest = {k: v for k, v in checkpoint.items() if k not in _V1_DETECTOR_KEYS}
+    return {**rest, "version": CHECKPOINT_VERSION, "family": "bgad", "detector": detector}
+
+
+def detector_from_checkpoint(checkpoint: Mapping[str, Any]) -> Detector:
+    """Rebuild the checkpoint's detector (in eval mode) through its family."""
+    size = checkpoint["image_size"]
+    return family(checkpoint["family"]).detector.from_checkpoint(checkpoint["detector"], (int(size[0]), int(size[1])))
+
+
+def checkpoint_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The family config the checkpoint's detector was trained with, with its family: what a summary shows."""
+    return {"family": checkpoint["family"], **checkpoint["detector"].get("config", {})}

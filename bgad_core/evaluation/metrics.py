@@ -321,3 +321,8 @@ def compute_metrics(
         aupro=pixel.aupro(limit),
     )
     return metrics
+
+
+def objective_metric(has_masks: bool) -> str:
+    """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
+    return "aupro" if has_masks else "image_auroc"

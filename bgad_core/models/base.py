@@ -9,7 +9,7 @@ fields are what a search may vary, and a factory for its ``Training``. Two objec
 - ``Detector`` is what a validation produced and what gets checkpointed, served and exported: every level's
   backbone features in, image scores and anomaly maps at image resolution out. Every subclass returns
   ``(scores (B,), maps (B, H, W))`` in float32, higher meaning more anomalous, whatever dtype the features come
-  in (the feature cache stores fp16); the same image scores the same in any batch; and ``exportable()`` gives a
+  in (the feature cache stores fp16); the same image scores the same in any batch; and ``exportable(grids)`` gives a
   module with the same forward that the ONNX tracer can follow.
 
 Nothing here knows a family; the families know nothing of Ray, MLflow or the command line.
@@ -63,9 +63,11 @@ class Detector(nn.Module, ABC):
     """A trained detector after the backbone: per-level features in, image scores and anomaly maps out.
 
     Subclasses implement ``forward``, ``to_checkpoint`` and ``from_checkpoint``, and ``exportable`` where the module
-    itself does not trace to ONNX as it is. ``image_size`` is the ``(H, W)`` of the maps.
+    itself does not trace to ONNX as it is. ``family`` is the registry name of its family (checkpoints carry it),
+    ``image_size`` the ``(H, W)`` of the maps.
     """
 
+    family: ClassVar[str]
     image_size: tuple[int, int]
 
     @abstractmethod
@@ -81,8 +83,9 @@ class Detector(nn.Module, ABC):
     def from_checkpoint(cls, entry: Mapping[str, Any], image_size: tuple[int, int]) -> Detector:
         """The detector ``to_checkpoint`` described, in eval mode."""
 
-    def exportable(self) -> nn.Module:
-        """A module with this forward that ``torch.onnx.export`` traces (constants precomputed); raises
+    def exportable(self, grids: Sequence[tuple[int, int]]) -> nn.Module:
+        """A module with this forward that ``torch.onnx.export`` traces, for features of the given ``(H_l, W_l)``
+        grids (what depends only on parameters and grids may be precomputed); raises
         ``bgad_core.errors.ExportError`` naming the layer when the detector cannot be exported."""
         return self
 
@@ -208,6 +211,9 @@ class Family:
     def __post_init__(self) -> None:
         if self.learning_type not in (ONE_CLASS, FEW_SHOT):
             raise ConfigError(f"family {self.name}: learning_type must be {ONE_CLASS!r} or {FEW_SHOT!r}")
+        if self.detector.family != self.name:
+            raise ConfigError(f"family {self.name}: its detector {self.detector.__name__} says family "
+                              f"{self.detector.family!r}")
 
     def parameters(self) -> frozenset[str]:
         """The config fields: what a sweep may fix or search for this family."""

@@ -8,14 +8,13 @@ model: the same image always gets the same score, in a batch of one or of a thou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from bgad_core.errors import ConfigError
+from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")  # the simpler (the paper's) first
 CALIBRATIONS = ("level", "position")  # the simpler (one constant per level, the paper's kind) first
@@ -100,22 +99,6 @@ class Normalization:
                              str(values.get("image_score", image_score)))
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, H, W)`` maps (truncated at 4 sigma, reflect padding), image by image."""
-    if sigma <= 0:
-        return maps
-    radius = int(math.ceil(4 * sigma))
-    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = F.pad(maps.unsqueeze(1), (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x[:, 0]  # not squeeze(1): traced with a dynamic batch, that exports as a runtime If on the shape
-
-
 def anomaly_maps(
     logp_maps: Sequence[torch.Tensor],
     normalization: Normalization,
@@ -133,10 +116,9 @@ def anomaly_maps(
     total = None
     for level, logps in enumerate(logp_maps):
         score = (normalization.mean[level] - logps.float()) / normalization.std[level]
-        score = F.interpolate(score.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
-        score = score * (weights[level] / sum(weights))
+        score = upsample(score, image_size) * (weights[level] / sum(weights))
         total = score if total is None else total + score
-    return gaussian_blur(total[:, 0], blur_sigma)
+    return gaussian_blur(total, blur_sigma)
 
 
 def image_scores(maps: torch.Tensor, reduction: str = "max") -> torch.Tensor:

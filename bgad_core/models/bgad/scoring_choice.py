@@ -33,8 +33,9 @@ IMAGE_OBJECTIVE = "image_auroc"  # what chooses the image-score reduction when t
 
 
 @dataclass
-class Evaluation:
-    """Metrics of one split with the per-image scores and anomaly maps they came from."""
+class ScoredSplit:
+    """One scoring of a split: its metrics, the per-image scores and maps they came from, and the scoring
+    (constants and choices) that made them; ``BGADTraining.validate`` turns the chosen one into an ``Evaluation``."""
 
     metrics: dict[str, float]
     scores: torch.Tensor
@@ -50,7 +51,7 @@ class Candidate:
     rank: int
     map: tuple[int, int]
     reduction: int
-    evaluation: Evaluation
+    evaluation: ScoredSplit
 
 
 def score_split(
@@ -59,14 +60,14 @@ def score_split(
     normalization: Normalization,
     image_size: tuple[int, int],
     blur_sigma: float,
-) -> Evaluation:
+) -> ScoredSplit:
     """Anomaly maps, image scores and metrics (pixel metrics where the split has masks) from the split's per-level
     log-likelihood maps, scored as ``normalization`` says."""
     maps = anomaly_maps(logps, normalization, image_size, blur_sigma)
     scores = image_scores(maps, normalization.image_score)
     masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
     metrics = compute_metrics(split.labels.numpy(), scores.numpy(), masks, maps.numpy() if masks is not None else None)
-    return Evaluation(metrics=metrics, scores=scores, maps=maps, normalization=normalization)
+    return ScoredSplit(metrics=metrics, scores=scores, maps=maps, normalization=normalization)
 
 
 def choose_scoring(
@@ -78,7 +79,7 @@ def choose_scoring(
     image_size: tuple[int, int],
     blur_sigma: float,
     objective: str,
-) -> Evaluation:
+) -> ScoredSplit:
     """Score a validation split every candidate way and return the evaluation of the chosen one.
 
     Args:
@@ -107,7 +108,7 @@ def choose_scoring(
                     pixel = {k: v for k, v in metrics.items() if not k.startswith("image_")}
                 else:
                     metrics = {**compute_metrics(labels, scores.numpy()), **pixel}
-                evaluation = Evaluation(metrics, scores, maps, replace(normalization, image_score=reduction))
+                evaluation = ScoredSplit(metrics, scores, maps, replace(normalization, image_score=reduction))
                 candidates.append(Candidate(fit_rank + weight_rank + reduction_rank, (fit_rank, weight_rank),
                                             reduction_rank, evaluation))
     if objective not in candidates[0].evaluation.metrics:  # a metric this split has not (PRO without masks)

@@ -13,20 +13,15 @@ is the paper's model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from bgad_core.models.bgad.config import FlowArchitecture
 from bgad_core.models.bgad.fast_flow import (check_supported, condition_tables, distinct_positions, grid_log_likelihood,
                                  positioned_log_likelihood)
 from bgad_core.data.features import local_average
 from bgad_core.models.bgad.flow import build_flow
 from bgad_core.models.bgad.positional import positional_encoding_2d
-
-if TYPE_CHECKING:
-    from bgad_core.models.bgad.training import TrainConfig
-
 
 class BGADFlows(nn.Module):
     """Conditional normalizing flows over multi-scale features.
@@ -66,8 +61,8 @@ class BGADFlows(nn.Module):
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, channels: Sequence[int], config: TrainConfig) -> BGADFlows:
-        """The flows a ``TrainConfig`` describes, for features of the given level widths."""
+    def from_config(cls, channels: Sequence[int], config: FlowArchitecture) -> BGADFlows:
+        """The flows a ``FlowArchitecture`` describes, for features of the given level widths."""
         return cls(channels, config.cond_dim, config.coupling_blocks, config.clamp, config.local_aggregation,
                    config.condition_on_position)
 

@@ -10,159 +10,24 @@ likelihood on normals, no BG-SPP and no focal weights, whatever ``focal_weightin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from bgad_core.models.bgad.boundary import check_beta, find_boundary
-from bgad_core.errors import ConfigError, TrainingDivergedError
-from bgad_core.models.bgad.scoring_choice import Evaluation, choose_scoring, score_split, scoring_candidates
 from bgad_core.data.features import FeatureSet
+from bgad_core.engine.stopping import first_watched_epoch
+from bgad_core.errors import TrainingDivergedError
+from bgad_core.models.base import Evaluation, ScoreDistribution, Training
+from bgad_core.models.bgad.boundary import find_boundary
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
-from bgad_core.evaluation.metrics import f1_max
+from bgad_core.models.bgad.scoring import Normalization
+from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.precision import PRECISION_CHOICES, resolve_precision
-from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization
+from bgad_core.precision import resolve_precision
 
 IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one BGAD-FAS training run; defaults follow the paper and its official code.
-
-    Attributes:
-        beta: fraction of normal vectors allowed below the normal boundary b_n (Sec. 3.3).
-        tau: margin between normal and abnormal boundary, b_a = b_n - tau.
-        normalizer: scale dividing per-dim log-likelihoods before boundary and margin apply.
-        bgspp_lambda: weight of the BG-SPP loss against the ML loss (Eq. 9).
-        focal_weighting: asymmetric focal weights of BGAD-FAS (Eq. 17-19).
-        lr: Adam learning rate at the end of warm-up.
-        meta_epochs: outer epochs; validation runs after each one.
-        sub_epochs: passes over the sampled feature vectors per meta-epoch.
-        normal_epochs: meta-epochs of phase 1 (normal only).
-        warmup_epochs: meta-epochs of linear learning-rate warm-up before the cosine decay.
-        fiber_batch: feature vectors per optimisation step (official: 4096).
-        cells_per_step: 0 (the paper's) draws each step's vectors at random from all cells of the sampled images;
-            k > 0 draws it as a block of k cells x ``fiber_batch // k`` images (more cells where a sub-epoch has
-            fewer images, so that steps keep ``fiber_batch`` vectors), so the positional condition term is
-            computed for k cells instead of thousands (the same objective, still unbiased SGD; the BG-SPP boundary
-            is then a percentile over the block's cells). Its steps are 1.1-1.4x faster on a 2-core CPU but a
-            trial only 1.05-1.14x; on MTD-200 test image AUROC and PRO stayed within 0.01 while pixel AUROC fell by
-            0.03, measured on that one dataset, hence off by default (BENCHMARKS.md, sections 1b and 1c).
-        abnormal_ratio: abnormal images drawn per normal image in phase 2 (0.5 = normal:abnormal 2:1).
-        push_fraction: share of each step's abnormal vectors that phase 2 trains on, the least likely first (1 = all,
-            the paper); for image-level labels, whose masks mark whole images, see ``least_likely_abnormal``.
-        abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
-            (but some) defect are left out of the losses rather than trained as normal.
-        coupling_blocks, clamp, cond_dim: flow architecture (paper: 8, 1.9, 128).
-        condition_on_position: condition the flows on each cell's position (the paper's, default); false models one
-            density per level, the same at every place (``model.BGADFlows``), for objects that do not sit at the
-            same place in every image.
-        local_aggregation: each feature is averaged over its ``k x k`` neighbourhood before its flow (odd; 1 = the
-            paper's per-cell features). See ``bgad_core.models.bgad.torch_model``. Meant for grids of 16+ cells a side (256 px at
-            stride 16); on small inputs (96 px: 12 and 6 cells) a 3x3 window spans much of the image and costs
-            accuracy, so use 1 there.
-        calibration: how log-likelihoods are standardised into scores, measured on training normals: "position"
-            (a mean and deviation per cell of each level's grid, ``scoring.Normalization``), "level" (one per level,
-            the paper's kind of constant) or "auto" (default: chosen on validation, ``bgad_core.models.bgad.scoring_choice``). Per
-            cell raised test PRO by 0.05 on KolektorSDD, whose parts sit at the same place in every image, and
-            collapsed on unaligned objects (held-out tyres: PRO 0.19 against 0.80 per level).
-        coarse_level_weight: how much more each level weighs in the anomaly map than the next finer one (1 = equal,
-            the paper's; see ``scoring.anomaly_maps``), or "auto" (default): chosen on validation among
-            ``evaluation.COARSE_LEVEL_WEIGHTS`` (2 helped MTD-200, 1 KolektorSDD, BENCHMARKS.md).
-        blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
-        image_score: how an anomaly map becomes an image score: "max", "top1pct_mean" (the mean of its top 1 %
-            pixels) or "auto" (default: chosen on validation image AUROC). Every "auto" choice costs no training:
-            the flows run once per validation and only the scoring is repeated; the choices are stored with the
-            scoring constants (``Normalization``), used for test and serving, and logged per meta-epoch.
-        precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
-            loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, 2x slower on one without bf16
-            instructions, BENCHMARKS.md); "auto" (default) takes bf16 only on a GPU or a CPU with bf16 hardware
-            (``bgad_core.precision``) and warns when "bf16" is forced without it. Evaluation is float32.
-        seed: seeds flow initialisation and sampling.
-    """
-
-    beta: float = 0.01
-    tau: float = 0.1
-    normalizer: float = 10.0
-    bgspp_lambda: float = 1.0
-    focal_weighting: bool = True
-    lr: float = 2e-4
-    meta_epochs: int = 25
-    sub_epochs: int = 8
-    normal_epochs: int = 1
-    warmup_epochs: int = 2
-    fiber_batch: int = 4096
-    cells_per_step: int = 0
-    abnormal_ratio: float = 0.5
-    abnormal_fraction: float = 0.25
-    push_fraction: float = 1.0
-    coupling_blocks: int = 8
-    clamp: float = 1.9
-    cond_dim: int = 128
-    condition_on_position: bool = True
-    local_aggregation: int = 3
-    calibration: str = "auto"
-    coarse_level_weight: float | str = "auto"
-    blur_sigma: float = 4.0
-    image_score: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_beta(self.beta)
-        positive = ("tau", "normalizer", "lr", "meta_epochs", "sub_epochs", "fiber_batch", "coupling_blocks", "clamp")
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("bgspp_lambda", "abnormal_ratio", "normal_epochs", "warmup_epochs", "blur_sigma", "cells_per_step"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.local_aggregation < 1 or self.local_aggregation % 2 == 0:
-            raise ConfigError(f"local_aggregation must be an odd number >= 1, got {self.local_aggregation}")
-        if not 0.0 < self.push_fraction <= 1.0:
-            raise ConfigError(f"push_fraction must lie in (0, 1], got {self.push_fraction}")
-        if not 0.0 < self.abnormal_fraction <= 1.0:
-            raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
-        if self.coarse_level_weight != "auto":
-            self.coarse_level_weight = _weight(self.coarse_level_weight)
-        if self.calibration not in ("auto", *CALIBRATIONS):
-            raise ConfigError(f"calibration must be one of {['auto', *CALIBRATIONS]}, got {self.calibration!r}")
-        if self.image_score not in ("auto", *IMAGE_SCORE_REDUCTIONS):
-            raise ConfigError(f"image_score must be one of {['auto', *IMAGE_SCORE_REDUCTIONS]}, got {self.image_score!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """Build from a mapping, naming any unknown key instead of silently ignoring it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _weight(value: object) -> float:
-    """A fixed ``coarse_level_weight`` as a float > 0 (a number, or its text from a command line)."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not number > 0 or math.isinf(number):
-        raise ConfigError(f"coarse_level_weight must be 'auto' or a number > 0, got {value!r}")
-    return number
-
-
-def objective_metric(has_masks: bool) -> str:
-    """Validation metric used to select epochs: PRO where pixel masks exist, image AUROC otherwise."""
-    return "aupro" if has_masks else "image_auroc"
 
 
 def fiber_labels(mask_fractions: torch.Tensor, abnormal_fraction: float) -> torch.Tensor:
@@ -208,11 +73,11 @@ class _LevelData:
         return index[self.labels[index] != IGNORED]
 
 
-class Trainer:
+class BGADTraining(Training):
     """Trains ``BGADFlows`` on a training ``FeatureSet`` (normal rows and real or synthetic anomalous rows)."""
 
     def __init__(
-        self, model: BGADFlows, config: TrainConfig, train: FeatureSet, device: str | torch.device = "cpu"
+        self, model: BGADFlows, config: BGADConfig, train: FeatureSet, device: str | torch.device = "cpu"
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -332,7 +197,7 @@ class Trainer:
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping) -> None:
         """Resume from ``state_dict()``: same weights, optimizer moments, epoch counter and sampling stream."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -340,7 +205,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
 
     @torch.no_grad()
-    def boundary_snapshot(self, max_vectors: int = 20000) -> tuple[np.ndarray, np.ndarray, float, float]:
+    def score_distribution(self, max_vectors: int = 20000) -> ScoreDistribution:
         """Normalised per-dim log-likelihoods of (a sample of) normal and abnormal training vectors, with b_n, b_a.
 
         What the BG-SPP loss sees, for a histogram: all levels pooled, anomalous images included.
@@ -357,12 +222,9 @@ class Trainer:
         all_logps, all_labels = torch.cat(logps), torch.cat(labels)
         boundary = find_boundary(all_logps, all_labels, cfg.beta, cfg.tau, cfg.normalizer)
         scaled = (all_logps / cfg.normalizer).numpy()
-        return (
-            scaled[all_labels.numpy() == 0],
-            scaled[all_labels.numpy() == 1],
-            float(boundary.normal),
-            float(boundary.abnormal),
-        )
+        return ScoreDistribution(scaled[all_labels.numpy() == 0], scaled[all_labels.numpy() == 1],
+                                 {"b_n": float(boundary.normal), "b_a": float(boundary.abnormal)},
+                                 "per-dim log-likelihood / normalizer")
 
     def fit_normalizations(self, calibrations: Sequence[str], max_images: int | None = None) -> list[Normalization]:
         """Scoring constants of each calibration, from (up to ``max_images``, evenly spaced for determinism) training
@@ -379,25 +241,37 @@ class Trainer:
         maps = logp_maps(self.model, self.train_set.select(rows), self.device)
         return [Normalization.fit(maps, calibration) for calibration in calibrations]
 
-    def validate(self, val: FeatureSet, image_size: tuple[int, int], objective: str | None = None) -> Evaluation:
+    @property
+    def first_selectable_epoch(self) -> int:
+        """After phase 1: the phase-1 model is plain normal-only BGAD, and a short schedule must not hand back the
+        model that BG-SPP never touched (at the last meta-epoch at the latest)."""
+        return first_watched_epoch(self.config.normal_epochs, self.config.meta_epochs)
+
+    def validate(self, val: FeatureSet, image_size: tuple[int, int], objective: str) -> Evaluation:
         """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalizations``).
 
         Every scoring choice the config leaves "auto" (calibration, coarse-level weight, image-score reduction) is
-        made here on ``objective`` (a metric name; ``objective_metric`` of the split when None), by
-        ``evaluation.choose_scoring``; the returned evaluation's ``normalization`` holds the choices. The flows run
-        once over the normals and once over validation, whatever the number of candidates.
+        made here on ``objective`` by ``scoring_choice.choose_scoring``; the returned evaluation's detector holds
+        the choices. The flows run once over the normals and once over validation, whatever the number of
+        candidates.
         """
         cfg = self.config
         calibrations, weights, reductions = scoring_candidates(cfg.calibration, cfg.coarse_level_weight,
                                                                cfg.image_score)
         fits = self.fit_normalizations(calibrations)
         logps = logp_maps(self.model, val, self.device)
-        objective = objective or objective_metric(val.pixel_masks is not None)
-        return choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma, objective)
+        return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
+                                              objective), image_size)
 
-    def evaluate(self, split: FeatureSet, normalization: Normalization, image_size: tuple[int, int]) -> Evaluation:
-        """Evaluate the current flows on a split with given scoring constants (see ``evaluate``)."""
-        return evaluate(self.model, split, normalization, image_size, self.config, self.device)
+    def evaluation(self, scored: ScoredSplit, image_size: tuple[int, int]) -> Evaluation:
+        """The contract's ``Evaluation`` of a scoring of the current flows."""
+        detector = BGADDetector(self.model, scored.normalization, self.config.blur_sigma, image_size, self.config)
+        return Evaluation(scored.metrics, scored.scores, scored.maps, detector, scored.normalization.choice_metrics())
+
+
+def bgad_training(config: BGADConfig, train: FeatureSet, strides: Sequence[int], device: str = "cpu") -> BGADTraining:
+    """The family's ``Training``: flows for every level of ``train`` (``strides`` name the levels; all are used)."""
+    return BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train, device)
 
 
 @torch.no_grad()
@@ -412,26 +286,3 @@ def logp_maps(
         for store, logps in zip(parts, model(batch)):
             store.append(logps.cpu())
     return [torch.cat(p) for p in parts]
-
-
-def evaluate(
-    model: BGADFlows,
-    split: FeatureSet,
-    normalization: Normalization,
-    image_size: tuple[int, int],
-    config: TrainConfig,
-    device: torch.device | str = "cpu",
-) -> Evaluation:
-    """Anomaly maps, image scores and metrics of an evaluation split (pixel metrics when it has masks)."""
-    return score_split(logp_maps(model, split, device), split, normalization, image_size, config.blur_sigma)
-
-
-def decision_threshold(evaluation: Evaluation, labels: torch.Tensor) -> float:
-    """Image-score threshold that maximises F1 on a (validation) split: the served model's default decision."""
-    return float(f1_max(labels.numpy(), evaluation.scores.numpy())[1])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy so flow initialisation (incl. FrEIA's random soft permutations) is reproducible."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
