@@ -4,7 +4,7 @@ Every arm reads the same backbone features of the same split (extracted once, li
 
 - ``patchcore``: one-class PatchCore (``bgad_core.models.patchcore.torch_model``), strides 8 + 16, 1 % coreset, k = 9. No labels.
 - ``bgad``: plain BGAD: the default flows, trained on the normals only, focal weighting off. No labels.
-- ``bgad-fas``: the default BGAD-FAS (``TrainConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
+- ``bgad-fas``: the default BGAD-FAS (``BGADConfig()`` defaults, ``DEFAULT_STRIDES``) with the protocol's anomalies.
   ``--strides`` and ``--set KEY=VALUE`` change what the ``bgad`` and ``bgad-fas`` arms model, for ablations.
 - ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features, per-level score constants) with the same anomalies
   and schedule.
@@ -20,7 +20,7 @@ only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per l
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
 choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones): each policy selects its own epoch on its
 own validation figure and reads test once there. All policies use constants from the same (up to 512) training
-normals; the ``auto`` row is what the default trainer gives.
+normals; the ``auto`` row is what the default training gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
         [--arms patchcore bgad bgad-fas paper] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
@@ -43,14 +43,16 @@ import torch
 from benchmarks.stress_data import shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.data.datasets import read_category
-from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
 from bgad_core.data.features import FeatureSet
-from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.models.patchcore.torch_model import PatchCore
 from bgad_core.data.splits import make_splits
-from bgad_core.engine.stopping import first_watched_epoch
-from bgad_core.train import DataConfig, build_feature_sets, objective_metric, train_and_select
-from bgad_core.models.bgad.training import Trainer, TrainConfig, logp_maps, seed_everything
+from bgad_core.engine.selection import seed_everything, train_and_select
+from bgad_core.evaluation.metrics import objective_metric
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.training import BGADTraining, logp_maps
+from bgad_core.models.patchcore.torch_model import PatchCore
+from bgad_core.train import DataConfig, build_feature_sets
 
 log = logging.getLogger(__name__)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -105,14 +107,14 @@ def protocol_data(dataset: str, data_root: Path, stress: str | None = None, scra
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as ``TrainConfig`` overrides, each value of its field's type (an unknown key fails)."""
-    known = {f.name: f for f in fields(TrainConfig)}
+    """``KEY=VALUE`` strings as ``BGADConfig`` overrides, each value of its field's type (an unknown key fails)."""
+    known = {f.name: f for f in fields(BGADConfig)}
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in known:
-            raise SystemExit(f"--set {item}: unknown TrainConfig key {key!r}; known: {sorted(known)}")
-        default = getattr(TrainConfig, key)
+            raise SystemExit(f"--set {item}: unknown BGADConfig key {key!r}; known: {sorted(known)}")
+        default = getattr(BGADConfig, key)
         overrides[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
     return overrides
 
@@ -131,43 +133,43 @@ def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
     return train.select(rows)
 
 
-def bgad_arm(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
+def bgad_arm(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
              size: tuple[int, int], curves: bool) -> dict:
     """Train flows, select on validation, test once; figures and wall time of one arm."""
     seed_everything(config.seed)
     started = time.perf_counter()
-    trainer = Trainer(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
-    best = train_and_select(trainer, val, test, size, objective, test_every_epoch=curves)
+    training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    best = train_and_select(training, val, test, size, objective, test_every_epoch=curves)
     return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics,
             "seconds": round(time.perf_counter() - started, 1), "history": best.history}
 
 
-def scoring_arms(config: TrainConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
+def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
                  size: tuple[int, int]) -> dict[str, dict]:
     """Train flows once; per ``SCORING_POLICIES`` entry, the epoch its validation selects and test read there.
 
-    Epochs are selectable after phase 1, as in ``train_and_select``. Test log-likelihoods are computed every
+    Epochs are selectable from the training's ``first_selectable_epoch`` (after phase 1), as in ``train_and_select``. Test log-likelihoods are computed every
     meta-epoch (to read any policy's test at its own epoch) and scored only as each policy chose on validation.
     """
     seed_everything(config.seed)
     started = time.perf_counter()
-    trainer = Trainer(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
     best: dict[str, dict] = {}
-    first_epoch = first_watched_epoch(config.normal_epochs, config.meta_epochs)
+    first_epoch = training.first_selectable_epoch
     for _ in range(config.meta_epochs):
-        trainer.train_meta_epoch()
-        fits = dict(zip(("level", "position"), trainer.fit_normalizations(("level", "position"))))
-        val_logps, test_logps = logp_maps(trainer.model, val), logp_maps(trainer.model, test)
+        training.train_meta_epoch()
+        fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
+        val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
         for name, policy in SCORING_POLICIES.items():
             calibrations, weights, reductions = scoring_candidates(*policy)
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
                                     config.blur_sigma, objective)
             score = chosen.metrics.get(objective, float("nan"))
-            log.info("meta-epoch %d, %s: val %s %.4f (%s)", trainer.epoch, name, objective, score,
+            log.info("meta-epoch %d, %s: val %s %.4f (%s)", training.epoch, name, objective, score,
                      chosen.normalization.describe())
-            if trainer.epoch >= first_epoch and (name not in best or score > best[name]["score"]):
+            if training.epoch >= first_epoch and (name not in best or score > best[name]["score"]):
                 test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma)
-                best[name] = {"score": score, "epoch": trainer.epoch, "val": chosen.metrics,
+                best[name] = {"score": score, "epoch": training.epoch, "val": chosen.metrics,
                               "test": test_result.metrics, "scoring": chosen.normalization.describe()}
     seconds = round(time.perf_counter() - started, 1)
     return {name: {**row, "seconds": seconds} for name, row in best.items()}
@@ -177,8 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(PROTOCOLS), default="mtd", help="which shared protocol to run")
     parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
-    parser.add_argument("--meta-epochs", type=int, default=TrainConfig.meta_epochs, help="meta-epochs of every arm")
-    parser.add_argument("--sub-epochs", type=int, default=TrainConfig.sub_epochs, help="sub-epochs per meta-epoch")
+    parser.add_argument("--meta-epochs", type=int, default=BGADConfig.meta_epochs, help="meta-epochs of every arm")
+    parser.add_argument("--sub-epochs", type=int, default=BGADConfig.sub_epochs, help="sub-epochs per meta-epoch")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
     parser.add_argument("--anomalies", type=int, nargs="*", default=[],
                         help="extra BGAD-FAS rows with this many anomalies (per type where the protocol draws per type)")
@@ -186,7 +188,7 @@ def main() -> None:
     parser.add_argument("--strides", type=int, nargs="+", choices=EXTRACTED_STRIDES, default=list(DEFAULT_STRIDES),
                         help="levels the bgad and bgad-fas arms model (PatchCore keeps 8 16, the paper arm 4 8 16)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="TrainConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
+                        help="BGADConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
     parser.add_argument("--stress", choices=STRESS, default=None,
                         help="run on a stress variant of the category (shift-rotate: every image moved by its own "
                              "seeded shift and rotation, masks with it)")
@@ -202,7 +204,7 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     """The arms ``args`` name on the protocol's data; prints the table (and writes the JSON)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = parse_overrides(args.set)
-    base = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
+    base = BGADConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
     started = time.perf_counter()
     extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=EXTRACTED_STRIDES)
     _, has_masks, train_all, val_all, test_all = build_feature_sets(data, extractor)

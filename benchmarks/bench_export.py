@@ -1,7 +1,7 @@
 """Images/s of the exported ONNX graph in onnxruntime (and OpenVINO, where installed) vs the MLflow pyfunc, CPU.
 
 The model has a real trial's architecture at 256 px: tf_efficientnet_lite0 with the offline ImageNet weights,
-strides (8, 16), ``TrainConfig``'s default flows (8 couplings, 3 x 3 local aggregation) -- randomly initialised
+strides (8, 16), ``BGADConfig``'s default flows (8 couplings, 3 x 3 local aggregation) -- randomly initialised
 (seeded), with unit normalisation constants: speed does not depend on the values. The pyfunc is
 ``sweeper.serving`` saved with ``mlflow.pyfunc.save_model`` as ``sweeper.promote`` logs it, fed uint8 arrays of
 the model's size (no decoding); ``Scorer`` is the PyTorch model inside it called directly, which separates the
@@ -33,9 +33,11 @@ from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
 from bgad_core.engine.export import INPUT_NAME, ExportableScorer, export_onnx
 from bgad_core.engine.inference import Scorer, save_backbone_weights
-from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.engine.selection import seed_everything
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.scoring import Normalization
-from bgad_core.models.bgad.training import TrainConfig, seed_everything
+from bgad_core.models.bgad.torch_model import BGADFlows
 from sweeper import serving
 from sweeper.promote import pip_requirements
 
@@ -46,13 +48,15 @@ def trial_like_model(image_size: int) -> tuple[Scorer, dict]:
     """A scorer with a default trial's architecture and seeded random flows, and its checkpoint."""
     extractor = FeatureExtractor("tf_efficientnet_lite0", "offline", DEFAULT_STRIDES)
     seed_everything(0)
-    config = TrainConfig()
+    config = BGADConfig()
     flows = BGADFlows.from_config(extractor.channels, config)
     backbone = {"name": extractor.name, "weights_source": extractor.weights_source,
-                "weights_digest": extractor.weights_digest, "strides": list(extractor.strides)}
+                "weights_digest": extractor.weights_digest, "strides": list(extractor.strides),
+                "channels": list(extractor.channels)}
     levels = len(extractor.channels)
-    checkpoint = make_checkpoint(flows, config, backbone, (image_size, image_size),
-                                 Normalization((0.0,) * levels, (1.0,) * levels), 0.0, {}, 1)
+    detector = BGADDetector(flows, Normalization((0.0,) * levels, (1.0,) * levels), config.blur_sigma,
+                            (image_size, image_size), config)
+    checkpoint = make_checkpoint(detector, backbone, 0.0, {}, 1)
     return Scorer(checkpoint, extractor), checkpoint
 
 

@@ -5,7 +5,7 @@ encoding is built and repeated for every image, the vectors are shuffled, and ea
 through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
-features; ours is ``bgad_core.models.bgad.training.Trainer`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
+features; ours is ``bgad_core.models.bgad.training.BGADTraining`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
 steps (the paper's) and with position-blocked ones (``cells_per_step``).
 
 Each backbone's rows end with the matmul ceiling: how many times fewer multiply-adds a blocked step does than the
@@ -29,14 +29,15 @@ from bgad_core.models.bgad.flow import log_likelihood
 from bgad_core.models.bgad.losses import ml_loss
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.positional import positional_encoding_2d
-from bgad_core.models.bgad.training import Trainer, TrainConfig
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.training import BGADTraining
 
 # Feature widths at strides 4/8/16 (timm features_only channels).
 BACKBONE_WIDTHS = {"tf_efficientnet_lite0": (24, 40, 112), "tf_efficientnet_b6": (40, 72, 200)}
 GRIDS = ((64, 64), (32, 32), (16, 16))  # 256 px input
 FIBER_BATCH = 4096
 BLOCK_CELLS = 64  # cells per position-blocked step
-TRAINER_ARMS = {  # name: TrainConfig options of our trainer's arms
+TRAINER_ARMS = {  # name: BGADConfig options of our trainer's arms
     "ours fp32": dict(precision="fp32"),
     "ours bf16": dict(precision="bf16"),
     f"ours fp32, blocks of {BLOCK_CELLS} cells": dict(precision="fp32", cells_per_step=BLOCK_CELLS),
@@ -92,9 +93,9 @@ def measure(
     rates = {"reference fp32": seen / (time.perf_counter() - started)}
     for arm, options in arms.items():
         torch.manual_seed(0)
-        config = TrainConfig(meta_epochs=sub_epochs + 1, sub_epochs=1, normal_epochs=sub_epochs + 1,
-                             warmup_epochs=0, **options)
-        trainer = Trainer(BGADFlows(widths), config, train, device)
+        config = BGADConfig(meta_epochs=sub_epochs + 1, sub_epochs=1, normal_epochs=sub_epochs + 1,
+                            warmup_epochs=0, **options)
+        trainer = BGADTraining(BGADFlows(widths), config, train, device)
         trainer.train_meta_epoch()
         sync(device)
         started = time.perf_counter()

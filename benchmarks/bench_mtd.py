@@ -18,8 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.train import DataConfig, run
-from bgad_core.models.bgad.training import TrainConfig
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
 
@@ -36,8 +36,8 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"skipped: real data not found at {args.data}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TrainConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, warmup_epochs=1,
-                         precision=args.precision, local_aggregation=1)
+    config = BGADConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, warmup_epochs=1,
+                        precision=args.precision, local_aggregation=1)
     rows = []
     for label, anomalies in (("BGAD, no anomalies", 0), ("BGAD-FAS, 10 anomalies/type", 10)):
         data = DataConfig(str(args.data), image_size=args.image_size, num_anomalies=anomalies,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
 
 META_EPOCHS = 25
-NORMAL_EPOCHS = 1  # TrainConfig().normal_epochs of the recorded runs
+NORMAL_EPOCHS = 1  # BGADConfig().normal_epochs of the recorded runs
 
 
 @dataclass(frozen=True)

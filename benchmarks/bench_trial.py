@@ -36,35 +36,37 @@ from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.data.features import extract_feature_set
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.data.synthetic import make_synthetic_category
-from bgad_core.train import (DataConfig, TrainingImages, build_feature_sets, load_training_images, objective_metric,
-                             train_and_select)
-from bgad_core.models.bgad.training import Trainer, TrainConfig, seed_everything
+from bgad_core.engine.selection import seed_everything, train_and_select
+from bgad_core.evaluation.metrics import objective_metric
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.training import BGADTraining
+from bgad_core.train import DataConfig, TrainingImages, build_feature_sets, load_training_images
 
 
-def config_for(sub_epochs: int) -> TrainConfig:
+def config_for(sub_epochs: int) -> BGADConfig:
     """One sub-epoch per meta-epoch, so the recompute arm can re-extract between them; phase 2 from the second."""
-    return TrainConfig(meta_epochs=sub_epochs, sub_epochs=1, normal_epochs=1, warmup_epochs=1, lr=1e-3)
+    return BGADConfig(meta_epochs=sub_epochs, sub_epochs=1, normal_epochs=1, warmup_epochs=1, lr=1e-3)
 
 
 def features_of(extractor: FeatureExtractor, training: TrainingImages):
     return extract_feature_set(extractor, training.images, training.masks, training.labels, training.ids)
 
 
-def cached_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> Trainer:
+def cached_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> BGADTraining:
     seed_everything(0)
     config = config_for(sub_epochs)
-    trainer = Trainer(BGADFlows.from_config(extractor.channels, config), config, features_of(extractor, training))
+    trainer = BGADTraining(BGADFlows.from_config(extractor.channels, config), config, features_of(extractor, training))
     for _ in range(sub_epochs):
         trainer.train_meta_epoch()
     return trainer
 
 
-def recompute_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> Trainer:
+def recompute_arm(extractor: FeatureExtractor, training: TrainingImages, sub_epochs: int) -> BGADTraining:
     seed_everything(0)
     model = BGADFlows.from_config(extractor.channels, config_for(sub_epochs))
     state = None
     for _ in range(sub_epochs):
-        trainer = Trainer(model, config_for(sub_epochs), features_of(extractor, training))
+        trainer = BGADTraining(model, config_for(sub_epochs), features_of(extractor, training))
         if state is not None:
             trainer.load_state_dict(state)
         trainer.train_meta_epoch()
@@ -78,14 +80,14 @@ def paper_schedule_trial(data_root: Path, overrides: dict, stop_after: int | Non
     ``stop_after`` trains only the first meta-epochs of that schedule and extrapolates the full trial's time.
     """
     data = protocol_data("mtd", data_root)
-    config = TrainConfig(**{"meta_epochs": 25, "sub_epochs": 8, **overrides})
+    config = BGADConfig(**{"meta_epochs": 25, "sub_epochs": 8, **overrides})
     started = time.perf_counter()
     extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=DEFAULT_STRIDES)
     _, has_masks, train, val, test = build_feature_sets(data, extractor)
     loading = time.perf_counter() - started
     images = len(train) + len(val) + len(test)
     seed_everything(config.seed)
-    trainer = Trainer(BGADFlows.from_config(extractor.channels, config), config, train)
+    trainer = BGADTraining(BGADFlows.from_config(extractor.channels, config), config, train)
     cells = sum(f.shape[2] * f.shape[3] for f in train.features)
     objective = objective_metric(has_masks)
     best = train_and_select(trainer, val, test, (256, 256), objective, test_every_epoch=True, stop_after=stop_after)
@@ -137,7 +139,7 @@ def main() -> None:
                         help="instead: one default trial on the shared MTD-200 split at 25 x 8 epochs")
     parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder (--paper-schedule)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="TrainConfig overrides of the paper-schedule trial, e.g. cells_per_step=64")
+                        help="BGADConfig overrides of the paper-schedule trial, e.g. cells_per_step=64")
     parser.add_argument("--stop-after", type=int, default=None, metavar="K",
                         help="train only the first K meta-epochs of the 25 and extrapolate the trial's wall time")
     parser.add_argument("--json", type=Path, default=None, help="also write the paper-schedule figures here")

@@ -1,8 +1,9 @@
-"""Train one BGAD / BGAD-FAS model on one category and report validation and test metrics.
+"""Train one detector (BGAD / BGAD-FAS by default, or ``--family patchcore``) on one category and report
+validation and test metrics.
 
     python -m bgad_core.train --data ../shared/data/mtd/magnetic_tile --num-anomalies 10
 
-Features are extracted once (backbone frozen), flows train on them until the validation objective stops gaining
+Features are extracted once (backbone frozen), the detector trains on them until the validation objective stops gaining
 (``--patience``, ``--min-delta``: ``bgad_core.engine.stopping``) or the schedule ends; the epoch with the best *validation*
 objective is kept and the test split is evaluated exactly once with it.
 """
@@ -10,7 +11,6 @@ objective is kept and the test split is evaluated exactly once with it.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import logging
@@ -27,15 +27,16 @@ import numpy as np
 from bgad_core.data.racp import racp_samples
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.selection import decision_threshold, seed_everything, train_and_select
 from bgad_core.errors import ConfigError, DataError, TrainingDivergedError
 from bgad_core.data.datasets import ImageRecord, load_image, load_mask, read_category
 from bgad_core.data.features import FeatureSet, extract_feature_set
-from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.data.splits import Splits, check_validation, make_splits
-from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
+from bgad_core.engine.stopping import PlateauConfig
+from bgad_core.evaluation.metrics import objective_metric
+from bgad_core.models.base import DetectorConfig, Family
+from bgad_core.models.registry import DEFAULT_FAMILY, family, family_names
 from bgad_core.data.synthetic import make_synthetic_category
-from bgad_core.models.bgad.training import (Evaluation, Trainer, TrainConfig, decision_threshold, objective_metric,
-                                seed_everything)
 
 log = logging.getLogger("bgad_core.train")
 
@@ -164,75 +165,10 @@ def build_feature_sets(
     return splits, training.has_masks, train, evaluation[0], evaluation[1]
 
 
-@dataclass
-class Selection:
-    """The outcome of ``train_and_select`` (whose trainer's model then holds the chosen epoch's weights)."""
-
-    epoch: int
-    val: Evaluation
-    test: Evaluation
-    history: list[dict]
-
-
-def train_and_select(
-    trainer: Trainer,
-    val: FeatureSet,
-    test: FeatureSet,
-    image_size: tuple[int, int],
-    objective: str,
-    test_every_epoch: bool = False,
-    stop_after: int | None = None,
-    plateau: PlateauConfig | None = None,
-) -> Selection:
-    """Train meta-epochs, keep the one with the best *validation* ``objective``, evaluate test once with it.
-
-    Only epochs after phase 1 are candidates: the phase-1 model is plain normal-only BGAD, and a short schedule
-    must not hand back the model that BG-SPP never touched. ``plateau`` ends training once validation has stopped
-    gaining (``bgad_core.engine.stopping.PlateauRule``, watching the same epochs the selection considers); the selected
-    epoch is still the best one, usually ``patience`` meta-epochs back. None trains the whole schedule, as the
-    learning-curve benchmarks need. ``test_every_epoch`` also evaluates test after each meta-epoch, for learning
-    curves only: it is recorded in ``history`` and in the meta-epoch's log line (so a stopped run keeps its curve),
-    and never used to select. ``stop_after`` ends training after that many meta-epochs of the configured schedule
-    (to time a long schedule from its start).
-    """
-    config, model = trainer.config, trainer.model
-    best: dict | None = None
-    history = []
-    epochs = config.meta_epochs if stop_after is None else max(1, min(stop_after, config.meta_epochs))
-    rule = PlateauRule(plateau or PlateauConfig(patience=0), first_watched_epoch(config.normal_epochs, epochs))
-    for _ in range(epochs):
-        started = time.perf_counter()
-        losses = trainer.train_meta_epoch()
-        train_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        result = trainer.validate(val, image_size, objective)
-        row = {"epoch": trainer.epoch, "phase": int(losses["phase"]), "loss": losses["loss"],
-               "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - started, 2),
-               **result.normalization.choice_metrics(), "val": result.metrics}
-        if test_every_epoch:
-            row["test"] = trainer.evaluate(test, result.normalization, image_size).metrics
-        history.append(row)
-        score = result.metrics.get(objective, float("nan"))
-        log.info("meta-epoch %d (phase %d) loss %.4f val %s (%s)%s", trainer.epoch, row["phase"],
-                 losses["loss"], _fmt(result.metrics), result.normalization.describe(),
-                 f"; test (curve only) {_fmt(row['test'])}" if test_every_epoch else "")
-        selectable = trainer.epoch >= rule.first_epoch
-        if selectable and (best is None or score > best["score"]):
-            best = {"score": score, "epoch": trainer.epoch, "state": copy.deepcopy(model.state_dict()), "val": result}
-        if rule.update(trainer.epoch, score):
-            log.info("validation %s has not gained more than %g for %d meta-epochs: training stops after meta-epoch "
-                     "%d of %d (best: %d)", objective, rule.config.min_delta, rule.stale, trainer.epoch, epochs,
-                     best["epoch"])
-            break
-    model.load_state_dict(best["state"])
-    test_result = trainer.evaluate(test, best["val"].normalization, image_size)
-    return Selection(best["epoch"], best["val"], test_result, history)
-
-
-def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, strides: Sequence[int], output: Path | None,
-        plateau: PlateauConfig = PlateauConfig()) -> dict:
-    """Train until validation plateaus (``plateau``) or the schedule ends, select the best epoch on validation,
-    evaluate test once; return a JSON-able summary."""
+def run(data: DataConfig, config: DetectorConfig, backbone: str, weights: str, strides: Sequence[int],
+        output: Path | None, plateau: PlateauConfig = PlateauConfig()) -> dict:
+    """Train ``config``'s family until validation plateaus (``plateau``) or the schedule ends, select the best epoch
+    on validation, evaluate test once; return a JSON-able summary."""
     started = time.perf_counter()
     seed_everything(config.seed)
     extractor = FeatureExtractor(backbone, weights=weights, strides=strides)
@@ -245,11 +181,12 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
     )
     objective = objective_metric(has_masks)
     image_size = (data.image_size, data.image_size)
-    model = BGADFlows.from_config(extractor.channels, config)
-    trainer = Trainer(model, config, train)
-    best = train_and_select(trainer, val, test, image_size, objective, plateau=plateau)
+    family = family_of(config)
+    training = family.training(config, train, list(extractor.strides), "cpu")
+    best = train_and_select(training, val, test, image_size, objective, plateau=plateau)
     threshold = decision_threshold(best.val, val.labels)
     summary = {
+        "family": family.name,
         "objective": objective,
         "best_epoch": best.epoch,
         "meta_epochs_run": len(best.history),
@@ -261,24 +198,33 @@ def run(data: DataConfig, config: TrainConfig, backbone: str, weights: str, stri
     if output is not None:
         backbone_info = {"name": backbone, "weights_source": extractor.weights_source,
                          "weights_digest": extractor.weights_digest, "strides": list(extractor.strides),
-                         "mean": list(extractor.mean), "std": list(extractor.std)}
-        checkpoint = make_checkpoint(model, config, backbone_info, image_size, best.val.normalization, threshold,
+                         "channels": list(extractor.channels), "mean": list(extractor.mean), "std": list(extractor.std)}
+        checkpoint = make_checkpoint(best.val.detector, backbone_info, threshold,
                                      {f"val_{k}": v for k, v in best.val.metrics.items()}, best.epoch)
         save_checkpoint(checkpoint, output / "model.pt")
         (output / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return summary
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+def family_of(config: DetectorConfig) -> Family:
+    """The registered family whose config class ``config`` is."""
+    return next(family(name) for name in family_names() if type(config) is family(name).config)
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """Field descriptions from the ``Attributes:`` section of a dataclass docstring (``a, b: text`` covers both)."""
+    """Field descriptions from the ``Attributes:`` sections of a dataclass's docstring and its bases' (``a, b: text``
+    covers both)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        docs.update(_own_attribute_docs(base))
+    return docs
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     names: list[str] = []
     in_section = False
-    for line in (cls.__doc__ or "").splitlines():
+    for line in (cls.__dict__.get("__doc__") or "").splitlines():
         text = line.strip()
         if text == "Attributes:":
             in_section = True
@@ -308,6 +254,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequen
             parser.add_argument(flag, type=_parse_bool, default=default, metavar="{true,false}", **described)
         elif f.name == "train_defect_types":
             parser.add_argument(flag, nargs="+", default=None, **described)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default, **described)
         elif default is None:
             parser.add_argument(flag, type=int, default=None, **described)
         else:
@@ -352,12 +300,15 @@ def _main(argv: Sequence[str] | None) -> dict:
     parser.add_argument("--strides", type=int, nargs="+", default=list(DEFAULT_STRIDES),
                         help="output strides of the backbone levels the flows model (the paper: 4 8 16)")
     parser.add_argument("--output", type=Path, default=None, help="folder for model.pt and summary.json")
+    parser.add_argument("--family", choices=family_names(), default=DEFAULT_FAMILY,
+                        help="detector family to train; the options below are its config's (default: %(default)s)")
+    chosen = family(parser.parse_known_args(argv)[0].family)
     _add_dataclass_args(parser, DataConfig, skip=("data",))
-    _add_dataclass_args(parser, TrainConfig)
+    _add_dataclass_args(parser, chosen.config)
     _add_dataclass_args(parser, PlateauConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
+    config = chosen.config(**{f.name: args[f.name] for f in fields(chosen.config)})
     plateau = PlateauConfig(**{f.name: args[f.name] for f in fields(PlateauConfig)})
     with tempfile.TemporaryDirectory(prefix="bgad-synthetic-") as scratch:
         if args["data"] is None:

@@ -20,7 +20,7 @@ subclass ``Section`` and are added as fields of ``SweepConfig``.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -34,7 +34,7 @@ from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.engine.stopping import PlateauConfig
 from bgad_core.data.synthetic import DEFECT_TYPES
-from bgad_core.models.bgad.training import TrainConfig
+from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family, family_names
 from sweeper import credentials
 from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
 
@@ -156,18 +156,21 @@ class BackboneSpec(Section):
 
 
 class BaselineSpec(Section):
-    """The one-class PatchCore baseline (``bgad_core.models.patchcore.torch_model``) every sweep reports beside its best trial.
+    """The one-class baseline every sweep reports beside its best trial (a family of ``bgad_core.models``, fitted once
+    with these values; fields its config lacks are ignored).
 
     It sees no defect, so the gap between it and the best trial is what the labelled anomalies bought.
 
     Attributes:
         enabled: fit and evaluate it for each category after the search.
+        family: the one-class family to fit.
         strides: cached levels it reads (each must be one of ``backbone.strides``; PatchCore: 8 and 16).
         coreset_ratio: share of the training patches kept in its memory bank.
         num_neighbors: bank neighbours that re-weight its image score.
     """
 
     enabled: bool = True
+    family: str = "patchcore"
     strides: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     num_neighbors: int = Field(9, ge=1)
@@ -216,7 +219,14 @@ class CacheSpec(Section):
 
 
 TUNABLE_DATA_KEYS = ("num_anomalies", "racp_depth")
-TUNABLE_KEYS = frozenset({f.name for f in fields(TrainConfig)} | set(TUNABLE_DATA_KEYS))
+FAMILY_KEY = "family"
+
+
+def tunable_keys(families: Sequence[str]) -> frozenset[str]:
+    """What ``train`` may fix and a search may vary for these families: their config fields, the data selection
+    and ``family`` itself."""
+    fields_of = set().union(*(family(name).parameters() for name in families))
+    return frozenset(fields_of | set(TUNABLE_DATA_KEYS) | {FAMILY_KEY})
 
 
 class ParamSpec(Section):
@@ -254,11 +264,14 @@ class SearchSpec(Section):
     """What to try.
 
     Attributes:
-        algorithm: ``optuna`` (TPE over ``space``, seeded, study in ``tune.optuna_storage``) or ``grid`` (every
-            combination of ``grid``, each ``num_samples`` times).
+        algorithm: ``optuna`` (TPE over ``space`` or ``families``, seeded, study in ``tune.optuna_storage``) or
+            ``grid`` (every combination of ``grid``, each ``num_samples`` times).
         num_samples: Optuna trials per category (grid: repeats of the whole grid).
         seed: TPE sampler seed.
-        space: parameter -> distribution, for ``optuna``.
+        space: parameter -> distribution, for ``optuna``, searching one family (``train.family``, default bgad).
+        families: family -> its parameters' distributions (``{}``: none searched), for ``optuna`` across families:
+            the family is a searched categorical and each trial samples only its family's sub-space (Optuna
+            define-by-run; TPE models each family's parameters apart: multivariate, grouped). Replaces ``space``.
         grid: parameter -> list of values, for ``grid``.
         compare_paper_default: also train the paper's default configuration with the same schedule (no ASHA; it
             stops at its plateau as the trials do, ``tune.plateau``) and report its test score beside the best
@@ -269,32 +282,47 @@ class SearchSpec(Section):
     num_samples: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)
     space: dict[str, ParamSpec] = Field(default_factory=dict)
+    families: dict[str, dict[str, ParamSpec]] = Field(default_factory=dict)
     grid: dict[str, list[bool | int | float | str]] = Field(default_factory=dict)
     compare_paper_default: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
-        params = self.space if self.algorithm == "optuna" else self.grid
-        other = "grid" if self.algorithm == "optuna" else "space"
-        if not params:
-            key = "space" if self.algorithm == "optuna" else "grid"
-            raise ValueError(f"search.{key} is empty: algorithm {self.algorithm!r} needs at least one parameter")
-        if getattr(self, other):
-            raise ValueError(f"search.{other} is not used by algorithm {self.algorithm!r}; remove it")
-        unknown = sorted(set(params) - TUNABLE_KEYS)
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown}; tunable: {sorted(TUNABLE_KEYS)}")
+        if self.algorithm == "optuna":
+            if self.grid:
+                raise ValueError("search.grid is not used by algorithm 'optuna'; remove it")
+            if self.space and self.families:
+                raise ValueError("search.space and search.families: give one (families holds each family's space)")
+            if not self.space and not self.families:
+                raise ValueError("search.space is empty: algorithm 'optuna' needs at least one parameter "
+                                 "(or search.families)")
+        else:
+            if self.space or self.families:
+                raise ValueError("search.space / search.families are not used by algorithm 'grid'; remove them")
+            if not self.grid:
+                raise ValueError("search.grid is empty: algorithm 'grid' needs at least one parameter")
+        unknown_families = sorted(set(self.families) - set(family_names()))
+        if unknown_families:
+            raise ValueError(f"search.families: unknown famil(ies) {unknown_families}; known: {list(family_names())}")
+        if FAMILY_KEY in self.space:
+            raise ValueError("search.space.family: search families with search.families (one sub-space each)")
+        for name, space in self.families.items():
+            unknown = sorted(set(space) - (tunable_keys([name]) - {FAMILY_KEY}))
+            if unknown:
+                raise ValueError(f"search.families.{name}: unknown parameter(s) {unknown}; tunable: "
+                                 f"{sorted(tunable_keys([name]) - {FAMILY_KEY})}")
         if any(len(v) == 0 for v in self.grid.values()):
             raise ValueError("every grid parameter needs at least one value")
         return self
 
     def values_of(self, key: str) -> list[Any] | None:
-        """All values ``key`` may take in this search (None when it is not searched)."""
+        """All values ``key`` may take in this search, any family's (None when it is not searched)."""
         if key in self.grid:
             return list(self.grid[key])
         if key in self.space:
             return self.space[key].values()
-        return None
+        found = [v for space in self.families.values() if key in space for v in space[key].values()]
+        return found or None
 
 
 class SchedulerSpec(Section):
@@ -459,29 +487,56 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _baseline_levels_cached(self) -> SweepConfig:
+        if self.baseline.family not in family_names():
+            raise ValueError(f"baseline.family: unknown detector family {self.baseline.family!r}; known: "
+                             f"{list(family_names())}")
         missing = sorted(set(self.baseline.strides) - set(self.backbone.strides))
         if self.baseline.enabled and missing:
             raise ValueError(f"baseline.strides: {missing} not among backbone.strides {self.backbone.strides}")
         return self
 
+    def families(self) -> list[str]:
+        """The detector families this sweep trains: ``search.families``' keys, else the grid's ``family`` values,
+        else ``train.family`` (default bgad)."""
+        if self.search is not None and self.search.families:
+            return list(self.search.families)
+        if self.search is not None and FAMILY_KEY in self.search.grid:
+            return [str(v) for v in self.search.grid[FAMILY_KEY]]
+        return [str(self.train.get(FAMILY_KEY, DEFAULT_FAMILY))]
+
     @model_validator(mode="after")
     def _trainable_values(self) -> SweepConfig:
-        """Every fixed and searched value must make a valid TrainConfig: fail at load, not in trial 7 of 32."""
-        unknown = sorted(set(self.train) - TUNABLE_KEYS)
+        """Every fixed and searched value must make a valid config of its family: fail at load, not in trial 7."""
+        names = self.families()
+        unknown_families = sorted(set(names) - set(family_names()))
+        if unknown_families:
+            raise ValueError(f"family: unknown detector famil(ies) {unknown_families}; known: {list(family_names())}")
+        known = tunable_keys(names)
+        unknown = sorted(set(self.train) - known)
         if unknown:
-            raise ValueError(f"train: unknown parameter(s) {unknown}; known: {sorted(TUNABLE_KEYS)}")
-        fixed = {k: v for k, v in self.train.items() if k not in TUNABLE_DATA_KEYS}
-        _check_train_config(fixed, "train")
-        search = self.search or SearchSpec.model_construct(space={}, grid={})
-        for key, spec in search.space.items():
-            for value in spec.values():
-                _check_param(fixed, key, value, f"search.space.{key}")
+            raise ValueError(f"train: unknown parameter(s) {unknown} for famil(ies) {names}; known: {sorted(known)}")
+        fixed = {k: v for k, v in self.train.items() if k not in (*TUNABLE_DATA_KEYS, FAMILY_KEY)}
+        for name in names:
+            _check_config(name, fixed, "train")
+        search = self.search or SearchSpec.model_construct(space={}, grid={}, families={})
+        spaces = search.families or {name: search.space for name in names}
+        for name, space in spaces.items():
+            for key, spec in space.items():
+                where = f"search.families.{name}.{key}" if search.families else f"search.space.{key}"
+                for value in spec.values():
+                    _check_param(name, fixed, key, value, where)
         for key, values in search.grid.items():
+            if key == FAMILY_KEY:
+                continue
+            if not any(key in tunable_keys([name]) for name in names):
+                raise ValueError(f"search.grid.{key}: not a parameter of famil(ies) {names}")
             for value in values:
-                _check_param(fixed, key, value, f"search.grid.{key}")
+                for name in names:
+                    if key in tunable_keys([name]):
+                        _check_param(name, fixed, key, value, f"search.grid.{key}")
         for key in TUNABLE_DATA_KEYS:
             if key in self.train:
-                _check_param(fixed, key, self.train[key], f"train.{key}")
+                _check_param(names[0], fixed, key, self.train[key], f"train.{key}")
         return self
 
     @model_validator(mode="after")
@@ -508,23 +563,23 @@ class SweepConfig(Section):
         return [int(v) for v in values]
 
 
-def _check_train_config(values: dict[str, Any], where: str) -> None:
+def _check_config(name: str, values: dict[str, Any], where: str) -> None:
     try:
-        TrainConfig.from_dict(values)
+        config_for(name, values)
     except (ConfigError, TypeError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        raise ValueError(f"{where} ({name}): {err}") from err
 
 
-def _check_param(fixed: dict[str, Any], key: str, value: Any, where: str) -> None:
-    """One searched or fixed value, checked alone against the fixed ones."""
+def _check_param(name: str, fixed: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """One searched or fixed value of family ``name``, checked alone against the fixed ones."""
     if key == "num_anomalies":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{where}: number of anomalies must be an int >= 0, got {value!r}")
     elif key == "racp_depth":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= len(TRANSFORMS):
             raise ValueError(f"{where}: augmentation depth must be an int in [0, {len(TRANSFORMS)}], got {value!r}")
-    else:
-        _check_train_config({**fixed, key: value}, where)
+    elif key in family(name).parameters():
+        _check_config(name, {**fixed, key: value}, where)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

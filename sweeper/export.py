@@ -215,7 +215,7 @@ def readme_text(model: ExportableScorer, description: str, agreement: Agreement)
     """What an inspection station needs to run the file: input layout, preprocessing, outputs, threshold."""
     height, width = model.image_size
     versions = {name: importlib.metadata.version(name) for name in ("torch", "onnx", "onnxruntime")}
-    return f"""# BGAD anomaly model, ONNX
+    return f"""# Anomaly detector ({model.scorer.family}), ONNX
 
 `{ONNX_FILE}`: exported from {description} by `sweeper.export` (torch {versions['torch']}, onnx
 {versions['onnx']}, opset {OPSET}).

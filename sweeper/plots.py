@@ -7,6 +7,8 @@ open figures and picks a GUI backend, both of which leak memory or fail inside h
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +60,17 @@ def anomaly_map_overlays(
     return fig
 
 
-def loglikelihood_histogram(
-    normal_logps: np.ndarray, abnormal_logps: np.ndarray, b_n: float, b_a: float
+def score_histogram(
+    normal_values: np.ndarray, abnormal_values: np.ndarray, boundaries: Mapping[str, float], label: str
 ) -> Figure:
-    """Density histograms of per-dimension log-likelihoods with the two BGAD boundaries.
+    """Density histograms of a family's training values (``Training.score_distribution``) with its boundaries.
 
-    BGAD's boundary loss pushes normals above b_n and abnormals below b_a; seeing both distributions against the
-    boundaries on shared bins shows at a glance whether the margin is being learnt. Non-finite values (a diverging
-    flow) are dropped so that they cannot break the binning.
+    BGAD's boundary loss pushes normal per-dimension log-likelihoods above b_n and abnormal ones below b_a; seeing
+    both distributions against the boundaries on shared bins shows at a glance whether the margin is being learnt.
+    Non-finite values (a diverging flow) are dropped so that they cannot break the binning.
     """
-    normal = np.asarray(normal_logps, dtype=np.float64).ravel()
-    abnormal = np.asarray(abnormal_logps, dtype=np.float64).ravel()
+    normal = np.asarray(normal_values, dtype=np.float64).ravel()
+    abnormal = np.asarray(abnormal_values, dtype=np.float64).ravel()
     normal, abnormal = normal[np.isfinite(normal)], abnormal[np.isfinite(abnormal)]
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
@@ -78,9 +80,9 @@ def loglikelihood_histogram(
         for values, name, colour in ((normal, "normal", "tab:blue"), (abnormal, "abnormal", "tab:red")):
             if values.size:
                 ax.hist(values, bins=bins, density=True, alpha=0.5, color=colour, label=f"{name} (n={values.size})")
-    ax.axvline(b_n, color="tab:green", linestyle="--", label="b_n")
-    ax.axvline(b_a, color="black", linestyle=":", label="b_a")
-    ax.set_xlabel("log-likelihood / normalizer")
+    for (name, value), style in zip(boundaries.items(), (("tab:green", "--"), ("black", ":"), ("tab:gray", "-."))):
+        ax.axvline(value, color=style[0], linestyle=style[1], label=name)
+    ax.set_xlabel(label)
     ax.set_ylabel("density")
     ax.legend()
     return fig

@@ -45,7 +45,7 @@ from mlflow.tracking import MlflowClient
 
 import bgad_core
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.engine.checkpoint import load_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.engine.inference import save_backbone_weights
 from sweeper import serving, tracking
@@ -287,7 +287,7 @@ def register(
             return tracking.with_retry(lambda: client.create_model_version(
                 name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                 tags=version_tags(source, checkpoint, summary),
-                description=f"BGAD {source.category} from sweep {source.sweep_id}, trial "
+                description=f"{checkpoint['family']} detector for {source.category} from sweep {source.sweep_id}, trial "
                             f"{source.trial.data.tags.get(tracking.TRIAL_TAG)}, meta-epoch {checkpoint['epoch']}",
             ))
 
@@ -392,13 +392,14 @@ def version_tags(source: Source, checkpoint: Mapping[str, Any], summary: Mapping
     figure with its interval (``_lo`` / ``_hi``) where the sweep measured one."""
     trial = source.trial
     trial_id = trial.data.tags.get(tracking.TRIAL_TAG, "")
-    config = dict(checkpoint["train_config"])
+    config = checkpoint_config(checkpoint)
     config.update({k: _parse(v) for k, v in trial.data.params.items() if k not in config})
     tags = {
         SOURCE_SWEEP_TAG: source.sweep_id,
         SOURCE_RUN_TAG: trial.info.run_id,
         tracking.TRIAL_TAG: trial_id,
         tracking.CATEGORY_TAG: source.category,
+        tracking.FAMILY_TAG: str(checkpoint["family"]),
         "bgad.cache_key": checkpoint.get("cache_key") or source.parent.data.params.get("cache_key", ""),
         "bgad.config": json.dumps(config, sort_keys=True),
         "bgad.epoch": str(checkpoint["epoch"]),

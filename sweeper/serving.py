@@ -58,7 +58,7 @@ SIGNATURE = ModelSignature(
 
 
 class AnomalyModel(mlflow.pyfunc.PythonModel):
-    """Scores images with the promoted BGAD model (see the module docstring for input and output)."""
+    """Scores images with the promoted model, of any detector family (see the module docstring for input and output)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.scorer = Scorer.load(context.artifacts[CHECKPOINT_ARTIFACT], context.artifacts[BACKBONE_ARTIFACT])

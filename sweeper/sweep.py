@@ -13,7 +13,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,24 +26,24 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.data.features import FeatureSet
+from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint, load_checkpoint
 from bgad_core.evaluation.intervals import interval_metrics, metric_intervals
 from bgad_core.evaluation.metrics import compute_metrics
-from bgad_core.models.patchcore.torch_model import PatchCore
-from bgad_core.models.bgad.training import TrainConfig, evaluate
+from bgad_core.models.base import evaluate
+from bgad_core.models.registry import config_for, family
 from sweeper import credentials, tracking
 from sweeper.cache_reader import read_features
-from sweeper.config import ParamSpec, SweepConfig
+from sweeper.config import FAMILY_KEY, ParamSpec, SweepConfig
 from sweeper.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.interrupt import STOP
 from sweeper.progress import SweepProgress
-from sweeper.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, TrialContext,
-                               ran_its_course, train_bgad)
+from sweeper.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, SELECTION_KEY,
+                               TrialContext, ran_its_course, train_detector)
 
 log = logging.getLogger(__name__)
 
-PAPER_DEFAULT = {"beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
+PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
 MODE = "max"
@@ -71,6 +72,17 @@ def optuna_distribution(spec: ParamSpec) -> optuna.distributions.BaseDistributio
     if spec.randint is not None:
         return optuna.distributions.IntDistribution(*spec.randint)
     return optuna.distributions.CategoricalDistribution(spec.choice)
+
+
+def suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
+    """Sample one declarative parameter in a define-by-run trial (the distribution ``optuna_distribution`` names)."""
+    if spec.uniform is not None:
+        return trial.suggest_float(name, *spec.uniform)
+    if spec.loguniform is not None:
+        return trial.suggest_float(name, *spec.loguniform, log=True)
+    if spec.randint is not None:
+        return trial.suggest_int(name, *spec.randint)
+    return trial.suggest_categorical(name, spec.choice)
 
 
 class SweepOptunaSearch(OptunaSearch):
@@ -143,16 +155,44 @@ def mark_study_interrupted(storage: str, study_names: list[str]) -> None:
             rdb.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
 
+def family_space(families: Mapping[str, Mapping[str, ParamSpec]]) -> Callable[[optuna.Trial], None]:
+    """Optuna define-by-run over families: ``family`` first, then only that family's parameters.
+
+    Each is named ``<family>/<parameter>``, which Ray's OptunaSearch hands the trial as ``{family: {parameter: ..}}``
+    (``sweeper.trainable.split_params``): two families' parameters of the same name never share a distribution.
+    """
+    names = list(families)
+
+    def define(trial: optuna.Trial) -> None:
+        chosen = trial.suggest_categorical(FAMILY_KEY, names)
+        for key, spec in families[chosen].items():
+            suggest(trial, f"{chosen}/{key}", spec)
+
+    return define
+
+
 def searcher(config: SweepConfig, metric: str, study_name: str, max_t: int) -> OptunaSearch | None:
-    """Seeded TPE over the space, its study persisted in ``tune.optuna_storage``; None for a grid."""
+    """Seeded TPE over the space (or each family's, ``search.families``), its study persisted in
+    ``tune.optuna_storage``; None for a grid.
+
+    Across families TPE is multivariate and grouped: it models each family's parameters together and apart from
+    the other families', so that one family's good region says nothing about another's.
+    """
     if config.search.algorithm != "optuna":
         return None
-    space = {k: optuna_distribution(v) for k, v in config.search.space.items()}
+    if config.search.families:
+        space: Any = family_space(config.search.families)
+        with warnings.catch_warnings():  # multivariate and group are marked experimental since Optuna 2.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=config.search.seed, multivariate=True, group=True)
+    else:
+        space = {k: optuna_distribution(v) for k, v in config.search.space.items()}
+        sampler = optuna.samplers.TPESampler(seed=config.search.seed)
     return SweepOptunaSearch(
         space=space,
         metric=metric,
         mode=MODE,
-        sampler=optuna.samplers.TPESampler(seed=config.search.seed),
+        sampler=sampler,
         study_name=study_name,
         storage=optuna.storages.RDBStorage(config.tune.optuna_storage),
         max_t=max_t,
@@ -171,9 +211,18 @@ def scheduler(config: SweepConfig, metric: str, max_t: int) -> ASHAScheduler | F
 
 
 def fixed_params(config: SweepConfig) -> dict[str, Any]:
-    """Values every trial shares: TrainConfig defaults, overridden by ``train``, plus the data selection."""
-    defaults = {"num_anomalies": config.cache.max_anomalies, "racp_depth": config.cache.racp_depths[-1]}
-    return {**TrainConfig().to_dict(), **defaults, **config.train}
+    """Values every trial shares: ``train`` (each trial keeps its family's fields; the rest are its config's
+    defaults), the family where one is not searched, and the data selection."""
+    defaults = {FAMILY_KEY: config.families()[0], "num_anomalies": config.cache.max_anomalies,
+                "racp_depth": config.cache.racp_depths[-1]}
+    return {**defaults, **config.train}
+
+
+def schedule_length(config: SweepConfig, fixed: Mapping[str, Any]) -> int:
+    """Meta-epochs of the longest schedule among the sweep's families: ASHA's ``max_t`` and the rungs all share (a
+    family fitted in one pass reports once and is complete)."""
+    lengths = [config_for(name, fixed).meta_epochs for name in config.families() if not family(name).single_pass]
+    return max(lengths, default=1)
 
 
 def paper_default_params(config: SweepConfig) -> dict[str, Any]:
@@ -235,7 +284,7 @@ def run_experiment(
         storage = str(Path(storage).resolve())
     path = f"{storage}/{name}"
     trainable = tune.with_resources(
-        tune.with_parameters(train_bgad, context=context),
+        tune.with_parameters(train_detector, context=context),
         {"cpu": config.tune.cpus_per_trial, "gpu": config.tune.gpus_per_trial,
          **config.tune.custom_resources_per_trial},
     )
@@ -245,7 +294,7 @@ def run_experiment(
         log.info("resuming experiment %s from %s", name, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
         return _fit(tuner, name, expected)
-    max_t = int(context.fixed["meta_epochs"])
+    max_t = schedule_length(config, context.fixed)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -259,9 +308,9 @@ def run_experiment(
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
-            # the best epoch's checkpoint (what test_evaluation reads) and, for resuming, the latest one
+            # the best selectable epoch's checkpoint (what test_evaluation reads) and, for resuming, the latest one
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=MODE
+                num_to_keep=1, checkpoint_score_attribute=SELECTION_KEY, checkpoint_score_order=MODE
             ),
             stop=PlateauStopper(),
             callbacks=[SweepProgress(name, metric, max_t, expected), StateBackup(path)],
@@ -310,41 +359,47 @@ def grid_space(config: SweepConfig) -> dict[str, Any]:
     return {k: tune.grid_search(v) for k, v in config.search.grid.items()}
 
 
-def test_evaluation(result: tune.Result, metric: str, manifest: Mapping[str, Any], category: str) -> dict[str, Any]:
+def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: str) -> dict[str, Any]:
     """Evaluate a trial's best-validation checkpoint on the test split of ``category``: the only test read."""
-    checkpoint = result.get_best_checkpoint(metric, MODE) or result.checkpoint
+    checkpoint = result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint
     with checkpoint.as_directory() as folder:
         saved = load_checkpoint(Path(folder) / category / MODEL_FILE)
-    model, config, normalization = model_from_checkpoint(saved)
     test = read_features(manifest, category, ["test"])
-    size = tuple(saved["image_size"])
-    evaluation = evaluate(model, test, normalization, size, config)
+    evaluation = evaluate(detector_from_checkpoint(saved), test)
     return {
         "trial_id": result.metrics.get("trial_id"),
+        "family": saved["family"],
         "epoch": saved["epoch"],
         "val": {k.removeprefix("val_"): v for k, v in saved["metrics"].items()},
         "test": split_figures(test, evaluation.scores, evaluation.maps),
-        "config": {**saved["train_config"], **{k: result.config.get(k) for k in DATA_KEYS if k in result.config}},
+        "config": {**checkpoint_config(saved), **{k: result.config.get(k) for k in DATA_KEYS if k in result.config}},
     }
 
 
 def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], category: str) -> dict[str, Any]:
-    """Fit the one-class PatchCore baseline on the category's training normals; its validation and test metrics.
+    """Fit the one-class baseline (``baseline.family``) on the category's training normals; its validation and test
+    metrics.
 
     It reads the same cached features, splits and metrics as the trials, so the difference to the best trial is
-    exactly what the labelled anomalies (and BGAD's training) bought. It never influences which trial wins.
+    exactly what the labelled anomalies (and the searched training) bought. It never influences which trial wins.
     """
     spec = config.baseline
-    strides = [level["stride"] for level in manifest["levels"]]
-    levels = [strides.index(stride) for stride in spec.strides]
+    chosen = family(spec.family)
     started = time.monotonic()
-    model = PatchCore(coreset_ratio=spec.coreset_ratio, num_neighbors=spec.num_neighbors)
-    model.fit(read_features(manifest, category, ["train_normal"], levels=levels))
+    strides = [level["stride"] for level in manifest["levels"]]
+    training = chosen.training(config_for(spec.family, spec.model_dump(mode="json")),
+                               read_features(manifest, category, ["train_normal"]), strides, "cpu")
     size = (manifest["image_size"], manifest["image_size"])
     result = {}
-    for split in ("val", "test"):
-        features = read_features(manifest, category, [split], levels=levels)
-        result[split] = split_figures(features, *model.predict(features, size))
+    while training.epoch < training.meta_epochs:
+        training.train_meta_epoch()
+    objective = "image_auroc"
+    val = read_features(manifest, category, ["val"])
+    evaluation = training.validate(val, size, objective)
+    result["val"] = split_figures(val, evaluation.scores, evaluation.maps)
+    test = read_features(manifest, category, ["test"])
+    tested = evaluate(evaluation.detector, test)
+    result["test"] = split_figures(test, tested.scores, tested.maps)
     return {**result, "config": spec.model_dump(mode="json"), "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -362,14 +417,29 @@ class SweepFailed(RuntimeError):
 
 
 def best_result(results: tune.ResultGrid, metric: str) -> tune.Result:
-    """The trial whose best meta-epoch has the highest validation objective (test is never looked at)."""
+    """The trial whose best selectable meta-epoch has the highest validation objective (test is never looked at)."""
     try:
-        return results.get_best_result(metric=metric, mode=MODE, scope="all", filter_nan_and_inf=True)
+        return results.get_best_result(metric=SELECTION_KEY, mode=MODE, scope="all", filter_nan_and_inf=True)
     except RuntimeError as error:  # Tune's "No best trial found": no finite value of the metric anywhere
         raise SweepFailed(
             f"no trial of {results.experiment_path} reported a finite {metric} ({len(results)} trials, "
             f"{len(results.errors)} errored; their MLflow runs carry the reason in tag {FAILURE_TAG})"
         ) from error
+
+
+def family_bests(results: tune.ResultGrid, fixed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each family's best trial on validation (``selection_score``, its best selectable epoch) and its trial
+    count: the summary shows them beside the overall winner, which alone is evaluated on test."""
+    bests: dict[str, dict[str, Any]] = {}
+    for result in results:
+        name = str(result.config.get(FAMILY_KEY, fixed.get(FAMILY_KEY)))
+        history = result.metrics_dataframe
+        values = [] if history is None or SELECTION_KEY not in history else history[SELECTION_KEY].dropna().tolist()
+        entry = bests.setdefault(name, {"trials": 0, "val": None, "trial_id": None})
+        entry["trials"] += 1
+        if values and (entry["val"] is None or max(values) > entry["val"]):
+            entry.update(val=float(max(values)), trial_id=result.metrics.get("trial_id"))
+    return bests
 
 
 def close_child_runs(results: tune.ResultGrid, tracking_info: tracking.Tracking, sid: str, max_t: int) -> dict[str, int]:
@@ -455,15 +525,16 @@ def _search_groups(
                                      config.search.num_samples, True)
         counts = close_child_runs(results, info, sid, max_t)
         reference = None
-        if config.search.compare_paper_default:
+        if config.search.compare_paper_default and PAPER_DEFAULT[FAMILY_KEY] in config.families():
             reference = run_experiment(config, sid, f"{name}-paper-default", context, metric,
                                        paper_default_params(config), None, 1, False)
             close_child_runs(reference, info, sid, max_t)
         best = best_result(results, metric)
+        per_family = family_bests(results, context.fixed)
         for category in members:
-            entry = {"trials": counts, "best": test_evaluation(best, metric, manifest, category)}
+            entry = {"trials": counts, "families": per_family, "best": test_evaluation(best, manifest, category)}
             if reference is not None:
-                entry["paper_default"] = test_evaluation(reference[0], metric, manifest, category)
+                entry["paper_default"] = test_evaluation(reference[0], manifest, category)
             if config.baseline.enabled:
                 entry["baseline"] = baseline_evaluation(config, manifest, category)
             summary["categories"][category] = entry
@@ -483,7 +554,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     columns.setdefault(metric, metric)
     lines = [f"| category | trials (fin/pruned/failed) | arm | val {metric} | "
              + " | ".join(f"test {label}" for label in columns.values()) + " |", "|---" * (4 + len(columns)) + "|"]
-    arms = (("best", "best trial"), ("paper_default", "paper default"), ("baseline", "PatchCore (no labels)"))
+    arms = (("best", "best trial"), ("paper_default", "paper default"), ("baseline", "one-class baseline"))
     for name, entry in summary["categories"].items():
         t = entry["trials"]
         for key, label in arms:
@@ -491,8 +562,17 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                 continue
             arm = entry[key]
             trials = f"{t['finished']}/{t['pruned']}/{t['failed']}" if key == "best" else "-"
+            if "family" in arm:
+                label = f"{label} ({arm['family']})"
+            elif key == "baseline":
+                label = f"{label} ({arm['config'].get('family')})"
             lines.append(f"| {name} | {trials} | {label} | {_figure(arm['val'], metric)} | "
                          + " | ".join(_figure(arm["test"], column) for column in columns) + " |")
+        families = entry.get("families", {})
+        for family_name, best in families.items() if len(families) > 1 else ():
+            value = "-" if best["val"] is None else f"{best['val']:.3f}"
+            lines.append(f"| {name} | {best['trials']} | best {family_name} trial (not tested) | {value} | "
+                         + " | ".join("-" for _ in columns) + " |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ SWEEP_NAME_TAG = "bgad.sweep_name"  # the config's name, on the sweep run: what 
 ROLE_TAG = "bgad.role"
 TRIAL_TAG = "bgad.trial_id"
 CATEGORY_TAG = "bgad.category"
+FAMILY_TAG = "bgad.family"  # the trial's detector family
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "bgad.interrupted"
 # What the experiment is to MLflow's UI: model training (a runs table), not GenAI development (traces). MLflow 3.17's

@@ -1,7 +1,8 @@
-"""The Ray Tune trainable: train BGAD-FAS flows from the feature cache and report every meta-epoch.
+"""The Ray Tune trainable: train a detector of any family from the feature cache and report every meta-epoch.
 
-Thin by design: data comes from ``sweeper.cache_reader`` (no backbone here, ever), training and scoring from
-``bgad_core``; this module only wires them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
+Thin by design: data comes from ``sweeper.cache_reader`` (no backbone here, ever), the family, its training and
+scoring from ``bgad_core`` (``models.registry``: the trial's ``family`` parameter names it); this module only wires
+them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
 A trial trains one category (``per_category`` mode) or every category of the sweep with one configuration
 (``shared`` mode, objective = mean over categories).
 
@@ -29,19 +30,27 @@ import ray
 import torch
 from ray import tune
 
-from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
-from bgad_core.errors import TrainingDivergedError
 from bgad_core.data.features import FeatureSet
+from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.selection import decision_threshold, seed_everything
+from bgad_core.engine.stopping import PlateauConfig, PlateauRule
+from bgad_core.errors import TrainingDivergedError
 from bgad_core.evaluation.intervals import bootstrap_distribution, interval_metrics, percentile_interval
-from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
-from bgad_core.models.bgad.training import Evaluation, Trainer, TrainConfig, decision_threshold, seed_everything
+from bgad_core.models.base import ONE_CLASS, DetectorConfig, Evaluation, Family, Training
+from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family
 from sweeper import plots, tracking
 from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
 
 log = logging.getLogger(__name__)
 
 DATA_KEYS = ("num_anomalies", "racp_depth")  # searched like hyperparameters, but select cached rows
+FAMILY_KEY = "family"  # the trial's detector family (``bgad_core.models.registry``)
+SCHEDULE_END_KEY = "schedule_end"  # 1.0 in the result of the family's last meta-epoch (PatchCore: its first)
+# The objective where the epoch may be selected, -1 where it may not (BGAD's phase 1): every objective lies in [0, 1].
+# Tune keeps each trial's checkpoint by it and the sweep picks the best trial by it, the rule ``bgad_core.train``
+# applies (``engine.selection``).
+SELECTION_KEY = "selection_score"
+UNSELECTABLE = -1.0
 FAILED_KEY = "failed"  # 1.0 in the last result of a trial whose training diverged (its objective is NaN)
 FAILURE_TAG = "bgad.failure"  # MLflow tag with the reason a trial failed
 PLATEAU_KEY = "plateau_stop"  # 1.0 in the result of the meta-epoch after which the plateau rule ends the trial
@@ -60,7 +69,8 @@ class TrialContext:
         sweep_id: id of the sweep (MLflow tag, study name prefix).
         cache_uri: the feature cache (any pyarrow URI reachable from the trial's node).
         categories: the categories one trial trains (one, or all in ``shared`` mode).
-        fixed: training values not searched (TrainConfig fields plus ``num_anomalies`` and ``racp_depth``).
+        fixed: training values not searched (``family``, fields of any family's config, ``num_anomalies`` and
+            ``racp_depth``); each trial keeps those of its family.
         objective: reported metric the sweep maximises (e.g. ``val_aupro``).
         tracking: MLflow location and parent run, or None to log nothing.
         log_plots: log anomaly-map overlays, histograms and ROC/PR curves at the last meta-epoch.
@@ -81,11 +91,28 @@ class TrialContext:
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
 
 
-def split_params(params: dict[str, Any]) -> tuple[TrainConfig, dict[str, int]]:
-    """Separate a trial's parameters into the TrainConfig and the data selection (n anomalies, depth S)."""
-    train = {k: v for k, v in params.items() if k not in DATA_KEYS}
-    data = {k: int(params[k]) for k in DATA_KEYS}
-    return TrainConfig.from_dict(train), data
+def split_params(params: Mapping[str, Any]) -> tuple[Family, DetectorConfig, dict[str, int]]:
+    """A trial's family, its config and the data selection (n anomalies, depth S; none for a one-class family).
+
+    ``params``: fixed values merged with the searched ones. A conditional search (``search.families``) gives the
+    family's own parameters as a nested mapping under its name (``{"family": "bgad", "bgad": {"beta": ...}}``);
+    they override the fixed ones. Values of other families' fields are left out.
+    """
+    chosen = family(str(params.get(FAMILY_KEY, DEFAULT_FAMILY)))
+    flat = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+    flat.update(params.get(chosen.name) or {})
+    data = {k: int(flat[k]) for k in DATA_KEYS}
+    if chosen.learning_type == ONE_CLASS:
+        data["num_anomalies"] = 0  # it reads no anomaly: none are loaded
+    return chosen, config_for(chosen.name, flat), data
+
+
+def trial_params(chosen: Family, config: DetectorConfig, data: Mapping[str, int]) -> dict[str, Any]:
+    """What the trial's MLflow run records: its family, its config and (few-shot families) the data selection."""
+    values: dict[str, Any] = {FAMILY_KEY: chosen.name, **config.to_dict()}
+    if chosen.learning_type != ONE_CLASS:
+        values.update(data)
+    return values
 
 
 @dataclass
@@ -93,32 +120,33 @@ class _CategoryRun:
     """One category's trainer and validation rows inside a trial."""
 
     name: str
-    trainer: Trainer
+    training: Training
     val: FeatureSet
     last: Evaluation | None = None
     intervals: dict[str, float] = field(default_factory=dict)  # ``<metric>_lo`` / ``_hi`` of ``last``
 
 
-def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
+def train_detector(params: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable: ``params`` are the searched values, everything else comes from ``context``."""
     torch.set_num_threads(max(1, context.threads))
-    merged = {**context.fixed, **params}
-    config, data = split_params(merged)
+    chosen, config, data = split_params({**context.fixed, **params})
     seed_everything(config.seed)
     manifest = open_cache(context.cache_uri)
     image_size = (manifest["image_size"], manifest["image_size"])
-    runs = [_prepare(manifest, name, config, data, context.device) for name in context.categories]
+    runs = [_prepare(manifest, name, chosen, config, data, context.device) for name in context.categories]
+    meta_epochs = runs[0].training.meta_epochs
+    first_selectable = min(runs[0].training.first_selectable_epoch, meta_epochs)
 
-    plateau = PlateauRule(context.plateau, first_watched_epoch(config.normal_epochs, config.meta_epochs))
+    plateau = PlateauRule(context.plateau, first_selectable)
     restored = tune.get_checkpoint()
     state: dict[str, Any] = {"mlflow_run_id": None, "plateau": plateau.state_dict()}
     if restored is not None:
         with restored.as_directory() as folder:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             for run in runs:
-                run.trainer.load_state_dict(torch.load(Path(folder) / run.name / TRAINER_FILE, weights_only=True))
+                run.training.load_state_dict(torch.load(Path(folder) / run.name / TRAINER_FILE, weights_only=True))
         plateau.load_state_dict(state["plateau"])
-        log.info("resumed from meta-epoch %d", runs[0].trainer.epoch)
+        log.info("resumed from meta-epoch %d", runs[0].training.epoch)
 
     client = run_id = None
     logged_until = 0
@@ -129,33 +157,38 @@ def train_bgad(params: dict[str, Any], context: TrialContext) -> None:
             context.tracking,
             trial.get_trial_id(),
             trial.get_trial_name(),
-            {tracking.SWEEP_TAG: context.sweep_id, tracking.CATEGORY_TAG: ",".join(context.categories)},
+            {tracking.SWEEP_TAG: context.sweep_id, tracking.CATEGORY_TAG: ",".join(context.categories),
+             tracking.FAMILY_TAG: chosen.name},
         )
         state["mlflow_run_id"] = run_id
-        tracking.log_params(client, run_id, {**config.to_dict(), **data})
+        tracking.log_params(client, run_id, trial_params(chosen, config, data))
         if restored is not None:
             logged_until = _last_logged_step(client, run_id, context.objective)
 
     try:
         # a trial resumed from the checkpoint of its plateau (stopped before Tune recorded the stop) trains no more
-        while runs[0].trainer.epoch < config.meta_epochs and not plateau.stopped:
+        while runs[0].training.epoch < meta_epochs and not plateau.stopped:
             metrics = _meta_epoch(runs, image_size, context.objective)
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node audits)
-            epoch = runs[0].trainer.epoch
+            epoch = runs[0].training.epoch
             plateaued = _record_plateau(plateau, state, metrics, epoch, context.objective)
-            final = epoch == config.meta_epochs or plateaued
-            improved = _record_best(state, metrics.get(context.objective))
+            metrics[SCHEDULE_END_KEY] = float(epoch == meta_epochs)
+            final = epoch == meta_epochs or plateaued
+            value = metrics.get(context.objective)
+            metrics[SELECTION_KEY] = (float("nan") if value is None else float(value)) if epoch >= first_selectable \
+                else UNSELECTABLE
+            improved = _record_best(state, metrics[SELECTION_KEY])
             if improved:  # the checkpoint the sweep may test and promote also gets pixel-metric intervals
                 metrics.update(_validation_intervals(runs, pixels=True))
             with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
-                _write_checkpoint(Path(folder), runs, manifest, config, state, image_size)
+                _write_checkpoint(Path(folder), runs, manifest, state)
                 if client is not None:
                     if epoch > logged_until:
                         tracking.log_metrics(client, run_id, metrics, step=epoch)
                     if improved:  # the run keeps its best-validation checkpoint, the one the sweep tests
                         client.log_artifacts(run_id, folder, artifact_path="checkpoint")
                     if final and context.log_plots:
-                        _log_plots(client, run_id, runs, manifest, config)
+                        _log_plots(client, run_id, runs, manifest)
                 tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(folder))
     except TrainingDivergedError as error:
         _end_diverged(error, client, run_id, context.objective)
@@ -177,8 +210,10 @@ def _record_plateau(plateau: PlateauRule, state: dict[str, Any], metrics: dict[s
 
 
 def ran_its_course(result: Mapping[str, Any], max_t: int) -> bool:
-    """Whether a trial's last result ends it unpruned: all ``max_t`` meta-epochs trained, or stopped at its plateau."""
-    return result.get("training_iteration", 0) >= max_t or bool(result.get(PLATEAU_KEY))
+    """Whether a trial's last result ends it unpruned: all ``max_t`` meta-epochs (or its family's whole schedule,
+    one for PatchCore) trained, or stopped at its plateau."""
+    return (result.get("training_iteration", 0) >= max_t or bool(result.get(SCHEDULE_END_KEY))
+            or bool(result.get(PLATEAU_KEY)))
 
 
 def _record_best(state: dict[str, Any], value: float | None) -> bool:
@@ -218,12 +253,12 @@ def _end_diverged(error: TrainingDivergedError, client: Any, run_id: str | None,
     tune.report({objective: float("nan"), FAILED_KEY: 1.0, "failure": reason})
 
 
-def _prepare(manifest: dict, category: str, config: TrainConfig, data: dict[str, int], device: str) -> _CategoryRun:
+def _prepare(manifest: dict, category: str, chosen: Family, config: DetectorConfig, data: dict[str, int],
+             device: str) -> _CategoryRun:
     train = read_features(manifest, category, ["train"], num_anomalies=data["num_anomalies"], depth=data["racp_depth"])
     val = read_features(manifest, category, ["val"])
-    channels = [level["channels"] for level in manifest["levels"]]
-    model = BGADFlows.from_config(channels, config)
-    return _CategoryRun(category, Trainer(model, config, train, device=device), val)
+    strides = [level["stride"] for level in manifest["levels"]]
+    return _CategoryRun(category, chosen.training(config, train, strides, device), val)
 
 
 def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective: str) -> dict[str, float]:
@@ -237,10 +272,10 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
     per_category: dict[str, dict[str, float]] = {}
     losses, phase = [], 1
     for run in runs:
-        epoch = run.trainer.train_meta_epoch()
+        epoch = run.training.train_meta_epoch()
         losses.append(epoch["loss"])
-        phase = int(epoch["phase"])
-        run.last = run.trainer.validate(run.val, image_size, objective.removeprefix("val_"))
+        phase = int(epoch.get("phase", 1))
+        run.last = run.training.validate(run.val, image_size, objective.removeprefix("val_"))
         per_category[run.name] = run.last.metrics
     keys = sorted(set.intersection(*(set(m) for m in per_category.values())))
     metrics = {f"val_{k}": float(np.nanmean([m[k] for m in per_category.values()])) for k in keys}
@@ -248,7 +283,7 @@ def _meta_epoch(runs: list[_CategoryRun], image_size: tuple[int, int], objective
     metrics["train_loss"] = float(np.mean(losses))
     # the loss changes meaning at the phase switch (likelihood of normals -> BG-SPP): one curve per phase in MLflow
     metrics[f"train_loss_phase{phase}"] = metrics["train_loss"]
-    choices = {run.name: run.last.normalization.choice_metrics() for run in runs}
+    choices = {run.name: run.last.choices for run in runs}
     if len(runs) > 1:
         for name, values in per_category.items():
             metrics.update({f"{name}/val_{k}": v for k, v in values.items()})
@@ -283,37 +318,39 @@ def _validation_intervals(runs: list[_CategoryRun], pixels: bool) -> dict[str, f
     return intervals
 
 
-def _write_checkpoint(
-    folder: Path, runs: list[_CategoryRun], manifest: dict, config: TrainConfig, state: dict, image_size: tuple[int, int]
-) -> None:
+def _write_checkpoint(folder: Path, runs: list[_CategoryRun], manifest: dict, state: dict) -> None:
     """Per category: the servable ``model.pt`` and the resumable ``trainer.pt``; plus the trial state."""
-    backbone = dict(manifest["backbone"])
+    backbone = {**manifest["backbone"], "channels": [level["channels"] for level in manifest["levels"]]}
     for run in runs:
         target = folder / run.name
         target.mkdir(parents=True)
         evaluation = run.last
         threshold = decision_threshold(evaluation, run.val.labels)
         checkpoint = make_checkpoint(
-            run.trainer.model, config, backbone, image_size, evaluation.normalization, threshold,
-            {f"val_{k}": v for k, v in {**evaluation.metrics, **run.intervals}.items()}, run.trainer.epoch,
+            evaluation.detector, backbone, threshold,
+            {f"val_{k}": v for k, v in {**evaluation.metrics, **run.intervals}.items()}, run.training.epoch,
         )
         checkpoint["cache_key"] = manifest["key"]
         checkpoint["category"] = run.name
         save_checkpoint(checkpoint, target / MODEL_FILE)
-        torch.save(run.trainer.state_dict(), target / TRAINER_FILE)
+        torch.save(run.training.state_dict(), target / TRAINER_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state))
 
 
-def _log_plots(client: Any, run_id: str, runs: list[_CategoryRun], manifest: dict, config: TrainConfig) -> None:
-    """Diagnostics of the last meta-epoch: overlays, log-likelihood histogram with b_n / b_a, ROC and PR."""
+def _log_plots(client: Any, run_id: str, runs: list[_CategoryRun], manifest: dict) -> None:
+    """Diagnostics of the last meta-epoch: overlays, ROC and PR, and the family's training-score histogram with its
+    boundaries where it has one (BGAD: log-likelihoods with b_n / b_a)."""
     with tempfile.TemporaryDirectory(prefix="bgad-plots-") as folder:
         for run in runs:
             evaluation, labels = run.last, run.val.labels.numpy()
             out = Path(folder) / run.name
             scores = evaluation.scores.numpy()
             plots.save_figure(plots.roc_pr_curves(labels, scores, title=f"{run.name} validation"), out / "roc_pr.png")
-            normal, abnormal, b_n, b_a = run.trainer.boundary_snapshot()
-            plots.save_figure(plots.loglikelihood_histogram(normal, abnormal, b_n, b_a), out / "loglikelihood_hist.png")
+            distribution = run.training.score_distribution()
+            if distribution is not None:
+                figure = plots.score_histogram(distribution.normal, distribution.abnormal, distribution.boundaries,
+                                               distribution.label)
+                plots.save_figure(figure, out / "training_scores_hist.png")
             chosen = _overlay_rows(labels)
             paths = row_paths(manifest, run.name, [run.val.ids[i] for i in chosen])
             try:

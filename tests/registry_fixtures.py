@@ -19,10 +19,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from bgad_core.data.synthetic import make_synthetic_category
+from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint, save_checkpoint
+from bgad_core.models.base import evaluate
+from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.train import DataConfig, build_feature_sets, run
-from bgad_core.models.bgad.training import TrainConfig, evaluate
 from sweeper import tracking
 
 CATEGORY = "tiles"
@@ -62,7 +63,7 @@ def recorded_sweep(root: Path) -> RecordedSweep:
     category = make_synthetic_category(root / "data", name=CATEGORY, size=IMAGE_SIZE, n_train=16, n_test_good=8,
                                        n_test_per_defect=4, seed=1)
     data = DataConfig(data=str(category), image_size=IMAGE_SIZE, num_anomalies=2, racp_per_anomaly=2)
-    config = TrainConfig(meta_epochs=2, sub_epochs=1, warmup_epochs=1, lr=1e-3, fiber_batch=2048, coupling_blocks=2)
+    config = BGADConfig(meta_epochs=2, sub_epochs=1, warmup_epochs=1, lr=1e-3, fiber_batch=2048, coupling_blocks=2)
     summary = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), root / "train")
     checkpoint = sweep_checkpoint(load_checkpoint(root / "train" / "model.pt"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -74,7 +75,7 @@ def recorded_sweep(root: Path) -> RecordedSweep:
                     "cache": {"dtype": "float16"}}
     tracking.log_params(client, parent,
                         {"config": json.dumps(sweep_config), "cache_key": CACHE_KEY, "objective": OBJECTIVE})
-    params = {**config.to_dict(), "num_anomalies": data.num_anomalies, "racp_depth": data.racp_depth}
+    params = {"family": summary["family"], **config.to_dict(), "num_anomalies": data.num_anomalies, "racp_depth": data.racp_depth}
     best = record_trial(client, experiment, parent, BEST_TRIAL, checkpoint, params, summary["val"]["aupro"])
     other = record_trial(client, experiment, parent, OTHER_TRIAL, checkpoint, params, summary["val"]["aupro"] - 0.2)
     best_entry = {"trial_id": BEST_TRIAL, "epoch": checkpoint["epoch"], "val": summary["val"], "test": summary["test"],
@@ -88,8 +89,9 @@ def recorded_sweep(root: Path) -> RecordedSweep:
 
 
 def sweep_checkpoint(checkpoint: dict) -> dict:
-    """The checkpoint as a sweep trial writes it: backbone described by the cache manifest, plus key and category."""
-    backbone = {k: checkpoint["backbone"][k] for k in ("name", "weights_source", "weights_digest")}
+    """The checkpoint as a sweep trial writes it: backbone described by the cache manifest (with each level's
+    channels, from its levels), plus key and category."""
+    backbone = {k: checkpoint["backbone"][k] for k in ("name", "weights_source", "weights_digest", "channels")}
     return {**checkpoint, "backbone": backbone, "cache_key": CACHE_KEY, "category": CATEGORY}
 
 
@@ -117,8 +119,7 @@ def trial_evaluation(recorded: RecordedSweep) -> tuple[list[Path], np.ndarray, t
     checkpoint = load_checkpoint(Path(recorded.root) / "train" / "model.pt")
     extractor = FeatureExtractor("tf_efficientnet_lite0", "offline", (4, 8, 16))
     splits, _, _, _, test = build_feature_sets(recorded.data_config(), extractor)
-    model, config, normalization = model_from_checkpoint(checkpoint)
-    result = evaluate(model, test, normalization, (IMAGE_SIZE, IMAGE_SIZE), config)
+    result = evaluate(detector_from_checkpoint(checkpoint), test)
     paths = {r.record_id: r.path for r in splits.test}
     return [paths[i] for i in test.ids], result.scores.numpy(), result.maps
 

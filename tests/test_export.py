@@ -123,8 +123,8 @@ def test_a_backbone_layer_the_exporter_cannot_convert_is_named(recorded, tmp_pat
 
 def test_a_flow_the_export_cannot_reproduce_is_refused_naming_its_block(recorded):
     scorer = fresh_scorer(recorded)
-    scorer.flows.flows[1].module_list[1].subnet[1] = nn.GELU()
-    with pytest.raises(ExportError, match=r"level 1 \(scorer\.flows\.flows\.1\).*block 1.*'GELU'"):
+    scorer.detector.flows.flows[1].module_list[1].subnet[1] = nn.GELU()
+    with pytest.raises(ExportError, match=r"flow of level 1 \(flows\.flows\.1\).*block 1.*'GELU'"):
         ExportableScorer(scorer)
 
 

@@ -10,7 +10,7 @@ from bgad_core.models.bgad.fast_flow import (check_supported, condition_tables, 
 from bgad_core.models.bgad.flow import build_flow, log_likelihood
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.positional import positional_encoding_2d
-from bgad_core.models.bgad.training import seed_everything
+from bgad_core.engine.selection import seed_everything
 
 
 def trained_like_flow(channels: int, cond_dim: int, blocks: int = 4, scale: float = 0.2) -> Ff.SequenceINN:

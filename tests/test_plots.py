@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bgad_core.errors import DataError
-from sweeper.plots import anomaly_map_overlays, loglikelihood_histogram, roc_pr_curves, save_figure
+from sweeper.plots import anomaly_map_overlays, score_histogram, roc_pr_curves, save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,19 +55,19 @@ def test_anomaly_map_overlays_rejects_mismatched_shapes() -> None:
 
 
 @pytest.mark.parametrize("abnormal_count", [200, 0])
-def test_loglikelihood_histogram_marks_boundaries(tmp_path: Path, abnormal_count: int) -> None:
+def test_score_histogram_marks_boundaries(tmp_path: Path, abnormal_count: int) -> None:
     rng = np.random.default_rng(1)
     normal = rng.normal(-1.0, 0.3, size=500)
     abnormal = rng.normal(-3.0, 0.5, size=abnormal_count)
-    fig = loglikelihood_histogram(normal, abnormal, b_n=-1.5, b_a=-2.0)
+    fig = score_histogram(normal, abnormal, {"b_n": -1.5, "b_a": -2.0}, "log-likelihood / normalizer")
     lines = {line.get_label(): line.get_xdata() for line in fig.axes[0].lines}
     assert set(lines) == {"b_n", "b_a"}
     assert np.allclose(lines["b_n"], -1.5) and np.allclose(lines["b_a"], -2.0)
     assert_png(save_figure(fig, tmp_path / "hist.png"))
 
 
-def test_loglikelihood_histogram_ignores_non_finite(tmp_path: Path) -> None:
-    fig = loglikelihood_histogram(np.array([-1.0, -np.inf, np.nan, -1.2]), np.array([]), b_n=-1.1, b_a=-2.0)
+def test_score_histogram_ignores_non_finite(tmp_path: Path) -> None:
+    fig = score_histogram(np.array([-1.0, -np.inf, np.nan, -1.2]), np.array([]), {"b_n": -1.1, "b_a": -2.0}, "x")
     assert_png(save_figure(fig, tmp_path / "hist.png"))
 
 

@@ -7,7 +7,7 @@ import pytest
 from bgad_core import precision
 from bgad_core.errors import ConfigError
 from bgad_core.precision import resolve_precision
-from bgad_core.models.bgad.training import TrainConfig
+from bgad_core.models.bgad.config import BGADConfig
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_forced_bf16_without_hardware_warns_and_is_kept(cpu_with):
 
 
 def test_auto_is_the_default_and_unknown_values_are_named():
-    assert TrainConfig().precision == "auto"
+    assert BGADConfig().precision == "auto"
     with pytest.raises(ConfigError, match="precision must be one of \\['auto', 'fp32', 'bf16'\\], got 'fp16'"):
-        TrainConfig(precision="fp16")
+        BGADConfig(precision="fp16")
 

@@ -143,7 +143,7 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
         assert "checkpoint/synthetic-tiles/model.pt" in artifacts
     finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"]
     plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/synthetic-tiles")}
-    assert {f"plots/synthetic-tiles/{n}.png" for n in ("roc_pr", "loglikelihood_hist", "anomaly_maps")} <= plots
+    assert {f"plots/synthetic-tiles/{n}.png" for n in ("roc_pr", "training_scores_hist", "anomaly_maps")} <= plots
     assert "pruned" in {r.data.tags.get("bgad.outcome") for r in children}  # ASHA stopped a trial early
     study = optuna.load_study(study_name=f"{sweep}/synthetic-tiles", storage=f"sqlite:///{runs / 'optuna.db'}")
     states = {t.state for t in study.trials}

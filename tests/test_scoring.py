@@ -5,7 +5,8 @@ from dataclasses import replace
 import torch
 
 from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, gaussian_blur, image_scores
+from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores
+from bgad_core.models.components.postprocess import gaussian_blur
 
 
 def test_score_of_an_image_does_not_depend_on_its_batch():

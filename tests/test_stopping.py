@@ -10,8 +10,10 @@ import pytest
 from bgad_core.errors import ConfigError
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
-from bgad_core.train import main, train_and_select
-from bgad_core.models.bgad.training import Trainer, TrainConfig, seed_everything
+from bgad_core.engine.selection import seed_everything, train_and_select
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.training import BGADTraining
+from bgad_core.train import main
 from test_trainer import normals_only_two_levels, two_level_split
 
 
@@ -83,13 +85,13 @@ def test_the_command_line_refuses_a_bad_patience(capsys):
 def test_train_and_select_stops_at_the_plateau_and_keeps_the_best_epoch(caplog):
     """min_delta 1 makes every AUROC rise no gain: the run stops ``patience`` epochs after phase 1's end, and the
     epoch it hands back (weights included: its test is the curve's test at that epoch) is validation's best."""
-    config = TrainConfig(meta_epochs=8, sub_epochs=1, warmup_epochs=1, coupling_blocks=2, cond_dim=8, fiber_batch=64)
+    config = BGADConfig(meta_epochs=8, sub_epochs=1, warmup_epochs=1, coupling_blocks=2, cond_dim=8, fiber_batch=64)
     seed_everything(config.seed)
-    trainer = Trainer(BGADFlows.from_config([8, 8], config), config, normals_only_two_levels())
-    with caplog.at_level(logging.INFO, logger="bgad_core.train"):
-        best = train_and_select(trainer, two_level_split(16, seed=1), two_level_split(16, seed=2), (24, 24),
+    training = BGADTraining(BGADFlows.from_config([8, 8], config), config, normals_only_two_levels())
+    with caplog.at_level(logging.INFO, logger="bgad_core.engine.selection"):
+        best = train_and_select(training, two_level_split(16, seed=1), two_level_split(16, seed=2), (24, 24),
                                 "image_auroc", test_every_epoch=True, plateau=PlateauConfig(2, 1.0))
-    assert [h["epoch"] for h in best.history] == [1, 2, 3, 4] and trainer.epoch == 4
+    assert [h["epoch"] for h in best.history] == [1, 2, 3, 4] and training.epoch == 4
     scores = {h["epoch"]: h["val"]["image_auroc"] for h in best.history[1:]}
     assert best.epoch == max(scores, key=lambda e: (scores[e], -e))  # the first maximum after phase 1
     assert best.history[best.epoch - 1]["test"] == best.test.metrics

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from bgad_core.data.synthetic import make_synthetic_category
+from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint
+from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.train import DataConfig, main, run
-from bgad_core.models.bgad.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,15 @@ def category(tmp_path_factory):
 def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
     started = time.perf_counter()
     data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
-    config = TrainConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048)
+    config = BGADConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048)
     summary = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), tmp_path)
     elapsed = time.perf_counter() - started
     assert summary["test"]["image_auroc"] >= 0.95, summary
     assert elapsed < 180
     assert summary["best_epoch"] > config.normal_epochs  # the phase-1 (normal-only) model is never selected
     checkpoint = load_checkpoint(tmp_path / "model.pt")
-    model, restored, normalization = model_from_checkpoint(checkpoint)
-    assert restored == config
+    assert checkpoint["family"] == summary["family"] == "bgad"
+    assert detector_from_checkpoint(checkpoint).config == config
     assert checkpoint["backbone"]["weights_digest"]
     assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == checkpoint["epoch"]
 
@@ -46,7 +46,7 @@ def test_bf16_training_keeps_fp32_auroc(category):
     data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
     tests = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048,
+        config = BGADConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048,
                              precision=precision)
         tests[precision] = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), None)["test"]
     for key in ("image_auroc", "pixel_auroc", "aupro"):

@@ -28,7 +28,11 @@ def make_checkpoint(
     metrics: Mapping[str, float],
     epoch: int,
 ) -> dict[str, Any]:
-    """Assemble the checkpoint dict of a detector (its tensors on the CPU, plain Python values elsewhere)."""
+    """Assemble the checkpoint dict of a detector (its tensors on the CPU, plain Python values elsewhere).
+
+    ``backbone``: name, strides, weights digest and source, normalisation, feature dtype and ``channels`` (each
+    level's width, which ``Scorer`` checks against the backbone it is given).
+    """
     return {
         "version": CHECKPOINT_VERSION,
         "family": detector.family,
@@ -69,7 +73,8 @@ def upgrade_v1(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """A version-1 checkpoint (BGAD flows, their config and constants at the top level) in version 2's form."""
     detector = {new: checkpoint[old] for old, new in _V1_DETECTOR_KEYS.items()}
     rest = {k: v for k, v in checkpoint.items() if k not in _V1_DETECTOR_KEYS}
-    return {**rest, "version": CHECKPOINT_VERSION, "family": "bgad", "detector": detector}
+    backbone = {**checkpoint["backbone"], "channels": list(checkpoint["channels"])}
+    return {**rest, "version": CHECKPOINT_VERSION, "family": "bgad", "detector": detector, "backbone": backbone}
 
 
 def detector_from_checkpoint(checkpoint: Mapping[str, Any]) -> Detector:

@@ -3,11 +3,9 @@
 Inspection stations often run next to the camera without Python or a GPU; an ONNX file runs in onnxruntime (C,
 C++, C#, Java, JS), OpenVINO and TensorRT. ``ExportableScorer`` wraps a ``bgad_core.engine.inference.Scorer`` and runs
 exactly its code after the image decoding and resizing: the backbone's normalisation, the rounding of the features
-to the dtype training stored them in, local aggregation, the flows' log-likelihoods, the fixed normalisation
-constants, upsampling, blur and image-score reduction, and the decision at the stored threshold. The only
-difference is that each coupling block's condition term (``W_c c + b`` over the positional encoding of every cell,
-``fast_flow.condition_term``) is precomputed and stored as a constant table: at inference it depends on nothing
-but the parameters and the grid.
+to the dtype training stored them in, the detector of whichever family (its ``exportable`` form, which may hold
+precomputed constants: BGAD stores each coupling block's condition term, PatchCore searches its memory bank with
+a matmul and top-k), and the decision at the stored threshold.
 
 ``export_onnx`` traces it with torch's TorchScript-based exporter (``dynamo=False``, deprecated but present in
 torch 2.14). The torch.export-based exporter (``dynamo=True``) gave a correct graph with a dynamic batch too
@@ -20,8 +18,9 @@ nearly all of it translating the exported program. The graph, opset 18:
 - outputs ``score`` float32 ``[batch]`` (absolute: an image scores the same in any batch), ``map`` float32
   ``[batch, H, W]`` (anomaly map at model resolution), ``decision`` bool ``[batch]`` (``score >= threshold``).
 
-A layer the exporter cannot convert fails with an ``ExportError`` naming it (``failing_layer``), and a flow that
-is not ``build_flow``'s AllInOneBlock stack is refused before tracing.
+A layer the exporter cannot convert fails with an ``ExportError`` naming it (``failing_layer``), and a detector
+that knows it cannot be exported (a BGAD flow that is not ``build_flow``'s AllInOneBlock stack) refuses before
+tracing.
 
 Example (``sweeper.export`` is the command line around it, with the registry)::
 
@@ -48,8 +47,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from bgad_core.models.bgad.fast_flow import check_supported
 from bgad_core.engine.inference import Scorer
+from bgad_core.errors import ExportError
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -59,38 +58,19 @@ TRACE_BATCH = 2  # images in the example batch the graph is traced with (any bat
 Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-class ExportError(RuntimeError):
-    """The model cannot be exported; the message names the layer that stops it."""
-
-
 class ExportableScorer(nn.Module):
-    """``Scorer`` from uint8 NHWC images to ``(score, map, decision)`` with the flows' condition terms as constants.
+    """``Scorer`` from uint8 NHWC images to ``(score, map, decision)``, its detector in its ``exportable`` form.
 
     Args:
-        scorer: the served model (backbone, flows, normalisation, threshold) to export; shared, not copied.
+        scorer: the served model (backbone, detector, threshold) to export; shared, not copied.
     """
 
     def __init__(self, scorer: Scorer) -> None:
         super().__init__()
-        for level, flow in enumerate(scorer.flows.flows):
-            try:
-                check_supported(flow)
-            except TypeError as err:
-                raise ExportError(f"flow of level {level} (scorer.flows.flows.{level}): {err}") from err
         self.scorer = scorer.eval()
         self.image_size = scorer.image_size
         self.threshold = scorer.threshold
-        device = next(scorer.flows.parameters()).device
-        tables = scorer.flows.condition_tables(feature_grids(scorer), device)
-        self.blocks = [len(level) for level in tables]
-        for level, level_tables in enumerate(tables):
-            for block, table in enumerate(level_tables):
-                self.register_buffer(_table_name(level, block), table.detach().clone())
-
-    def condition_tables(self) -> list[list[torch.Tensor]]:
-        """The stored condition terms, per level and coupling block."""
-        return [[getattr(self, _table_name(level, block)) for block in range(blocks)]
-                for level, blocks in enumerate(self.blocks)]
+        self.detector = scorer.detector.exportable(feature_grids(scorer))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +80,7 @@ class ExportableScorer(nn.Module):
         an ONNX runtime does not share).
         """
         extractor = self.scorer.extractor
-        scores, maps = self.scorer.score_features(extractor(extractor.normalize(images)), self.condition_tables())
+        scores, maps = self.scorer.score_features(extractor(extractor.normalize(images)), self.detector)
         return scores, maps, scores >= self.threshold
 
     def example_input(self, batch: int = TRACE_BATCH) -> torch.Tensor:
@@ -282,7 +262,7 @@ def describe_layer(name: str, layer: nn.Module) -> str:
     """``layer 'scorer.extractor.model.blocks.3' (Type, in the backbone)`` for an error message."""
     if not name:
         return f"the scoring head ({type(layer).__name__}.forward: normalisation, maps, score, decision)"
-    part = {"scorer.extractor": "the backbone", "scorer.flows": "the flows"}.get(".".join(name.split(".")[:2]))
+    part = {"scorer.extractor": "the backbone", "scorer.detector": "the detector"}.get(".".join(name.split(".")[:2]))
     return f"layer {name!r} ({type(layer).__name__}{f', in {part}' if part else ''})"
 
 
@@ -324,7 +304,3 @@ def feature_grids(scorer: Scorer) -> list[tuple[int, int]]:
     image = torch.zeros((1, *scorer.image_size, 3), dtype=torch.uint8)
     with torch.no_grad():
         return [(int(f.shape[2]), int(f.shape[3])) for f in scorer.extractor.extract(image)]
-
-
-def _table_name(level: int, block: int) -> str:
-    return f"condition_{level}_{block}"

@@ -1,10 +1,10 @@
-"""Score raw images with a trained model: backbone + flows + the fixed constants stored in its checkpoint.
+"""Score raw images with a trained model: backbone + the checkpoint's detector, of any family.
 
 Training never sees images, only cached backbone features (fp16 by default). A served model must reproduce what
 the trial's own evaluation computed from those features, so ``Scorer`` runs the same frozen backbone in fp32,
-*rounds its features to the dtype training stored them in* and then applies the flows, the fixed normalisation
-and the image-score reduction of ``bgad_core.models.bgad.scoring``: served scores equal the trial's evaluation scores, and the
-F1-max threshold chosen on validation applies to them unchanged.
+*rounds its features to the dtype training stored them in* and then applies the detector (``bgad_core.models``:
+BGAD's flows and fixed scoring constants, PatchCore's memory bank, ...): served scores equal the trial's
+evaluation scores, and the F1-max threshold chosen on validation applies to them unchanged.
 
 Rounding to fp16 reproduces the cached features because ``FeatureExtractor.extract`` gives an image the same
 fp32 features in any batch and on any number of threads (see there).
@@ -12,7 +12,7 @@ fp32 features in any batch and on any number of threads (see there).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,9 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bgad_core.backbone import FeatureExtractor
-from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.models.bgad.scoring import anomaly_maps, image_scores
 
 SCORE_BATCH = 16  # images per backbone call in ``Scorer.score``
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -44,12 +43,12 @@ class Prediction(NamedTuple):
 
 
 class Scorer(nn.Module):
-    """A servable BGAD model: frozen backbone, flows, normalisation constants and decision threshold.
+    """A servable model: frozen backbone, the checkpoint's detector and its decision threshold.
 
     Args:
-        checkpoint: a ``bgad_core.engine.checkpoint`` dict whose ``backbone`` names the backbone (``name``, ``strides``,
-            ``weights_digest``, optionally ``feature_dtype``).
-        extractor: the backbone with the weights the flows were trained on (checked against the digest).
+        checkpoint: a ``bgad_core.engine.checkpoint`` dict (as ``load_checkpoint`` returns it) whose ``backbone``
+            names the backbone (``name``, ``strides``, ``weights_digest``, optionally ``feature_dtype``).
+        extractor: the backbone with the weights the detector was trained on (checked against the digest).
     """
 
     def __init__(self, checkpoint: Mapping[str, Any], extractor: FeatureExtractor) -> None:
@@ -58,14 +57,15 @@ class Scorer(nn.Module):
         if extractor.weights_digest != backbone["weights_digest"]:
             raise ConfigError(
                 f"backbone weights: digest {extractor.weights_digest} ({extractor.weights_source}) differs from "
-                f"the {backbone['weights_digest']} the flows were trained on"
+                f"the {backbone['weights_digest']} the detector was trained on"
             )
-        if list(extractor.channels) != list(checkpoint["channels"]):
-            raise ConfigError(
-                f"backbone channels {list(extractor.channels)} differ from the flows' {list(checkpoint['channels'])}"
-            )
+        trained = backbone.get("channels")
+        if trained is not None and list(extractor.channels) != list(trained):
+            raise ConfigError(f"backbone channels {list(extractor.channels)} differ from the {list(trained)} the "
+                              "detector was trained on")
         self.extractor = extractor
-        self.flows, self.config, self.normalization = model_from_checkpoint(dict(checkpoint))
+        self.detector = detector_from_checkpoint(checkpoint)
+        self.family = str(checkpoint["family"])
         self.image_size = tuple(int(s) for s in checkpoint["image_size"])
         self.threshold = float(checkpoint["threshold"])
         self.feature_dtype = feature_dtype(checkpoint)
@@ -86,7 +86,7 @@ class Scorer(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``[B, H, W, 3]`` images at ``image_size`` -> image scores ``(B,)`` and maps ``(B, H, W)``.
 
-        Features pass through the training storage dtype before the flows (which compute in fp32), so they are
+        Features pass through the training storage dtype before the detector (which computes in fp32), so they are
         exactly what training and validation saw.
         """
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
@@ -94,17 +94,13 @@ class Scorer(nn.Module):
             raise DataError(f"images: expected [B, {height}, {width}, 3], got {list(images.shape)}")
         return self.score_features(self.extractor.extract(images))
 
-    def score_features(
-        self, features: Sequence[torch.Tensor], tables: Sequence[Sequence[torch.Tensor]] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_features(self, features: Sequence[torch.Tensor], detector: nn.Module | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (fp32) -> image scores ``(B,)`` and maps ``(B, H, W)``: all of the model after the backbone.
 
-        ``tables``: the flows' ``condition_tables`` at the features' grids, if the caller holds them (the ONNX export
-        stores them as constants, ``bgad_core.engine.export``).
+        ``detector``: the detector's ``exportable`` form, when the caller traces it (``bgad_core.engine.export``).
         """
-        features = [f.to(self.feature_dtype) for f in features]
-        maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.config.blur_sigma)
-        return image_scores(maps, self.normalization.image_score), maps
+        return (detector or self.detector)([f.to(self.feature_dtype) for f in features])
 
     def score(self, images: Iterable[np.ndarray]) -> Prediction:
         """Score uint8 images of any size (``[H, W, 3]`` RGB or ``[H, W]`` grey; any iterable of them).

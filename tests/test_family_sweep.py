@@ -1,0 +1,106 @@
+"""Sweeps across detector families: each family's trials are recorded, and a winner of the one-class family is
+promoted, served over HTTP and exported exactly as a BGAD winner is (``test_promote``, ``test_serve`` and
+``test_export`` cover BGAD's)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint
+from bgad_core.models.base import evaluate
+from ray_processes import REPO, VENV_BIN, free_port, stop_group
+from sweeper import tracking
+from sweeper.cache_reader import open_cache, read_features, row_paths
+from sweeper.config import load_config
+from sweeper.export import main as export_main
+from sweeper.promote import find_sweep_run, promote, read_summary
+from sweeper.run import main as run_sweep
+from sweeper.sweep import sweep_id
+from test_serve import wait_for_server
+from test_sweep_job import quickstart_in, trial_runs
+
+pytestmark = pytest.mark.slow
+NAME = "tiles-any-family"
+
+
+def test_a_cross_family_sweep_records_each_familys_trials_in_mlflow_and_optuna(tmp_path):
+    config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False})
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    config = load_config(config_path)
+    runs = trial_runs(config_path, "trial")
+    assert {run.data.tags[tracking.FAMILY_TAG] for run in runs} == {"bgad", "patchcore"}
+    assert all(run.data.params["family"] == run.data.tags[tracking.FAMILY_TAG] for run in runs)
+    study = optuna.load_study(study_name=f"{sweep_id(config)}/quickstart-tiles", storage=config.tune.optuna_storage)
+    families = {trial.params["family"] for trial in study.trials}
+    assert families == {"bgad", "patchcore"}
+    for trial in study.trials:  # each trial sampled its own family's sub-space only
+        own = {key.split("/")[0] for key in trial.params if key != "family"}
+        assert own <= {trial.params["family"]}
+    assert all(trial.state != optuna.trial.TrialState.PRUNED for trial in study.trials
+               if trial.params["family"] == "patchcore")  # one meta-epoch is its whole schedule, not a short run
+    summary = read_summary(MlflowClient(config.mlflow.tracking_uri), find_sweep_run(MlflowClient(config.mlflow.tracking_uri), sweep_id(config)))
+    entry = summary["categories"]["quickstart-tiles"]
+    assert set(entry["families"]) == {"bgad", "patchcore"}
+    winner = max(entry["families"], key=lambda name: entry["families"][name]["val"])
+    assert entry["best"]["family"] == winner
+
+
+def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
+    config_path = quickstart_in(tmp_path, search={"num_samples": 2, "compare_paper_default": False,
+                                                  "families": {"patchcore": {"coreset_ratio": {"choice": [0.05, 0.2]}}}})
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    config = load_config(config_path)
+    uri, sid = config.mlflow.tracking_uri, sweep_id(config)
+    version = promote(uri, sid, NAME)
+    assert version.tags[tracking.FAMILY_TAG] == "patchcore"
+    client = MlflowClient(uri)
+    category = version.tags[tracking.CATEGORY_TAG]
+    manifest = open_cache(find_sweep_run(client, sid).data.tags["bgad.cache_uri"])
+    test = read_features(manifest, category, ["test"])
+    checkpoint = load_checkpoint(client.download_artifacts(version.run_id, f"checkpoint/{category}/model.pt",
+                                                           str(tmp_path)))
+    assert checkpoint["family"] == "patchcore"
+    expected = evaluate(detector_from_checkpoint(checkpoint), test).scores.numpy()
+    paths = row_paths(manifest, category, test.ids)
+    images = [str(paths[i]) for i in test.ids[:3]]
+
+    port = free_port()  # README's serve command, an image posted as curl would
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(VENV_BIN / "python"), "-m", "sweeper.serve", f"{NAME}@champion", "--port",
+                                    str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_server(port, process, log_path)
+        body = json.dumps({"dataframe_records": [{"image": base64.b64encode(Path(p).read_bytes()).decode()}
+                                                 for p in images]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = json.loads(response.read())
+    finally:
+        stop_group(process, timeout_s=30)
+    scores = [row["score"] for row in served["predictions"]]
+    assert scores == pytest.approx(expected[:3].tolist(), abs=1e-4)
+
+    out = tmp_path / "onnx"
+    assert export_main([f"models:/{NAME}@champion", "--output", str(out), "--tracking-uri", uri]) == 0
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    size = tuple(checkpoint["image_size"])
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.Resampling.BILINEAR))
+                      for p in images])
+    onnx_scores = session.run(["score"], {"images": batch})[0]
+    assert onnx_scores == pytest.approx(scores, abs=1e-3)
