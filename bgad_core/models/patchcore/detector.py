@@ -15,8 +15,9 @@ from bgad_core.models.patchcore.torch_model import PatchCore
 class PatchCoreDetector(Detector):
     """A fitted memory bank: every backbone level's features in, image scores and anomaly maps out.
 
-    The module traces to ONNX as it is (``exportable`` is the base's ``self``): scoring is matrix products,
-    ``topk`` and ``gather`` (``torch_model``), and the upsampling and blur depend on nothing but ``image_size``.
+    The module traces to ONNX as it is, for any grids (``exportable`` is the base's ``self``): scoring is matrix
+    products, ``topk`` and ``gather`` (``torch_model``), and the upsampling and blur depend on nothing but
+    ``image_size``.
 
     Args:
         config: the family config it was fitted with (kept for the checkpoint; ``blur_sigma`` and the re-weighting
@@ -25,6 +26,8 @@ class PatchCoreDetector(Detector):
         memory_bank: ``(M, C)`` float32 bank patches (shared, not copied).
         image_size: ``(H, W)`` of the maps.
     """
+
+    family = "patchcore"
 
     def __init__(
         self, config: PatchCoreConfig, levels: Sequence[int], memory_bank: torch.Tensor, image_size: tuple[int, int]

@@ -37,7 +37,7 @@ from torch import nn
 from bgad_core.data.features import FeatureSet, local_average
 from bgad_core.errors import ConfigError
 from bgad_core.models.base import split_metrics
-from bgad_core.models.bgad.scoring import gaussian_blur
+from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 PROJECTION_DIM = 128  # k-center distances are computed on a random projection of this width (enough to rank)
 DISTANCE_CHUNK = 8192  # query patches per distance block in eager mode: bounds memory at 8192 x bank size floats
@@ -205,8 +205,7 @@ class PatchCore(nn.Module):
     def anomaly_maps(self, distance: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """``(B, h, w)`` distance maps -> ``(B, H, W)`` anomaly maps at ``image_size``: bilinear upsampling, then
         the Gaussian blur."""
-        upsampled = F.interpolate(distance.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
-        return gaussian_blur(upsampled[:, 0], self.blur_sigma)
+        return gaussian_blur(upsample(distance, image_size), self.blur_sigma)
 
     @torch.no_grad()
     def predict(
