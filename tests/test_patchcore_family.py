@@ -205,8 +205,10 @@ def exported() -> tuple[PatchCoreDetector, onnxruntime.InferenceSession]:
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, as engine.export uses
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constants of the bank and the grids
         warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)  # the blur's reflect pad
-        torch.onnx.export(FeatureInputs(detector.exportable(feature_set(1, 0).grids)), tuple(feature_set(2, 7).features), graph,
-                          dynamo=False, opset_version=OPSET, input_names=names, output_names=["score", "map"],
+        features = feature_set(2, 7).features
+        module = FeatureInputs(detector.exportable([(f.shape[2], f.shape[3]) for f in features]))
+        torch.onnx.export(module, tuple(features), graph, dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["score", "map"],
                           dynamic_axes={name: {0: "batch"} for name in (*names, "score", "map")})
     return detector, onnxruntime.InferenceSession(graph.getvalue(), providers=["CPUExecutionProvider"])
 
