@@ -7,6 +7,7 @@ import torch
 
 from bgad_core.errors import ConfigError
 from bgad_core.data.features import FeatureSet
+from bgad_core.models.patchcore import torch_model
 from bgad_core.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances, patch_embeddings
 
 
@@ -40,6 +41,49 @@ def test_nearest_distances_match_brute_force():
     expected, expected_indices = brute.sort(dim=1)
     torch.testing.assert_close(distances, expected[:, :3])
     assert torch.equal(indices, expected_indices[:, :3])
+
+
+def test_nearest_distances_in_blocks_match_one_block(monkeypatch):
+    queries, bank = torch.randn(50, 7), torch.randn(20, 7)
+    whole = nearest_distances(queries, bank, k=2)
+    monkeypatch.setattr(torch_model, "DISTANCE_CHUNK", 7)  # 8 blocks, the last one short
+    blocked = nearest_distances(queries, bank, k=2)
+    torch.testing.assert_close(blocked[0], whole[0])
+    assert torch.equal(blocked[1], whole[1])
+
+
+def reference_patch_scores(model: PatchCore, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PatchCore's scoring written plainly, image by image, with torch.cdist's direct (non-matmul) distances."""
+    embedding = patch_embeddings(features, model.levels)
+    bank = model.memory_bank
+    k = min(model.num_neighbors, bank.shape[0])
+    maps, scores = [], []
+    for image in embedding:
+        patches = image.permute(1, 2, 0).reshape(-1, image.shape[0])
+        distance, nearest = torch.cdist(patches, bank, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+        worst = int(distance.argmax())
+        anchor = bank[nearest[worst]]
+        support = torch.cdist(anchor[None], bank, compute_mode="donot_use_mm_for_euclid_dist")[0].argsort()[:k]
+        to_support = torch.cdist(patches[worst][None], bank[support], compute_mode="donot_use_mm_for_euclid_dist")[0]
+        weight = 1 - torch.softmax(to_support, dim=0)[0] if k > 1 else 1.0
+        maps.append(distance.reshape(image.shape[1:]))
+        scores.append(weight * distance[worst])
+    return torch.stack(maps), torch.stack(scores)
+
+
+@pytest.mark.parametrize("num_neighbors", [1, 3, 9])
+def test_patch_scores_match_a_plain_cdist_reference(num_neighbors):
+    generator = torch.Generator().manual_seed(3)
+    def levels(n):
+        return [torch.randn(n, 6, 8, 8, generator=generator), torch.randn(n, 10, 4, 4, generator=generator)]
+    model = PatchCore(coreset_ratio=0.1, num_neighbors=num_neighbors).fit(feature_set(levels(6)))
+    query = [f * 1.5 for f in levels(5)]
+    distance, scores = model.patch_scores(query)
+    expected_distance, expected_scores = reference_patch_scores(model, query)
+    torch.testing.assert_close(distance, expected_distance, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    if num_neighbors > 1:  # the re-weighting took part (it lowers every score)
+        assert bool((scores < distance.flatten(1).max(dim=1).values).all())
 
 
 def test_patch_embeddings_aggregate_and_upsample():
@@ -91,9 +135,21 @@ def test_reweighting_never_raises_the_score_above_the_largest_distance():
     assert bool((scaled <= raw + 1e-6).all()) and bool((scaled > 0).all())
 
 
+def test_anomaly_maps_upsample_to_the_image_and_blur_without_losing_mass():
+    distance = torch.zeros(1, 8, 8)
+    distance[0, 3, 4] = 1.0  # one anomalous cell at stride 8: pixels 24-32 x 32-40 of a 64 x 64 image
+    sharp = PatchCore(blur_sigma=0).anomaly_maps(distance, (64, 64))
+    blurred = PatchCore(blur_sigma=4).anomaly_maps(distance, (64, 64))
+    assert sharp.shape == blurred.shape == (1, 64, 64)
+    assert divmod(int(sharp.argmax()), 64) in {(27, 35), (27, 36), (28, 35), (28, 36)}  # the cell's centre
+    assert float(blurred.max()) < 0.5 * float(sharp.max())  # spread out ...
+    torch.testing.assert_close(blurred.sum(), sharp.sum(), rtol=1e-3, atol=0)  # ... not lost (far from borders)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"coreset_ratio": 0.0}, "coreset_ratio"),
     ({"num_neighbors": 0}, "num_neighbors"),
+    ({"blur_sigma": -1.0}, "blur_sigma"),
     ({"levels": (0, 0)}, "distinct"),
 ])
 def test_bad_settings_name_the_setting(kwargs, message):
