@@ -164,14 +164,14 @@ class BaselineSpec(Section):
     Attributes:
         enabled: fit and evaluate it for each category after the search.
         family: the one-class family to fit.
-        strides: cached levels it reads (each must be one of ``backbone.strides``; PatchCore: 8 and 16).
+        feature_strides: cached levels it reads (each must be one of ``backbone.strides``; PatchCore: 8 and 16).
         coreset_ratio: share of the training patches kept in its memory bank.
         num_neighbors: bank neighbours that re-weight its image score.
     """
 
     enabled: bool = True
     family: str = "patchcore"
-    strides: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
+    feature_strides: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     num_neighbors: int = Field(9, ge=1)
 
@@ -490,9 +490,9 @@ class SweepConfig(Section):
         if self.baseline.family not in family_names():
             raise ValueError(f"baseline.family: unknown detector family {self.baseline.family!r}; known: "
                              f"{list(family_names())}")
-        missing = sorted(set(self.baseline.strides) - set(self.backbone.strides))
+        missing = sorted(set(self.baseline.feature_strides) - set(self.backbone.strides))
         if self.baseline.enabled and missing:
-            raise ValueError(f"baseline.strides: {missing} not among backbone.strides {self.backbone.strides}")
+            raise ValueError(f"baseline.feature_strides: {missing} not among backbone.strides {self.backbone.strides}")
         return self
 
     def families(self) -> list[str]:

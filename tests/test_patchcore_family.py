@@ -59,15 +59,15 @@ def fitted(config: PatchCoreConfig | None = None, train: FeatureSet | None = Non
 
 
 def test_config_accepts_lists_and_round_trips_through_json():
-    config = PatchCoreConfig.from_dict({"strides": [8, 16, 32], "coreset_ratio": 0.1, "meta_epochs": 4})
-    assert config.strides == (8, 16, 32)
+    config = PatchCoreConfig.from_dict({"feature_strides": [8, 16, 32], "coreset_ratio": 0.1, "meta_epochs": 4})
+    assert config.feature_strides == (8, 16, 32)
     assert PatchCoreConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"strides": []}, "strides"),
-    ({"strides": [8, 8]}, "strides"),
-    ({"strides": [0, 8]}, "strides"),
+    ({"feature_strides": []}, "feature_strides"),
+    ({"feature_strides": [8, 8]}, "feature_strides"),
+    ({"feature_strides": [0, 8]}, "feature_strides"),
     ({"coreset_ratio": 0.0}, "coreset_ratio"),
     ({"coreset_ratio": 1.5}, "coreset_ratio"),
     ({"num_neighbors": 0}, "num_neighbors"),
@@ -82,7 +82,7 @@ def test_bad_config_values_name_the_key(values, message):
 
 def test_the_family_is_one_class_single_pass_and_builds_its_training():
     assert (FAMILY.name, FAMILY.learning_type, FAMILY.single_pass) == ("patchcore", ONE_CLASS, True)
-    assert FAMILY.parameters() == {"strides", "coreset_ratio", "num_neighbors", "blur_sigma", "meta_epochs", "seed"}
+    assert FAMILY.parameters() == {"feature_strides", "coreset_ratio", "num_neighbors", "blur_sigma", "meta_epochs", "seed"}
     assert FAMILY.config is PatchCoreConfig and FAMILY.detector is PatchCoreDetector
     assert isinstance(FAMILY.training(PatchCoreConfig(), feature_set(2, 0), STRIDES, "cpu"), PatchCoreTraining)
 
@@ -92,7 +92,7 @@ def test_the_family_is_one_class_single_pass_and_builds_its_training():
 
 def test_a_stride_the_backbone_lacks_or_no_normal_image_is_refused():
     with pytest.raises(ConfigError, match=r"stride 32 is not among the backbone's \[4, 8, 16\]"):
-        PatchCoreTraining(PatchCoreConfig(strides=(8, 32)), feature_set(2, 0), STRIDES, "cpu")
+        PatchCoreTraining(PatchCoreConfig(feature_strides=(8, 32)), feature_set(2, 0), STRIDES, "cpu")
     with pytest.raises(ConfigError, match="no normal image"):
         PatchCoreTraining(PatchCoreConfig(), feature_set(2, 0, labels=[1, 1]), STRIDES, "cpu")
     with pytest.raises(RuntimeError, match="train_meta_epoch"):

@@ -41,7 +41,7 @@ def base():
         (lambda r: r["tune"].update(schedulr={}), "tune.schedulr"),
         (lambda r: r["search"]["space"].update(racp_depth={"choice": [3, 12]}), "search.space.racp_depth"),
         (lambda r: r["search"]["space"].update(tau={"uniform": [0.3, 0.1]}), "search.space.tau"),
-        (lambda r: r.update(baseline={"strides": [4, 8]}), "baseline.strides"),
+        (lambda r: r.update(baseline={"feature_strides": [4, 8]}), "baseline.feature_strides"),
         (lambda r: r.update(baseline={"coreset_ratio": 0.0}), "baseline.coreset_ratio"),
         (lambda r: r["train"].update(local_aggregation=2), "train"),
         (lambda r: r["search"]["space"].update(push_fraction={"uniform": [0.0, 0.5]}), "search.space.push_fraction"),

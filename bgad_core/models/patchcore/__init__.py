@@ -7,7 +7,7 @@ them. A test patch's anomaly score is its distance to the nearest bank entry; th
 one, re-weighted by how isolated that entry is among its neighbours in the bank (the paper's Eq. 7).
 
 This implementation works on the cached backbone features the BGAD family trains on (``FeatureSet``), reads the
-levels named by ``PatchCoreConfig.strides`` (8 and 16 by default), draws the coreset on a 128-dim random
+levels named by ``PatchCoreConfig.feature_strides`` (8 and 16 by default), draws the coreset on a 128-dim random
 projection, and makes anomaly maps as BGAD does (bilinear upsampling to the image, Gaussian blur). Nearest
 neighbours are exact (one matrix product and ``topk``, which the ONNX tracer follows); there is no approximate
 index (FAISS) and no backbone of its own: feature extraction belongs to the engine.

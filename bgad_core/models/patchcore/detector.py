@@ -22,7 +22,7 @@ class PatchCoreDetector(Detector):
     Args:
         config: the family config it was fitted with (kept for the checkpoint; ``blur_sigma`` and the re-weighting
             settings apply here).
-        levels: indices, among the backbone's levels, of ``config.strides`` (mapped by the training).
+        levels: indices, among the backbone's levels, of ``config.feature_strides`` (mapped by the training).
         memory_bank: ``(M, C)`` float32 bank patches (shared, not copied).
         image_size: ``(H, W)`` of the maps.
     """

@@ -26,20 +26,20 @@ class PatchCoreTraining(Training):
     Args:
         config: the family config.
         train: training features of every backbone level.
-        strides: the stride of each of ``train``'s levels, in order; ``config.strides`` picks among them.
+        strides: the stride of each of ``train``'s levels, in order; ``config.feature_strides`` picks among them.
         device: where the bank is fitted and validation scores ("cpu", "cuda", ...).
     """
 
     def __init__(self, config: PatchCoreConfig, train: FeatureSet, strides: Sequence[int], device: str) -> None:
         strides = [int(stride) for stride in strides]
-        for stride in config.strides:
+        for stride in config.feature_strides:
             if stride not in strides:
-                raise ConfigError(f"patchcore strides: stride {stride} is not among the backbone's {strides}")
+                raise ConfigError(f"patchcore feature_strides: stride {stride} is not among the backbone's {strides}")
         if not bool((train.labels == 0).any()):
             raise ConfigError("patchcore: the training set has no normal image")
         self.config = config
         self.train = train
-        self.levels = [strides.index(stride) for stride in config.strides]
+        self.levels = [strides.index(stride) for stride in config.feature_strides]
         self.device = device
         self.epoch = 0
         self.memory_bank: torch.Tensor | None = None  # fitted by train_meta_epoch
