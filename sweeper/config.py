@@ -519,8 +519,14 @@ class SweepConfig(Section):
         for name in names:
             _check_config(name, fixed, "train")
         search = self.search or SearchSpec.model_construct(space={}, grid={}, families={})
+        if search.families and FAMILY_KEY in self.train:
+            raise ValueError("train.family: the family is searched (search.families); remove it")
         spaces = search.families or {name: search.space for name in names}
         for name, space in spaces.items():
+            unknown = sorted(set(space) - (tunable_keys([name]) - {FAMILY_KEY}))
+            if unknown:
+                raise ValueError(f"search.space: unknown parameter(s) {unknown} of family {name}; tunable: "
+                                 f"{sorted(tunable_keys([name]) - {FAMILY_KEY})}")
             for key, spec in space.items():
                 where = f"search.families.{name}.{key}" if search.families else f"search.space.{key}"
                 for value in spec.values():

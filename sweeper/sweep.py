@@ -562,10 +562,9 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                 continue
             arm = entry[key]
             trials = f"{t['finished']}/{t['pruned']}/{t['failed']}" if key == "best" else "-"
-            if "family" in arm:
-                label = f"{label} ({arm['family']})"
-            elif key == "baseline":
-                label = f"{label} ({arm['config'].get('family')})"
+            family_name = arm.get("family") or arm.get("config", {}).get("family")
+            if family_name:
+                label = f"{label} ({family_name})"
             lines.append(f"| {name} | {trials} | {label} | {_figure(arm['val'], metric)} | "
                          + " | ".join(_figure(arm["test"], column) for column in columns) + " |")
         families = entry.get("families", {})

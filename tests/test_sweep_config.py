@@ -26,7 +26,51 @@ def write(tmp_path, raw):
 
 
 def base():
+    """The quickstart as a single-family (BGAD) search: its ``search.families.bgad`` as ``search.space``."""
+    raw = yaml.safe_load((SEARCH_SPACES / "quickstart.yaml").read_text())
+    raw["search"]["space"] = raw["search"].pop("families")["bgad"]
+    return raw
+
+
+def cross_family():
     return yaml.safe_load((SEARCH_SPACES / "quickstart.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda r: r["search"]["families"].update(simplenet={}), "search.families"),
+        (lambda r: r["search"]["families"]["patchcore"].update(beta={"uniform": [0.1, 0.2]}), "search.families.patchcore"),
+        (lambda r: r["search"]["families"]["bgad"].update(beta={"uniform": [0.5, 1.5]}), "search.families.bgad.beta"),
+        (lambda r: r["search"]["families"]["patchcore"].update(coreset_ratio={"choice": [0.0, 0.1]}),
+         "search.families.patchcore.coreset_ratio"),
+        (lambda r: r["search"].update(space={"beta": {"uniform": [0.1, 0.2]}}), "search.space and search.families"),
+        (lambda r: r["train"].update(betta=1.0), "train"),
+        (lambda r: r["train"].update(family="simplenet"), "family"),
+        (lambda r: r.update(baseline={"family": "nope"}), "baseline.family"),
+    ],
+)
+def test_bad_family_values_name_their_key(tmp_path, edit, key):
+    raw = cross_family()
+    edit(raw)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        load_config(write(tmp_path, raw))
+    assert "sweep.yaml" in str(error.value)
+
+
+def test_a_cross_family_search_trains_each_family_with_its_own_fields(tmp_path):
+    """``train`` holds fields of either family; each trial keeps its own (a BGAD field never reaches PatchCore)."""
+    from sweeper.sweep import fixed_params, schedule_length
+    from sweeper.trainable import split_params
+
+    config = load_config(write(tmp_path, cross_family()))
+    assert config.families() == ["bgad", "patchcore"]
+    fixed = fixed_params(config)
+    assert schedule_length(config, fixed) == 4  # BGAD's schedule; PatchCore's single pass sets no rung
+    chosen, patchcore, data = split_params({**fixed, "family": "patchcore", "patchcore": {"coreset_ratio": 0.1}})
+    assert chosen.name == "patchcore" and patchcore.coreset_ratio == 0.1 and data["num_anomalies"] == 0
+    chosen, bgad, data = split_params({**fixed, "family": "bgad", "bgad": {"beta": 0.02, "num_anomalies": 2}})
+    assert chosen.name == "bgad" and bgad.beta == 0.02 and bgad.lr == 0.001 and data["num_anomalies"] == 2
 
 
 @pytest.mark.parametrize(
@@ -102,7 +146,7 @@ def test_summary_table_shows_every_arm_beside_the_trial_counts():
     entry = {"trials": {"finished": 2, "pruned": 1, "failed": 0}, "best": arm, "paper_default": arm, "baseline": arm}
     table = summary_table({"objective": "val_aupro", "categories": {"tiles": entry}}).splitlines()
     assert table[2].startswith("| tiles | 2/1/0 | best trial | 0.500 | 0.900 |")
-    assert [row.split(" | ")[2] for row in table[2:]] == ["best trial", "paper default", "PatchCore (no labels)"]
+    assert [row.split(" | ")[2] for row in table[2:]] == ["best trial", "paper default", "one-class baseline"]
 
 
 def test_summary_table_shows_intervals_and_a_test_column_for_the_objective():
