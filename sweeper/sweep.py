@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,20 +155,21 @@ def mark_study_interrupted(storage: str, study_names: list[str]) -> None:
             rdb.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
 
-def family_space(families: Mapping[str, Mapping[str, ParamSpec]]) -> Callable[[optuna.Trial], None]:
+class FamilySpace:
     """Optuna define-by-run over families: ``family`` first, then only that family's parameters.
 
     Each is named ``<family>/<parameter>``, which Ray's OptunaSearch hands the trial as ``{family: {parameter: ..}}``
-    (``sweeper.trainable.split_params``): two families' parameters of the same name never share a distribution.
+    (``sweeper.trainable.split_params``): two families' parameters of the same name never share a distribution. A
+    class, not a closure: Tune pickles the searcher with the experiment state to resume it.
     """
-    names = list(families)
 
-    def define(trial: optuna.Trial) -> None:
-        chosen = trial.suggest_categorical(FAMILY_KEY, names)
-        for key, spec in families[chosen].items():
+    def __init__(self, families: Mapping[str, Mapping[str, ParamSpec]]) -> None:
+        self.families = {name: dict(space) for name, space in families.items()}
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen = trial.suggest_categorical(FAMILY_KEY, list(self.families))
+        for key, spec in self.families[chosen].items():
             suggest(trial, f"{chosen}/{key}", spec)
-
-    return define
 
 
 def searcher(config: SweepConfig, metric: str, study_name: str, max_t: int) -> OptunaSearch | None:
@@ -181,7 +182,7 @@ def searcher(config: SweepConfig, metric: str, study_name: str, max_t: int) -> O
     if config.search.algorithm != "optuna":
         return None
     if config.search.families:
-        space: Any = family_space(config.search.families)
+        space: Any = FamilySpace(config.search.families)
         with warnings.catch_warnings():  # multivariate and group are marked experimental since Optuna 2.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=config.search.seed, multivariate=True, group=True)

@@ -42,7 +42,7 @@ def test_a_cross_family_sweep_records_each_familys_trials_in_mlflow_and_optuna(t
     runs = trial_runs(config_path, "trial")
     assert {run.data.tags[tracking.FAMILY_TAG] for run in runs} == {"bgad", "patchcore"}
     assert all(run.data.params["family"] == run.data.tags[tracking.FAMILY_TAG] for run in runs)
-    study = optuna.load_study(study_name=f"{sweep_id(config)}/quickstart-tiles", storage=config.tune.optuna_storage)
+    study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
     families = {trial.params["family"] for trial in study.trials}
     assert families == {"bgad", "patchcore"}
     for trial in study.trials:  # each trial sampled its own family's sub-space only
@@ -51,7 +51,7 @@ def test_a_cross_family_sweep_records_each_familys_trials_in_mlflow_and_optuna(t
     assert all(trial.state != optuna.trial.TrialState.PRUNED for trial in study.trials
                if trial.params["family"] == "patchcore")  # one meta-epoch is its whole schedule, not a short run
     summary = read_summary(MlflowClient(config.mlflow.tracking_uri), find_sweep_run(MlflowClient(config.mlflow.tracking_uri), sweep_id(config)))
-    entry = summary["categories"]["quickstart-tiles"]
+    entry = summary["categories"]["synthetic-tiles"]
     assert set(entry["families"]) == {"bgad", "patchcore"}
     winner = max(entry["families"], key=lambda name: entry["families"][name]["val"])
     assert entry["best"]["family"] == winner
