@@ -148,8 +148,9 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
                  size: tuple[int, int]) -> dict[str, dict]:
     """Train flows once; per ``SCORING_POLICIES`` entry, the epoch its validation selects and test read there.
 
-    Epochs are selectable from the training's ``first_selectable_epoch`` (after phase 1), as in ``train_and_select``. Test log-likelihoods are computed every
-    meta-epoch (to read any policy's test at its own epoch) and scored only as each policy chose on validation.
+    Epochs are selectable from the training's ``first_selectable_epoch`` (after phase 1), as in
+    ``train_and_select``. Test log-likelihoods are computed every meta-epoch (to read any policy's test at its own
+    epoch) and scored only as each policy chose on validation.
     """
     seed_everything(config.seed)
     started = time.perf_counter()

@@ -5,8 +5,8 @@ encoding is built and repeated for every image, the vectors are shuffled, and ea
 through the FrEIA flow (``flow(x, c=[cond])``) in float32 with one Adam step. To be conservative it takes all
 images of a level in one batch (the official loop takes 8 images at a time, which makes its small levels' steps
 smaller and slower). Both arms run the same math (phase-1 ML loss, same flows, same step size) on the same
-features; ours is ``bgad_core.models.bgad.training.BGADTraining`` as a trial runs it, in fp32 and with bf16 matmuls, with shuffled
-steps (the paper's) and with position-blocked ones (``cells_per_step``).
+features; ours is ``bgad_core.models.bgad.training.BGADTraining`` as a trial runs it, in fp32 and with bf16
+matmuls, with shuffled steps (the paper's) and with position-blocked ones (``cells_per_step``).
 
 Each backbone's rows end with the matmul ceiling: how many times fewer multiply-adds a blocked step does than the
 reference for the same function (``matmul_ceiling``). At equal matmul efficiency no fp32 implementation of this

@@ -34,6 +34,7 @@ from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.engine.stopping import PlateauConfig
 from bgad_core.data.synthetic import DEFECT_TYPES
+from bgad_core.models.base import ONE_CLASS
 from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family, family_names
 from sweeper import credentials
 from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
@@ -547,9 +548,17 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _cache_covers_search(self) -> SweepConfig:
-        """The cache must hold every (n anomalies, depth S) a trial can ask for; unset cache values follow the search."""
+        """The cache must hold every (n anomalies, depth S) a trial can ask for; unset cache values follow the search.
+
+        A sweep of one-class families only draws no training anomaly unless told: every labelled image then stays
+        in validation and test, where it is the only thing that measures a detector that never reads one.
+        """
         anomalies = self._values("num_anomalies")
         depths = self._values("racp_depth")
+        one_class = all(family(name).learning_type == ONE_CLASS for name in self.families()
+                        if name in family_names())
+        if one_class and not anomalies and "max_anomalies" not in self.cache.model_fields_set:
+            self.cache.max_anomalies = 0
         if anomalies:
             if "max_anomalies" not in self.cache.model_fields_set:
                 self.cache.max_anomalies = max(anomalies)

@@ -90,7 +90,8 @@ class SweepOptunaSearch(OptunaSearch):
 
     Ray's OptunaSearch tells Optuna COMPLETE for every trial that reported: an ASHA-stopped trial then competes
     with its low-budget value, and a diverged one (NaN objective) is rejected by Optuna and stays RUNNING forever.
-    Here a trial whose last result says ``failed`` is a FAIL, one stopped before ``max_t`` meta-epochs by ASHA is
+    Here a trial whose last result says ``failed`` (or whose objective is NaN: a split where it is undefined) is a
+    FAIL, one stopped before ``max_t`` meta-epochs by ASHA is
     PRUNED (TPE reads its intermediate values), one the plateau rule ended is COMPLETE, and every trial carries user
     attributes ``tune_trial_id`` and ``mlflow_run_id``. A trial that an interruption marked FAIL
     (``bgad.interrupted``) and that completes after the resume is recorded again as a new study trial with the same
@@ -121,7 +122,7 @@ class SweepOptunaSearch(OptunaSearch):
         result = result or {}
         attrs = {"tune_trial_id": trial_id, "mlflow_run_id": result.get("mlflow_run_id")}
         value = result.get(self.metric)
-        if error or result.get(FAILED_KEY) or value is None:
+        if error or result.get(FAILED_KEY) or value is None or value != value:  # NaN: no value to rank by
             state, value = optuna.trial.TrialState.FAIL, None
         elif not ran_its_course(result, self.max_t):
             state, value = optuna.trial.TrialState.PRUNED, None

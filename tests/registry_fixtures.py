@@ -75,7 +75,8 @@ def recorded_sweep(root: Path) -> RecordedSweep:
                     "cache": {"dtype": "float16"}}
     tracking.log_params(client, parent,
                         {"config": json.dumps(sweep_config), "cache_key": CACHE_KEY, "objective": OBJECTIVE})
-    params = {"family": summary["family"], **config.to_dict(), "num_anomalies": data.num_anomalies, "racp_depth": data.racp_depth}
+    params = {"family": summary["family"], **config.to_dict(), "num_anomalies": data.num_anomalies,
+              "racp_depth": data.racp_depth}
     best = record_trial(client, experiment, parent, BEST_TRIAL, checkpoint, params, summary["val"]["aupro"])
     other = record_trial(client, experiment, parent, OTHER_TRIAL, checkpoint, params, summary["val"]["aupro"] - 0.2)
     best_entry = {"trial_id": BEST_TRIAL, "epoch": checkpoint["epoch"], "val": summary["val"], "test": summary["test"],

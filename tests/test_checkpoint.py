@@ -37,7 +37,8 @@ def extractor() -> FeatureExtractor:
 
 
 def images(count: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (count, *IMAGE_SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, *IMAGE_SIZE, 3), dtype=torch.uint8, generator=generator)
 
 
 def trained_like_detector(extractor: FeatureExtractor, config: BGADConfig) -> BGADDetector:

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -60,6 +61,9 @@ def test_a_cross_family_sweep_records_each_familys_trials_in_mlflow_and_optuna(t
 def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
     config_path = quickstart_in(tmp_path, search={"num_samples": 2, "compare_paper_default": False,
                                                   "families": {"patchcore": {"coreset_ratio": {"choice": [0.05, 0.2]}}}})
+    raw = yaml.safe_load(config_path.read_text())
+    raw["train"] = {"meta_epochs": 4}  # the quickstart's other train keys are BGAD's, refused for a PatchCore sweep
+    config_path.write_text(yaml.safe_dump(raw))
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)
