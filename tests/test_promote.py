@@ -7,8 +7,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bgad_core.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from bgad_core.models.bgad.training import evaluate
+from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint
+from bgad_core.models.base import evaluate
 from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME,
                                served_scores)
 from sweeper import tracking
@@ -159,8 +159,7 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     test = read_features(manifest, category, ["test"])
     artifact = client.download_artifacts(version.run_id, f"checkpoint/{category}/model.pt", str(tmp_path))
     checkpoint = load_checkpoint(artifact)
-    model, train_config, normalization = model_from_checkpoint(checkpoint)
-    expected = evaluate(model, test, normalization, tuple(checkpoint["image_size"]), train_config).scores.numpy()
+    expected = evaluate(detector_from_checkpoint(checkpoint), test).scores.numpy()
     paths = row_paths(manifest, category, test.ids)
     served = served_scores(uri, "models:/quickstart-tiles@champion", [str(paths[i]) for i in test.ids])
     assert served["scores"] == pytest.approx(expected.tolist(), abs=1e-5)

@@ -16,7 +16,7 @@ OBJECTIVE = "val_aupro"
 
 def trial(values: list[float], first: int = 1, checkpoint: str | None = None,
           config: PlateauConfig = PlateauConfig()) -> tuple[list[dict], list[str]]:
-    """A trial's results for meta-epochs ``first``.. (objective ``values``), as ``train_bgad`` reports them, and the
+    """A trial's results for meta-epochs ``first``.. (objective ``values``), as ``train_detector`` reports them, and the
     ``trial_state.json`` it checkpoints after each; ``checkpoint`` is the state it resumes from."""
     rule = PlateauRule(config, first_watched_epoch(normal_epochs=1, meta_epochs=25))
     state = {"mlflow_run_id": None, "plateau": rule.state_dict()}

@@ -184,9 +184,9 @@ def experiment_dir(config_path: Path) -> Path:
 
 
 def trial_dirs(config_path: Path) -> dict[str, Path]:
-    """Trial id -> trial directory (``train_bgad_<id>_...``)."""
+    """Trial id -> trial directory (``train_detector_<id>_...``)."""
     root = experiment_dir(config_path)
-    return {d.name.split("_")[2]: d for d in root.glob("train_bgad_*") if d.is_dir()} if root.is_dir() else {}
+    return {d.name.split("_")[2]: d for d in root.glob("train_detector_*") if d.is_dir()} if root.is_dir() else {}
 
 
 def results(trial_dir: Path) -> list[dict]:
