@@ -51,7 +51,9 @@ from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
-from bgad_core.models.patchcore.torch_model import PatchCore
+from bgad_core.models import patchcore
+from bgad_core.models.base import evaluate
+from bgad_core.models.patchcore.config import PatchCoreConfig
 from bgad_core.train import DataConfig, build_feature_sets
 
 log = logging.getLogger(__name__)
@@ -217,10 +219,11 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     rows: list[tuple[str, dict]] = []
     if "patchcore" in args.arms:
         started = time.perf_counter()
-        patchcore_levels = [EXTRACTED_STRIDES.index(s) for s in (8, 16)]
-        model = PatchCore(levels=patchcore_levels).fit(train_all)
-        rows.append(("PatchCore, no labels", {"epoch": "-", "val": model.evaluate(val_all, size),
-                                             "test": model.evaluate(test_all, size),
+        training = patchcore.FAMILY.training(PatchCoreConfig(), train_all, EXTRACTED_STRIDES, "cpu")
+        training.train_meta_epoch()
+        chosen = training.validate(val_all, size, objective)
+        rows.append(("PatchCore, no labels", {"epoch": "-", "val": chosen.metrics,
+                                             "test": evaluate(chosen.detector, test_all).metrics,
                                              "seconds": round(time.perf_counter() - started, 1)}))
     arms = [("bgad", "BGAD, no labels", replace(base, focal_weighting=False), normals),
             ("bgad-fas", f"BGAD-FAS, n = {data.num_anomalies}", base, train)]

@@ -118,7 +118,8 @@ def test_anomalous_training_rows_are_ignored_and_maps_have_the_image_size():
     train = feature_set([torch.cat([normal, anomalous])], labels=[0, 0, 0, 0, 1])
     model = PatchCore(coreset_ratio=1.0).fit(train)
     assert model.memory_bank.shape == (4 * 64, 4)  # only the normal rows' patches
-    scores, maps = model.predict(feature_set([torch.cat([normal[:1], anomalous])]), image_size=(32, 32))
+    distance, scores = model.patch_scores(feature_set([torch.cat([normal[:1], anomalous])]).features)
+    maps = model.anomaly_maps(distance, (32, 32))
     assert maps.shape == (2, 32, 32)
     assert float(scores[1]) > 10 * float(scores[0].abs() + 1e-6)
 

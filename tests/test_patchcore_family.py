@@ -126,9 +126,9 @@ def test_validation_scores_the_split_like_the_bare_module_and_finds_the_defects(
     assert isinstance(detector, PatchCoreDetector)
     assert detector.image_size == SIZE and detector.levels == (1, 2) and detector.model.blur_sigma == 1.0
     bare = PatchCore(levels=[1, 2], coreset_ratio=0.25, blur_sigma=1.0).fit(train)
-    scores, maps = bare.predict(val, SIZE)  # the sweep's baseline scores as the family does
+    distance, scores = bare.patch_scores(val.features)  # the plain module, without the detector around it
     torch.testing.assert_close(evaluation.scores, scores)
-    torch.testing.assert_close(evaluation.maps, maps)
+    torch.testing.assert_close(evaluation.maps, bare.anomaly_maps(distance, SIZE))
 
 
 def test_a_resumed_training_validates_with_the_saved_bank_without_fitting_again():

@@ -3,7 +3,7 @@
 It sees no defect: a memory bank of locally aggregated normal patch features, thinned by a greedy coreset, and the
 distance of each test patch to its nearest bank entry as the anomaly score. The family around it
 (``bgad_core.models.patchcore``) adds the config, the training and the checkpointed detector; this module is what
-they share, and what ``PatchCore.predict`` still offers the sweep's baseline and the benchmarks directly.
+they share.
 
 The recipe follows the paper and anomalib's reference model: each level is averaged over 3x3 neighbourhoods,
 coarser levels are upsampled (bilinear) to the finest chosen one and concatenated, the coreset is chosen by greedy
@@ -21,8 +21,8 @@ Example:
     ...                       [torch.zeros(n, 8, 8), torch.zeros(n, 4, 4)], torch.zeros(n, dtype=torch.long),
     ...                       [str(i) for i in range(n)])
     >>> model = PatchCore(coreset_ratio=0.1).fit(rows(4))
-    >>> scores, maps = model.predict(rows(2), image_size=(32, 32))
-    >>> scores.shape, maps.shape
+    >>> distance, scores = model.patch_scores(rows(2).features)
+    >>> scores.shape, model.anomaly_maps(distance, (32, 32)).shape
     (torch.Size([2]), torch.Size([2, 32, 32]))
 """
 
@@ -36,7 +36,6 @@ from torch import nn
 
 from bgad_core.data.features import FeatureSet, local_average
 from bgad_core.errors import ConfigError
-from bgad_core.models.base import split_metrics
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 PROJECTION_DIM = 128  # k-center distances are computed on a random projection of this width (enough to rank)
@@ -206,24 +205,3 @@ class PatchCore(nn.Module):
         """``(B, h, w)`` distance maps -> ``(B, H, W)`` anomaly maps at ``image_size``: bilinear upsampling, then
         the Gaussian blur."""
         return gaussian_blur(upsample(distance, image_size), self.blur_sigma)
-
-    @torch.no_grad()
-    def predict(
-        self, split: FeatureSet, image_size: tuple[int, int], batch_size: int = 32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores ``(N,)`` and anomaly maps ``(N, H, W)`` at ``image_size``, on the CPU.
-
-        Kept for callers that have no family config (the sweep's baseline, the benchmarks): a fitted family scores
-        through ``PatchCoreDetector``, whose forward is the same ``patch_scores`` and ``anomaly_maps``.
-        """
-        device = self.memory_bank.device
-        scores, maps = [], []
-        for start in range(0, len(split), batch_size):
-            distance, score = self.patch_scores([f[start : start + batch_size].to(device) for f in split.features])
-            maps.append(self.anomaly_maps(distance, image_size).cpu())
-            scores.append(score.cpu())
-        return torch.cat(scores), torch.cat(maps)
-
-    def evaluate(self, split: FeatureSet, image_size: tuple[int, int]) -> dict[str, float]:
-        """The metrics BGAD reports (``bgad_core.models.base.split_metrics``) on an evaluation split."""
-        return split_metrics(split, *self.predict(split, image_size))
