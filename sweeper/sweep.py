@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
 MODE = "max"
+FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.fit_store``)
 
 
 def sweep_id(config: SweepConfig) -> str:
@@ -285,6 +286,7 @@ def run_experiment(
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     path = f"{storage}/{name}"
+    context = replace(context, fits_uri=f"{path}/{FITS_FOLDER}")
     trainable = tune.with_resources(
         tune.with_parameters(train_detector, context=context),
         {"cpu": config.tune.cpus_per_trial, "gpu": config.tune.gpus_per_trial,

@@ -40,6 +40,7 @@ from bgad_core.models.base import ONE_CLASS, DetectorConfig, Evaluation, Family,
 from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family
 from sweeper import plots, tracking
 from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
+from sweeper.fit_store import REUSED_TAG, fetch_fit, fit_key, save_fit
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class TrialContext:
         threads: torch CPU threads (the trial's CPU share).
         device: "cuda" when the trial holds a GPU, else "cpu".
         plateau: when a trial has stopped gaining (``tune.plateau``; the sweep's Tune stopper acts on the verdict).
+        fits_uri: where trials of single-pass families store and reuse their fits (``sweeper.fit_store``); None to
+            fit every time.
     """
 
     sweep_id: str
@@ -89,6 +92,7 @@ class TrialContext:
     threads: int = 1
     device: str = "cpu"
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    fits_uri: str | None = None
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[Family, DetectorConfig, dict[str, int]]:
@@ -133,12 +137,17 @@ def train_detector(params: dict[str, Any], context: TrialContext) -> None:
     seed_everything(config.seed)
     manifest = open_cache(context.cache_uri)
     image_size = (manifest["image_size"], manifest["image_size"])
+    restored = tune.get_checkpoint()
+    reuse = None
+    if chosen.single_pass and context.fits_uri is not None and restored is None:
+        reuse = fit_key(chosen.name, config.to_dict(), data, context.categories, manifest["key"])
+        if _report_stored_fit(context, reuse, chosen, config, data):
+            return
     runs = [_prepare(manifest, name, chosen, config, data, context.device) for name in context.categories]
     meta_epochs = runs[0].training.meta_epochs
     first_selectable = min(runs[0].training.first_selectable_epoch, meta_epochs)
 
     plateau = PlateauRule(context.plateau, first_selectable)
-    restored = tune.get_checkpoint()
     state: dict[str, Any] = {"mlflow_run_id": None, "plateau": plateau.state_dict()}
     if restored is not None:
         with restored.as_directory() as folder:
@@ -148,22 +157,11 @@ def train_detector(params: dict[str, Any], context: TrialContext) -> None:
         plateau.load_state_dict(state["plateau"])
         log.info("resumed from meta-epoch %d", runs[0].training.epoch)
 
-    client = run_id = None
+    client, run_id = _trial_run(context, state["mlflow_run_id"], chosen, config, data)
+    state["mlflow_run_id"] = run_id
     logged_until = 0
-    if context.tracking is not None:
-        client = context.tracking.client()
-        trial = tune.get_context()
-        run_id = state["mlflow_run_id"] or tracking.start_child_run(
-            context.tracking,
-            trial.get_trial_id(),
-            trial.get_trial_name(),
-            {tracking.SWEEP_TAG: context.sweep_id, tracking.CATEGORY_TAG: ",".join(context.categories),
-             tracking.FAMILY_TAG: chosen.name},
-        )
-        state["mlflow_run_id"] = run_id
-        tracking.log_params(client, run_id, trial_params(chosen, config, data))
-        if restored is not None:
-            logged_until = _last_logged_step(client, run_id, context.objective)
+    if client is not None and restored is not None:
+        logged_until = _last_logged_step(client, run_id, context.objective)
 
     try:
         # a trial resumed from the checkpoint of its plateau (stopped before Tune recorded the stop) trains no more
@@ -189,12 +187,50 @@ def train_detector(params: dict[str, Any], context: TrialContext) -> None:
                         client.log_artifacts(run_id, folder, artifact_path="checkpoint")
                     if final and context.log_plots:
                         _log_plots(client, run_id, runs, manifest)
+                if reuse is not None and final:
+                    save_fit(context.fits_uri, reuse, Path(folder), metrics)
                 tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(folder))
     except TrainingDivergedError as error:
         _end_diverged(error, client, run_id, context.objective)
         return
     if client is not None:
         tracking.with_retry(lambda: client.set_terminated(run_id, status="FINISHED"))
+
+
+def _trial_run(context: TrialContext, run_id: str | None, chosen: Family, config: DetectorConfig,
+               data: Mapping[str, int]) -> tuple[Any, str | None]:
+    """The trial's MLflow client and child run (``run_id`` when resuming one), its params logged; (None, None)
+    when the sweep logs nothing."""
+    if context.tracking is None:
+        return None, None
+    client = context.tracking.client()
+    trial = tune.get_context()
+    run_id = run_id or tracking.start_child_run(
+        context.tracking, trial.get_trial_id(), trial.get_trial_name(),
+        {tracking.SWEEP_TAG: context.sweep_id, tracking.CATEGORY_TAG: ",".join(context.categories),
+         tracking.FAMILY_TAG: chosen.name},
+    )
+    tracking.log_params(client, run_id, trial_params(chosen, config, data))
+    return client, run_id
+
+
+def _report_stored_fit(context: TrialContext, key: str, chosen: Family, config: DetectorConfig,
+                       data: Mapping[str, int]) -> bool:
+    """Report the stored fit ``key`` as this trial's only result (``sweeper.fit_store``); False when there is none."""
+    with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
+        metrics = fetch_fit(context.fits_uri, key, Path(folder))
+        if metrics is None:
+            return False
+        client, run_id = _trial_run(context, None, chosen, config, data)
+        (Path(folder) / STATE_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "reused_fit": key}))
+        log.info("same %s fit as an earlier trial (%s): its result is reused", chosen.name, key)
+        if client is not None:
+            tracking.set_tags(client, run_id, {REUSED_TAG: key})
+            tracking.log_metrics(client, run_id, metrics, step=1)  # a single-pass family's one meta-epoch
+            client.log_artifacts(run_id, folder, artifact_path="checkpoint")
+            tracking.with_retry(lambda: client.set_terminated(run_id, status="FINISHED"))
+        tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(folder))
+    return True
 
 
 def _record_plateau(plateau: PlateauRule, state: dict[str, Any], metrics: dict[str, Any], epoch: int,

@@ -26,6 +26,7 @@ from sweeper import tracking
 from sweeper.cache_reader import open_cache, read_features, row_paths
 from sweeper.config import load_config
 from sweeper.export import main as export_main
+from sweeper.fit_store import REUSED_TAG
 from sweeper.promote import find_sweep_run, promote, read_summary
 from sweeper.run import main as run_sweep
 from sweeper.sweep import sweep_id
@@ -59,14 +60,20 @@ def test_a_cross_family_sweep_records_each_familys_trials_in_mlflow_and_optuna(t
 
 
 def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
-    config_path = quickstart_in(tmp_path, search={"num_samples": 2, "compare_paper_default": False,
-                                                  "families": {"patchcore": {"coreset_ratio": {"choice": [0.05, 0.2]}}}})
+    """Nothing of PatchCore is searched here: the first trial fits it, the next two reuse that fit (one at a time)."""
+    config_path = quickstart_in(tmp_path, search={"num_samples": 3, "compare_paper_default": False,
+                                                  "families": {"patchcore": {}}})
     raw = yaml.safe_load(config_path.read_text())
     raw["train"] = {"meta_epochs": 4}  # the quickstart's other train keys are BGAD's, refused for a PatchCore sweep
+    raw["tune"]["max_concurrent_trials"] = 1
     config_path.write_text(yaml.safe_dump(raw))
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)
+    runs = sorted(trial_runs(config_path, "trial"), key=lambda run: run.info.start_time)
+    assert [REUSED_TAG in run.data.tags for run in runs] == [False, True, True]
+    assert len({run.data.metrics["val_aupro"] for run in runs}) == 1
+    assert all(run.info.status == "FINISHED" for run in runs)
     version = promote(uri, sid, NAME)
     assert version.tags[tracking.FAMILY_TAG] == "patchcore"
     client = MlflowClient(uri)
