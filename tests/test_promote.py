@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -19,7 +20,7 @@ from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, PromoteError, bes
                              promote, read_summary)
 from sweeper.run import main as run_sweep
 from sweeper.sweep import sweep_id
-from test_sweep_job import quickstart_in
+from test_sweep_job import quickstart_in, trial_runs
 
 NAME = "bgad-tiles"
 
@@ -135,11 +136,13 @@ def test_unknown_sweep_and_category_fail_clearly(recorded, capsys):
 
 @pytest.mark.slow
 def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
-    """The whole path: quickstart sweep (Ray, cache, MLflow), promote its best trial, score its cached test rows."""
-    config_path = quickstart_in(tmp_path, search={"num_samples": 2, "compare_paper_default": False})
+    """The whole path: quickstart sweep across families (Ray, cache, MLflow, Optuna), each family's trials recorded,
+    promote its best trial, score its cached test rows."""
+    config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False})
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)
+    assert_each_family_recorded(config_path)
     version = promote(uri, sid, "quickstart-tiles")
     assert version.aliases == ["champion"]
     client = MlflowClient(uri)
@@ -163,3 +166,23 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     paths = row_paths(manifest, category, test.ids)
     served = served_scores(uri, "models:/quickstart-tiles@champion", [str(paths[i]) for i in test.ids])
     assert served["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def assert_each_family_recorded(config_path) -> None:
+    """Both families' trials are in MLflow (tag and param ``family``) and in the Optuna study (each trial holding
+    only its own family's parameters), PatchCore's single meta-epoch is never a pruned trial, and the summary names
+    each family's best validation figure and tests the overall winner."""
+    config = load_config(config_path)
+    runs = trial_runs(config_path, "trial")
+    assert {run.data.tags[tracking.FAMILY_TAG] for run in runs} == {"bgad", "patchcore"}
+    assert all(run.data.params["family"] == run.data.tags[tracking.FAMILY_TAG] for run in runs)
+    study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
+    assert {trial.params["family"] for trial in study.trials} == {"bgad", "patchcore"}
+    for trial in study.trials:
+        assert {key.split("/")[0] for key in trial.params if key != "family"} <= {trial.params["family"]}
+        if trial.params["family"] == "patchcore":
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+    client = MlflowClient(config.mlflow.tracking_uri)
+    entry = read_summary(client, find_sweep_run(client, sweep_id(config)))["categories"]["synthetic-tiles"]
+    assert set(entry["families"]) == {"bgad", "patchcore"}
+    assert entry["best"]["family"] == max(entry["families"], key=lambda name: entry["families"][name]["val"])
