@@ -582,7 +582,7 @@ def _check_config(name: str, values: dict[str, Any], where: str) -> None:
     try:
         config_for(name, values)
     except (ConfigError, TypeError) as err:
-        raise ValueError(f"{where} ({name}): {err}") from err
+        raise ValueError(f"{where}: {err} (family {name})") from err
 
 
 def _check_param(name: str, fixed: dict[str, Any], key: str, value: Any, where: str) -> None:

@@ -113,7 +113,7 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     submits = [out for line, out in outputs if "ray job submit" in line]
     assert len(submits) == 2
     first, second = submits
-    assert "| synthetic-tiles |" in first and "PatchCore (no labels)" in first and "best trial for" in first
+    assert "| synthetic-tiles |" in first and "one-class baseline (patchcore)" in first and "best trial for" in first
     for foreign in ("core_worker.cc", "Token authentication", "huggingface", "mlflow.store.db.utils"):
         assert foreign not in first, foreign  # the job's console holds the project's lines only
     assert "?workflowType=machine_learning&viewStateShareKey=" in first  # the saved view of the runs table
@@ -130,7 +130,7 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     tags = client.get_experiment(experiment).tags
     assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
     assert "metrics.`synthetic-tiles/best_test_image_auroc`" in tags[f"{tracking.SHARED_VIEW_TAG_PREFIX}{sweep}"]
-    assert parent.data.params["best.synthetic-tiles.beta"]
+    assert parent.data.params["best.synthetic-tiles.family"] in ("bgad", "patchcore")  # the winner, of either family
     assert parent.data.metrics["synthetic-tiles/best_test_image_auroc"] > 0.5
     assert parent.data.metrics["synthetic-tiles/baseline_test_image_auroc"] > 0.5  # the one-class arm
     children = client.search_runs([experiment], match({tracking.SWEEP_TAG: sweep, tracking.ROLE_TAG: "trial"}))
@@ -141,7 +141,9 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/synthetic-tiles")]
         assert "checkpoint/synthetic-tiles/model.pt" in artifacts
-    finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"]
+    assert {run.data.tags[tracking.FAMILY_TAG] for run in children} == {"bgad", "patchcore"}  # a cross-family sweep
+    finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"
+                and r.data.tags.get(tracking.FAMILY_TAG) == "bgad"]
     plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/synthetic-tiles")}
     assert {f"plots/synthetic-tiles/{n}.png" for n in ("roc_pr", "training_scores_hist", "anomaly_maps")} <= plots
     assert "pruned" in {r.data.tags.get("bgad.outcome") for r in children}  # ASHA stopped a trial early
