@@ -71,7 +71,7 @@ from bgad_core.errors import DataError
 from bgad_core.data.features import mask_to_grid
 from bgad_core.data.splits import make_splits
 from bgad_core.data.synthetic import make_synthetic_category
-from sweeper.cache_reader import (
+from sweeper.cache.reader import (
     CACHE_FORMAT_VERSION,
     absolute_uri,
     filesystem,
@@ -81,7 +81,7 @@ from sweeper.cache_reader import (
     read_bytes,
     write_bytes,
 )
-from sweeper.config import DatasetSpec, SweepConfig, SyntheticSpec
+from sweeper.job.config import DatasetSpec, SweepConfig, SyntheticSpec
 
 LOCAL_DATA_DIR = Path("runs/data")  # driver-side data: categories generated for a remote cache root, mirrors
 SHARED_DATASETS = "datasets"  # <cache.root>/datasets/<digest>/<name>: generated categories every node reads
