@@ -1,7 +1,7 @@
 """Sweep efficiency: ASHA vs FIFO at the same trial budget, side by side on the same cached features.
 
 Both arms run the same sweep (same Optuna space and seed, same number of trials and meta-epochs, same
-concurrency) through ``sweeper.sweep.run_sweep``; only ``tune.scheduler.type`` differs. For each arm it prints the
+concurrency) through ``sweeper.tuning.sweep.run_sweep``; only ``tune.scheduler.type`` differs. For each arm it prints the
 best validation score, the trial-time (resource-seconds: the sum of all trials' training time, what a GPU-hour
 bill counts) spent in total and until the final best score was first reported, and the best trial's test scores.
 
@@ -24,10 +24,10 @@ import ray
 import yaml
 from ray import tune
 
-from sweeper.cache import build_cache
-from sweeper.cache_reader import open_cache
-from sweeper.config import SweepConfig, load_config
-from sweeper.sweep import run_sweep
+from sweeper.cache.build import build_cache
+from sweeper.cache.reader import open_cache
+from sweeper.job.config import SweepConfig, load_config
+from sweeper.tuning.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

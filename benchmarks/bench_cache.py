@@ -27,9 +27,9 @@ from pathlib import Path
 
 import ray
 
-import sweeper.cache as cache_module
-from sweeper.cache_reader import open_cache, read_features
-from sweeper.config import SweepConfig
+import sweeper.cache.build as cache_module
+from sweeper.cache.reader import open_cache, read_features
+from sweeper.job.config import SweepConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kolektorsdd" / "commutator"
 

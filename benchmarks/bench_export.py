@@ -3,7 +3,7 @@
 The model has a real trial's architecture at 256 px: tf_efficientnet_lite0 with the offline ImageNet weights,
 strides (8, 16), ``BGADConfig``'s default flows (8 couplings, 3 x 3 local aggregation) -- randomly initialised
 (seeded), with unit normalisation constants: speed does not depend on the values. The pyfunc is
-``sweeper.serving`` saved with ``mlflow.pyfunc.save_model`` as ``sweeper.promote`` logs it, fed uint8 arrays of
+``sweeper.registry.serving`` saved with ``mlflow.pyfunc.save_model`` as ``sweeper.promote`` logs it, fed uint8 arrays of
 the model's size (no decoding); ``Scorer`` is the PyTorch model inside it called directly, which separates the
 model's speed from MLflow's input handling; the graph is fed the same arrays as one uint8 batch. All get
 ``--threads``.
@@ -38,7 +38,7 @@ from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.torch_model import BGADFlows
-from sweeper import serving
+from sweeper.registry import serving
 from sweeper.promote import pip_requirements
 
 BATCHES = (1, 8)
@@ -61,7 +61,7 @@ def trial_like_model(image_size: int) -> tuple[Scorer, dict]:
 
 
 def saved_pyfunc(scorer: Scorer, checkpoint_path: Path, folder: Path) -> mlflow.pyfunc.PyFuncModel:
-    """The registry's pyfunc (``sweeper.serving``), saved locally and loaded back."""
+    """The registry's pyfunc (``sweeper.registry.serving``), saved locally and loaded back."""
     artifacts = {serving.CHECKPOINT_ARTIFACT: str(checkpoint_path),
                  serving.BACKBONE_ARTIFACT: str(save_backbone_weights(scorer.extractor, folder / "backbone.safetensors"))}
     mlflow.pyfunc.save_model(str(folder / "pyfunc"), python_model=serving.__file__, artifacts=artifacts,

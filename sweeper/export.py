@@ -42,7 +42,9 @@ from bgad_core.engine.checkpoint import load_checkpoint
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.engine.export import OPSET, Agreement, ExportableScorer, ExportError, export_onnx, onnx_agreement
 from bgad_core.engine.inference import Scorer
-from sweeper import promote, serving, tracking
+from sweeper import promote
+from sweeper.registry import serving
+from sweeper.tracking import mlflow_runs as tracking
 
 log = logging.getLogger("sweeper.export")
 

@@ -12,7 +12,7 @@ the trial run whose best meta-epoch has the highest objective); test metrics nev
 creates no new version: the version whose ``bgad.source_run_id`` tag names the run (and category) gets the alias.
 Aliases only, never the deprecated stages.
 
-A version holds the model logged by ``sweeper.serving`` (checkpoint + backbone weights, no network needed) and
+A version holds the model logged by ``sweeper.registry.serving`` (checkpoint + backbone weights, no network needed) and
 tags saying where it came from: sweep, run, trial, category, cache key, configuration, validation metrics of the
 promoted checkpoint, and its test metrics when the sweep's summary evaluated exactly that checkpoint. Both carry the
 95 % intervals the sweep measured (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``): one test figure of a
@@ -48,14 +48,15 @@ from bgad_core.backbone import FeatureExtractor
 from bgad_core.engine.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.engine.inference import save_backbone_weights
-from sweeper import serving, tracking
-from sweeper.names import SAFE_NAME_RULE, is_filter_value, is_safe_name, match
+from sweeper.registry import serving
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.job.names import SAFE_NAME_RULE, is_filter_value, is_safe_name, match
 
 log = logging.getLogger("sweeper.promote")
 
 SOURCE_SWEEP_TAG = "bgad.source_sweep_id"
 SOURCE_RUN_TAG = "bgad.source_run_id"
-CATEGORIES_TAG = "bgad.categories"  # on the sweep run (set by sweeper.sweep)
+CATEGORIES_TAG = "bgad.categories"  # on the sweep run (set by sweeper.tuning.sweep)
 CHECKPOINT_ARTIFACT = "checkpoint/{category}/model.pt"
 SUMMARY_ARTIFACT = "summary.json"
 SWEEP_ROLE = {tracking.ROLE_TAG: "sweep"}

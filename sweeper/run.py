@@ -10,7 +10,7 @@ submit`` the current directory is Ray's temporary copy of ``--working-dir``, whe
 next submit, so there a relative location without ``--project-dir`` is an error.
 
 Running the same command again after an interruption resumes the sweep: finished trials are not re-run. One process
-runs a sweep at a time (``sweeper.lock``). The console shows the sweep's own lines; the full log, Ray's and
+runs a sweep at a time (``sweeper.job.lock``). The console shows the sweep's own lines; the full log, Ray's and
 Optuna's messages included, goes to ``runs/logs/<sweep id>.log``.
 
 Exit codes: 0 done; 1 the sweep ran but no trial produced a usable result; 2 a bad config, dataset or cache, or the
@@ -18,7 +18,7 @@ sweep is already running (the message names the key, file or process; nothing ra
 without publishing anything); 130 interrupted by Ctrl-C, SIGTERM or ``ray job stop`` (one ``interrupted:`` line;
 MLflow runs KILLED and Optuna trials FAIL, tagged interrupted; resumable). Expected errors print one ``error: ...``
 line, never a traceback. A config or ``$MLFLOW_TRACKING_URI`` whose URL carries a credential (``user:password@``,
-``?secret_key=``) is refused (exit 2, ``sweeper.credentials``: the clients read them from the environment); any
+``?secret_key=``) is refused (exit 2, ``sweeper.job.credentials``: the clients read them from the environment); any
 that reach a log line this process formats are masked.
 """
 
@@ -49,13 +49,14 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import ray  # noqa: E402
 
 from bgad_core.errors import ConfigError, DataError  # noqa: E402
-from sweeper import credentials, tracking  # noqa: E402
-from sweeper.cache import build_cache  # noqa: E402
-from sweeper.cache_reader import absolute_uri, is_uri, open_cache  # noqa: E402
-from sweeper.config import SweepConfig, load_config  # noqa: E402
-from sweeper.interrupt import STOP  # noqa: E402
-from sweeper.lock import SweepLock, SweepLocked  # noqa: E402
-from sweeper.sweep import SweepFailed, SweepInterrupted, run_sweep, summary_table, sweep_id  # noqa: E402
+from sweeper.job import credentials  # noqa: E402
+from sweeper.tracking import mlflow_runs as tracking  # noqa: E402
+from sweeper.cache.build import build_cache  # noqa: E402
+from sweeper.cache.reader import absolute_uri, is_uri, open_cache  # noqa: E402
+from sweeper.job.config import SweepConfig, load_config  # noqa: E402
+from sweeper.job.interrupt import STOP  # noqa: E402
+from sweeper.job.lock import SweepLock, SweepLocked  # noqa: E402
+from sweeper.tuning.sweep import SweepFailed, SweepInterrupted, run_sweep, summary_table, sweep_id  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -15,7 +15,7 @@ checkpoint, read ``weights_only``, and backbone weights, safetensors): the objec
 scores equal the pyfunc's and the trial's own evaluation, and no code stored in the registry runs here. uvicorn
 runs inside this process (no ``uvicorn`` executable on PATH needed; one process, one copy of the model). The port
 is 8080, not MLflow's 5000, which the MLflow UI of the same sweep likely holds. Requests, replies, limits and
-status codes: ``sweeper.scoring_app``.
+status codes: ``sweeper.registry.scoring_app``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ from mlflow.tracking import MlflowClient
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.data.image_input import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
 from bgad_core.engine.inference import Scorer
-from sweeper import serving, tracking
-from sweeper.names import SAFE_NAME_RULE, is_safe_name, match
+from sweeper.registry import serving
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.job.names import SAFE_NAME_RULE, is_safe_name, match
 from sweeper.promote import SOURCE_RUN_TAG
-from sweeper.scoring_app import MAP_MODES, ServeLimits, create_app
+from sweeper.registry.scoring_app import MAP_MODES, ServeLimits, create_app
 
 log = logging.getLogger("sweeper.serve")
 

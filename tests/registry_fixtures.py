@@ -24,7 +24,7 @@ from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoin
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.train import DataConfig, build_feature_sets, run
-from sweeper import tracking
+from sweeper.tracking import mlflow_runs as tracking
 
 CATEGORY = "tiles"
 SWEEP_NAME = "tiny"

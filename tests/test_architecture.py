@@ -19,7 +19,7 @@ PACKAGES = ("bgad_core", "sweeper")
 FAMILY_NAMES = {"bgad", "patchcore"}
 FAMILY_WORDS = {"patchcore", "bgadflows", "flows", "normalization"}  # words of identifiers of one family's internals
 # configuration defaults, which may name a family: the paper's BGAD-FAS reference arm and the one-class baseline
-ALLOWED_FAMILY_NAMES = {("sweeper/sweep.py", "PAPER_DEFAULT"), ("sweeper/config.py", "BaselineSpec")}
+ALLOWED_FAMILY_NAMES = {("sweeper/tuning/sweep.py", "PAPER_DEFAULT"), ("sweeper/job/config.py", "BaselineSpec")}
 FOREIGN_IN_CORE = ("sweeper", "ray", "mlflow", "optuna")
 
 

@@ -16,15 +16,15 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-import sweeper.cache as cache_module
+import sweeper.cache.build as cache_module
 from bgad_core.backbone import FeatureExtractor
 from bgad_core.data.datasets import load_image, load_mask, read_category
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.data.features import mask_to_grid
 from bgad_core.data.splits import make_splits
 from bgad_core.data.synthetic import make_synthetic_category
-from sweeper.cache import build_cache, publish
-from sweeper.cache_reader import (
+from sweeper.cache.build import build_cache, publish
+from sweeper.cache.reader import (
     MANIFEST,
     SHARDS,
     CacheCorruptError,
@@ -33,8 +33,8 @@ from sweeper.cache_reader import (
     row_paths,
     verify_cache,
 )
-from sweeper.config import SweepConfig, load_config
-from sweeper.manifest import plan_cache
+from sweeper.job.config import SweepConfig, load_config
+from sweeper.cache.manifest import plan_cache
 
 SIZE = 64
 SYNTHETIC = {"name": "weave", "size": SIZE, "n_train": 6, "n_test_good": 4, "n_test_per_defect": 4}
@@ -90,7 +90,7 @@ def test_second_build_is_a_hit_without_backbone_passes(built, monkeypatch):
 
 def test_trials_cannot_run_the_backbone():
     """The trainable's whole import graph lacks the backbone: a trial has no way to make a backbone pass."""
-    probe = "import sys, sweeper.trainable; print(sorted(m for m in ('timm', 'bgad_core.backbone') if m in sys.modules))"
+    probe = "import sys, sweeper.tuning.trainable; print(sorted(m for m in ('timm', 'bgad_core.backbone') if m in sys.modules))"
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
 

@@ -38,13 +38,13 @@ from bgad_core.data.datasets import load_image
 from bgad_core.errors import DataError
 from bgad_core.data.synthetic import make_synthetic_category
 from ray_processes import REPO, VENV_BIN, RayHead, RayWorker, free_port, stop_group
-from sweeper import tracking
-from sweeper.cache import _decode_batch
-from sweeper.cache_reader import MANIFEST, load_image_at
-from sweeper.config import SweepConfig, load_config
-from sweeper.manifest import SHARED_DATASETS, mirror_tree, plan_cache
-from sweeper.names import match
-from sweeper.sweep import searcher, sweep_id
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.build import _decode_batch
+from sweeper.cache.reader import MANIFEST, load_image_at, mirror_tree
+from sweeper.job.config import SweepConfig, load_config
+from sweeper.cache.manifest import SHARED_DATASETS, plan_cache
+from sweeper.job.names import match
+from sweeper.tuning.sweep import searcher, sweep_id
 from test_cluster_configs import AUTH_SETTINGS, SWEEP_CONFIG, k8s
 from test_sweep_job import quickstart_in
 

@@ -24,7 +24,7 @@ from packaging.version import Version
 from sqlalchemy.engine import make_url
 
 from bgad_core.errors import ConfigError
-from sweeper.config import LOCAL_ARTIFACTS, MlflowSpec, TuneSpec, load_config
+from sweeper.job.config import LOCAL_ARTIFACTS, MlflowSpec, TuneSpec, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

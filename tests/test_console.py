@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ray_processes import REPO
-from sweeper import tracking
+from sweeper.tracking import mlflow_runs as tracking
 from sweeper.run import on_console
 
 
@@ -24,7 +24,7 @@ def record(name: str, level: int) -> logging.LogRecord:
 
 
 @pytest.mark.parametrize(("name", "level", "shown"), [
-    ("sweeper.sweep", logging.INFO, True),
+    ("sweeper.tuning.sweep", logging.INFO, True),
     ("__main__", logging.INFO, True),
     ("bgad_core.precision", logging.WARNING, True),
     ("bgad_core.backbone", logging.INFO, False),  # which weights, why not the hub (with its address): log only

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.experiment_state import (
+from sweeper.tuning.experiment_state import (
     BACKUP_SUFFIX, ExperimentStateError, StateBackup, newest_state, restore_cut_off_state,
 )
 

@@ -21,14 +21,14 @@ from PIL import Image
 from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoint
 from bgad_core.models.base import evaluate
 from ray_processes import REPO, VENV_BIN, free_port, stop_group
-from sweeper import tracking
-from sweeper.cache_reader import open_cache, read_features, row_paths
-from sweeper.config import load_config
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.reader import open_cache, read_features, row_paths
+from sweeper.job.config import load_config
 from sweeper.export import main as export_main
-from sweeper.fit_store import REUSED_TAG
+from sweeper.tuning.fit_store import REUSED_TAG
 from sweeper.promote import find_sweep_run, promote
 from sweeper.run import main as run_sweep
-from sweeper.sweep import sweep_id
+from sweeper.tuning.sweep import sweep_id
 from test_serve import wait_for_server
 from test_sweep_job import quickstart_in, trial_runs
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sweeper.names import is_filter_value, is_safe_name, match
+from sweeper.job.names import is_filter_value, is_safe_name, match
 
 
 def test_match_builds_an_and_of_equalities():

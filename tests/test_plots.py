@@ -1,4 +1,4 @@
-"""sweeper.plots renders valid PNGs headlessly and copes with the degenerate inputs a trial can produce."""
+"""sweeper.tracking.plots renders valid PNGs headlessly and copes with the degenerate inputs a trial can produce."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bgad_core.errors import DataError
-from sweeper.plots import anomaly_map_overlays, score_histogram, roc_pr_curves, save_figure
+from sweeper.tracking.plots import anomaly_map_overlays, score_histogram, roc_pr_curves, save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

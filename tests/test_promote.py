@@ -12,14 +12,14 @@ from bgad_core.engine.checkpoint import detector_from_checkpoint, load_checkpoin
 from bgad_core.models.base import evaluate
 from registry_fixtures import (BEST_TRIAL, CACHE_KEY, CATEGORY, EXPERIMENT, SWEEP_ID, SWEEP_NAME,
                                served_scores)
-from sweeper import tracking
-from sweeper.cache_reader import open_cache, read_features, row_paths
-from sweeper.config import load_config
-from sweeper.names import match
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.reader import open_cache, read_features, row_paths
+from sweeper.job.config import load_config
+from sweeper.job.names import match
 from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, PromoteError, best_source, find_sweep_run, main,
                              promote, read_summary)
 from sweeper.run import main as run_sweep
-from sweeper.sweep import sweep_id
+from sweeper.tuning.sweep import sweep_id
 from test_sweep_job import quickstart_in, trial_runs
 
 NAME = "bgad-tiles"

@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ray_processes import NO_AGENT, REPO, RayHead, free_port
-from sweeper import tracking
-from sweeper.names import match
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.job.names import match
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ray_processes import REPO, VENV_BIN, free_port, stop_group
 from registry_fixtures import trial_evaluation
-from sweeper.scoring_app import BodyLimit, RequestError
+from sweeper.registry.scoring_app import BodyLimit, RequestError
 from sweeper.serve import main
 
 NAME = "bgad-tiles"

@@ -18,7 +18,7 @@ from bgad_core.errors import ConfigError, DataError
 from bgad_core.data.image_input import ImageLimits, ImageTooLarge, ImageTooSmall
 from bgad_core.engine.inference import Scorer, as_rgb
 from registry_fixtures import served_scores, trial_evaluation
-from sweeper.serving import decode_image, encode_image
+from sweeper.registry.serving import decode_image, encode_image
 
 NAME = "bgad-tiles"
 MODEL_URI = f"models:/{NAME}@champion"

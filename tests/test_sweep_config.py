@@ -7,8 +7,8 @@ import yaml
 
 from bgad_core.errors import ConfigError
 from bgad_core.engine.stopping import PlateauConfig
-from sweeper.config import load_config
-from sweeper.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
+from sweeper.job.config import load_config
+from sweeper.tuning.sweep import fixed_params, grid_space, optuna_distribution, paper_default_params
 
 SEARCH_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -64,8 +64,8 @@ def assert_refused_naming(tmp_path, raw, edit, key):
 
 def test_a_cross_family_search_trains_each_family_with_its_own_fields(tmp_path):
     """``train`` holds fields of either family; each trial keeps its own (a BGAD field never reaches PatchCore)."""
-    from sweeper.sweep import fixed_params, schedule_length
-    from sweeper.trainable import split_params
+    from sweeper.tuning.sweep import fixed_params, schedule_length
+    from sweeper.tuning.trainable import split_params
 
     config = load_config(write(tmp_path, cross_family()))
     assert config.families() == ["bgad", "patchcore"]
@@ -130,7 +130,7 @@ def test_search_translations():
 
 @pytest.mark.parametrize("metric", ["image_aupr", "val_image_aupr"])
 def test_image_aupr_is_a_selectable_objective(tmp_path, metric):
-    from sweeper.sweep import objective_metric
+    from sweeper.tuning.sweep import objective_metric
 
     raw = base()
     raw["tune"]["metric"] = metric
@@ -140,7 +140,7 @@ def test_image_aupr_is_a_selectable_objective(tmp_path, metric):
 
 
 def test_summary_table_shows_every_arm_beside_the_trial_counts():
-    from sweeper.sweep import summary_table
+    from sweeper.tuning.sweep import summary_table
 
     arm = {"val": {"aupro": 0.5}, "test": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}}
     entry = {"trials": {"finished": 2, "pruned": 1, "failed": 0}, "best": arm, "paper_default": arm, "baseline": arm}
@@ -150,7 +150,7 @@ def test_summary_table_shows_every_arm_beside_the_trial_counts():
 
 
 def test_summary_table_shows_intervals_and_a_test_column_for_the_objective():
-    from sweeper.sweep import summary_table
+    from sweeper.tuning.sweep import summary_table
 
     arm = {"val": {"image_aupr": 0.874, "image_aupr_lo": 0.8123, "image_aupr_hi": 0.9311},
            "test": {"image_auroc": 0.9, "image_auroc_lo": 0.85, "image_auroc_hi": 0.95, "image_aupr": 0.7}}
@@ -187,7 +187,7 @@ def test_a_trial_over_several_categories_reports_intervals_of_its_mean_and_of_ea
     import torch
 
     from benchmarks.bench_aupro import make_split
-    from sweeper.trainable import _validation_intervals
+    from sweeper.tuning.trainable import _validation_intervals
 
     runs = []
     for seed, name in enumerate(("tiles", "rails")):

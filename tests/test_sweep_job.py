@@ -18,11 +18,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ray_processes import REPO, token_env
-from sweeper import tracking
-from sweeper.config import load_config
-from sweeper.experiment_state import BACKUP_SUFFIX, newest_state
-from sweeper.names import match
-from sweeper.sweep import sweep_id
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.job.config import load_config
+from sweeper.tuning.experiment_state import BACKUP_SUFFIX, newest_state
+from sweeper.job.names import match
+from sweeper.tuning.sweep import sweep_id
 
 pytestmark = pytest.mark.slow
 

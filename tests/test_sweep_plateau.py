@@ -7,8 +7,8 @@ import json
 
 from benchmarks.bench_plateau import CURVES
 from bgad_core.engine.stopping import PlateauConfig, PlateauRule, first_watched_epoch
-from sweeper.sweep import PlateauStopper
-from sweeper.trainable import PLATEAU_KEY, PLATEAU_STALE_KEY, _record_plateau, ran_its_course
+from sweeper.tuning.sweep import PlateauStopper
+from sweeper.tuning.trainable import PLATEAU_KEY, PLATEAU_STALE_KEY, _record_plateau, ran_its_course
 
 KOLEKTOR = next(c for c in CURVES if c.name.startswith("KolektorSDD")).val  # peaks at meta-epoch 3, then falls
 OBJECTIVE = "val_aupro"

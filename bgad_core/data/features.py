@@ -1,7 +1,7 @@
 """Backbone features of a set of images, in the form the flows train and evaluate on.
 
 Training never needs the images themselves, only their multi-scale features and each level's defect mask; the
-feature cache (``sweeper.cache``) stores exactly this, and ``bgad_core.train`` builds it in memory.
+feature cache (``sweeper.cache.build``) stores exactly this, and ``bgad_core.train`` builds it in memory.
 """
 
 from __future__ import annotations

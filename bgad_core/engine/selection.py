@@ -1,6 +1,6 @@
 """Train any family meta-epoch by meta-epoch, select the epoch on validation, evaluate test once.
 
-The rule the command line (``bgad_core.train``) and the sweep (``sweeper.trainable``) share: an epoch may be
+The rule the command line (``bgad_core.train``) and the sweep (``sweeper.tuning.trainable``) share: an epoch may be
 selected from the family's ``first_selectable_epoch`` on, the best validation objective wins, and the test split
 is read exactly once, with the selected detector.
 """
@@ -48,7 +48,7 @@ def train_and_select(
     """Train meta-epochs, keep the one with the best *validation* ``objective``, evaluate test once with it.
 
     Only epochs from ``training.first_selectable_epoch`` on are candidates (BGAD: after phase 1); the rule is the
-    sweep's too (``sweeper.trainable``). ``plateau`` ends training once validation has stopped
+    sweep's too (``sweeper.tuning.trainable``). ``plateau`` ends training once validation has stopped
     gaining (``bgad_core.engine.stopping.PlateauRule``, watching the same epochs the selection considers); the selected
     epoch is still the best one, usually ``patience`` meta-epochs back. None trains the whole schedule, as the
     learning-curve benchmarks need. ``test_every_epoch`` also evaluates test after each meta-epoch, for learning

@@ -4,7 +4,7 @@ At the paper's 25 x 8 schedule validation selects meta-epoch 3 on KolektorSDD, 5
 flat from 9 on: 0.838 at 9, 0.844 at 13, 0.838 at 25), and after that validation and test fall or stay flat
 (BENCHMARKS.md, "Learning curves at the paper's schedule, 25 x 8"), yet every run trained all 25 meta-epochs. The
 rule here is the one place that decides when to stop: ``bgad_core.train.train_and_select`` applies it to a single
-run, the sweep's trials apply it through ``sweeper.trainable`` (which checkpoints its state) and the sweep's Tune
+run, the sweep's trials apply it through ``sweeper.tuning.trainable`` (which checkpoints its state) and the sweep's Tune
 stopper. ``benchmarks/bench_plateau.py`` replays the recorded curves through it: with the defaults (patience 3,
 min_delta 0.005) the three BGAD-FAS runs stop after meta-epochs 12 (MTD-200), 5 (KolektorSDD) and 8 (BrainMRI),
 25 of 75 meta-epochs, and select epochs whose test image AUROC and PRO are within 0.003 of the full runs'.

@@ -22,10 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from ray_processes import REPO, RayHead, token_env
 import sweeper.run
-from sweeper import tracking
-from sweeper.cache import build_cache
-from sweeper.config import load_config
-from sweeper.sweep import sweep_id
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.build import build_cache
+from sweeper.job.config import load_config
+from sweeper.tuning.sweep import sweep_id
 from test_sweep_job import quickstart_in, trial_runs
 
 CATEGORY = "synthetic-tiles"

@@ -14,9 +14,9 @@ from PIL import Image
 import sweeper.run
 from bgad_core.data.synthetic import make_synthetic_category
 from faults.conftest import edit_config, local_env, run_job, tiny_sweep
-from sweeper.cache import build_cache
-from sweeper.cache_reader import verify_cache
-from sweeper.config import load_config
+from sweeper.cache.build import build_cache
+from sweeper.cache.reader import verify_cache
+from sweeper.job.config import load_config
 
 
 @pytest.fixture

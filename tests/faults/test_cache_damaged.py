@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from faults.conftest import assert_every_trial_accounted_for, local_env, run_job, tiny_sweep, with_cache
-from sweeper.cache_reader import SHARDS, verify_cache
+from sweeper.cache.reader import SHARDS, verify_cache
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from bgad_core.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, sav
 from faults.conftest import (
     SweepJob, assert_every_trial_accounted_for, local_env, results, tiny_sweep, trial_dirs, with_cache,
 )
-from sweeper.trainable import MODEL_FILE, TRAINER_FILE
+from sweeper.tuning.trainable import MODEL_FILE, TRAINER_FILE
 
 INJECTOR = Path(__file__).parent / "inject"  # sitecustomize.py: torch.save on a disk that fills up
 

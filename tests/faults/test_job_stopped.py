@@ -17,11 +17,11 @@ from faults.conftest import (
     OBJECTIVE, assert_every_trial_accounted_for, head_node, run_job, tiny_sweep, with_cache,
 )
 from ray_processes import REPO, VENV_BIN, RayHead
-from sweeper import tracking
-from sweeper.cache_reader import absolute_uri
-from sweeper.config import load_config
-from sweeper.lock import SweepLock
-from sweeper.sweep import sweep_id
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.reader import absolute_uri
+from sweeper.job.config import load_config
+from sweeper.job.lock import SweepLock
+from sweeper.tuning.sweep import sweep_id
 from test_sweep_job import trial_runs
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import pytest
 import sweeper.run
 from faults.conftest import tiny_sweep
 from ray_processes import REPO
-from sweeper.cache_reader import absolute_uri
-from sweeper.config import load_config
-from sweeper.lock import SweepLock, SweepLocked
-from sweeper.sweep import sweep_id
+from sweeper.cache.reader import absolute_uri
+from sweeper.job.config import load_config
+from sweeper.job.lock import SweepLock, SweepLocked
+from sweeper.tuning.sweep import sweep_id
 
 QUICKSTART = str(REPO / "search_spaces" / "quickstart.yaml")
 

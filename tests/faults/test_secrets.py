@@ -5,7 +5,7 @@ basic-auth tracking server, MLflow's token, the Ray token) leaves none of them i
 and log, the Optuna study, Ray's session directory (the logs of the runtime-env agent, raylet, GCS and workers) or
 the console.
 
-Without the sweep's own guard (``sweeper.credentials.keep_out_of_trial_runtime_env``), Tune copies the AWS
+Without the sweep's own guard (``sweeper.job.credentials.keep_out_of_trial_runtime_env``), Tune copies the AWS
 variables into every trial's runtime_env and Ray writes them to ``runtime_env_agent.log``: this test then fails.
 """
 
@@ -23,8 +23,8 @@ from unittest import mock
 import pytest
 
 from faults.conftest import experiment_dir, local_env, run_job, sweep_runs, tiny_sweep, with_cache
-from sweeper.config import load_config
-from sweeper.sweep import sweep_id
+from sweeper.job.config import load_config
+from sweeper.tuning.sweep import sweep_id
 from test_cluster import MlflowServer
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,8 @@ import sweeper.run
 from bgad_core.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from faults.conftest import edit_config, tiny_sweep
 from ray_processes import REPO
-from sweeper import credentials, tracking
+from sweeper.job import credentials
+from sweeper.tracking import mlflow_runs as tracking
 from sweeper.run import LOG_FORMAT, RedactingFormatter
 
 PACKAGES = ("bgad_core", "sweeper")
@@ -83,7 +84,7 @@ def test_redact_masks_credentials_in_uris_only(text, expected):
 
 
 def test_job_log_lines_mask_credentials():
-    record = logging.LogRecord("sweeper.cache", logging.WARNING, __file__, 1, "rebuilding feature cache %s: %s",
+    record = logging.LogRecord("sweeper.cache.build", logging.WARNING, __file__, 1, "rebuilding feature cache %s: %s",
                                ("s3://AKIAEXAMPLE0000:wJalrXUtnFEMI@bucket/cache/k", "shard missing"), None)
     line = RedactingFormatter(LOG_FORMAT).format(record)
     assert "s3://***@bucket/cache/k" in line and not any(secret in line for secret in SECRETS)
@@ -155,6 +156,6 @@ def test_tune_copies_no_credential_into_a_trials_runtime_env(monkeypatch):
 
 def test_mlflow_prints_no_run_urls():
     """MLflow prints ``View run ... at: <tracking URI>`` (credentials included: seen with a real server and
-    ``http://user:password@host``) whenever a run ends; ``sweeper.tracking`` turns that off for every process that
+    ``http://user:password@host``) whenever a run ends; ``sweeper.tracking.mlflow_runs`` turns that off for every process that
     logs (the driver and each trial)."""
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True

@@ -2,9 +2,9 @@
 
     python -m sweeper.cache --config sweep.yaml [--rebuild] [--verify]
 
-Trials never run the backbone: they read rows of this cache (``sweeper.cache_reader.read_features``). What is in a
-cache (rows, synthetic RACP recipes, key) is planned by ``sweeper.manifest``; the on-storage format and the reader
-are in ``sweeper.cache_reader``.
+Trials never run the backbone: they read rows of this cache (``sweeper.cache.reader.read_features``). What is in a
+cache (rows, synthetic RACP recipes, key) is planned by ``sweeper.cache.manifest``; the on-storage format and the reader
+are in ``sweeper.cache.reader``.
 
 Pipeline (``build_cache`` on a miss)::
 
@@ -77,7 +77,7 @@ from bgad_core.backbone import FeatureExtractor
 from bgad_core.data.datasets import ImageRecord, load_image, load_mask
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.data.features import mask_to_grid
-from sweeper.cache_reader import (
+from sweeper.cache.reader import (
     CACHE_FORMAT_VERSION,
     FEATURE_DTYPES,
     MANIFEST,
@@ -94,10 +94,10 @@ from sweeper.cache_reader import (
     verify_cache,
     write_bytes,
 )
-from sweeper.config import CacheSpec, SweepConfig, load_config
-from sweeper.manifest import CachePlan, plan_cache, racp_rng, recipe
+from sweeper.job.config import CacheSpec, SweepConfig, load_config
+from sweeper.cache.manifest import CachePlan, plan_cache, racp_rng, recipe
 
-log = logging.getLogger("sweeper.cache")
+log = logging.getLogger("sweeper.cache.build")
 
 ROWS_PER_SHARD = 256
 ROWS_PER_GROUP = 32

@@ -24,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bgad_core.errors import ConfigError
-from sweeper.credentials import SECRET_QUERY_KEY
-from sweeper.names import match
+from sweeper.job.credentials import SECRET_QUERY_KEY
+from sweeper.job.names import match
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sweeper.cache_reader import exists, filesystem, join, read_bytes, write_bytes
-from sweeper.manifest import mirror_tree
+from sweeper.cache.reader import exists, filesystem, join, mirror_tree, read_bytes, write_bytes
 
 RESULT_FILE = "result.json"  # written last: a fit folder without it is incomplete and ignored
 REUSED_TAG = "bgad.reused_fit"  # MLflow tag of a trial that reused a stored fit: the fit's key

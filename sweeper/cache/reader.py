@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -132,6 +133,50 @@ def file_sha256(fs: pafs.FileSystem, path: str) -> str:
         while chunk := stream.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _tree(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+    """``{relative path: FileInfo}`` of every file under ``root`` (empty when it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root.rstrip("/")) + 1:]: info for info in infos if info.type == pafs.FileType.File}
+
+
+def upload_tree(folder: Path, uri: str) -> None:
+    """Copy the files of ``folder`` to ``uri``, skipping those already there with the same size.
+
+    Meant for generated categories, whose content is a deterministic function of their parameters (which name the
+    target through its digest): a file of the right size is the right file, so a rerun costs one listing.
+    """
+    fs, root = filesystem(uri)
+    there = _tree(fs, root)
+    for relative, info in _tree(pafs.LocalFileSystem(), folder.as_posix()).items():
+        if relative not in there or there[relative].size != info.size:
+            write_bytes(fs, f"{root}/{relative}", (folder / relative).read_bytes())
+
+
+def mirror_tree(uri: str, folder: Path) -> Path:
+    """Make ``folder`` an exact copy of the files under ``uri`` and return it.
+
+    A file is fetched again when its size or modification time differs (each copy takes its source's mtime), and
+    local files that are gone from ``uri`` are removed, so planning sees exactly what decode tasks will read.
+    """
+    fs, root = filesystem(uri)
+    remote = _tree(fs, root)
+    if not remote:
+        raise DataError(f"category directory not found or empty: {uri}")
+    local = _tree(pafs.LocalFileSystem(), folder.as_posix())
+    for relative in set(local) - set(remote):
+        (folder / relative).unlink()
+    for relative, info in remote.items():
+        copy = local.get(relative)
+        if copy is not None and copy.size == info.size and info.mtime_ns in (None, copy.mtime_ns):
+            continue
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(fs, info.path))
+        if info.mtime_ns is not None:
+            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
+    return folder
 
 
 class Downloads:

@@ -1,6 +1,6 @@
 """The Ray Tune trainable: train a detector of any family from the feature cache and report every meta-epoch.
 
-Thin by design: data comes from ``sweeper.cache_reader`` (no backbone here, ever), the family, its training and
+Thin by design: data comes from ``sweeper.cache.reader`` (no backbone here, ever), the family, its training and
 scoring from ``bgad_core`` (``models.registry``: the trial's ``family`` parameter names it); this module only wires
 them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
 A trial trains one category (``per_category`` mode) or every category of the sweep with one configuration
@@ -38,9 +38,9 @@ from bgad_core.errors import TrainingDivergedError
 from bgad_core.evaluation.intervals import bootstrap_distribution, interval_metrics, percentile_interval
 from bgad_core.models.base import ONE_CLASS, DetectorConfig, Evaluation, Family, Training
 from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family
-from sweeper import plots, tracking
-from sweeper.cache_reader import load_image_at, open_cache, read_features, row_paths
-from sweeper.fit_store import REUSED_TAG, fetch_fit, fit_key, save_fit
+from sweeper.tracking import plots, mlflow_runs as tracking
+from sweeper.cache.reader import load_image_at, open_cache, read_features, row_paths
+from sweeper.tuning.fit_store import REUSED_TAG, fetch_fit, fit_key, save_fit
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TrialContext:
         threads: torch CPU threads (the trial's CPU share).
         device: "cuda" when the trial holds a GPU, else "cpu".
         plateau: when a trial has stopped gaining (``tune.plateau``; the sweep's Tune stopper acts on the verdict).
-        fits_uri: where trials of single-pass families store and reuse their fits (``sweeper.fit_store``); None to
+        fits_uri: where trials of single-pass families store and reuse their fits (``sweeper.tuning.fit_store``); None to
             fit every time.
     """
 
@@ -216,7 +216,7 @@ def _trial_run(context: TrialContext, run_id: str | None, chosen: Family, config
 
 def _report_stored_fit(context: TrialContext, key: str, chosen: Family, config: DetectorConfig,
                        data: Mapping[str, int]) -> bool:
-    """Report the stored fit ``key`` as this trial's only result (``sweeper.fit_store``); False when there is none."""
+    """Report the stored fit ``key`` as this trial's only result (``sweeper.tuning.fit_store``); False when there is none."""
     with tempfile.TemporaryDirectory(prefix="bgad-ckpt-") as folder:
         metrics = fetch_fit(context.fits_uri, key, Path(folder))
         if metrics is None:

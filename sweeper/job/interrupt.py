@@ -14,7 +14,7 @@ thread cannot deadlock on a database transaction the interrupted main thread hol
 
 Example::
 
-    from sweeper.interrupt import STOP
+    from sweeper.job.interrupt import STOP
     STOP.install()
     with STOP.forwarded_to_tune():
         results = tuner.fit()  # with a callback whose on_step_begin calls STOP.forward_to_tune()

@@ -15,8 +15,8 @@ from typing import Any
 
 from ray import tune
 
-from sweeper.interrupt import STOP
-from sweeper.trainable import FAILED_KEY, ran_its_course
+from sweeper.job.interrupt import STOP
+from sweeper.tuning.trainable import FAILED_KEY, ran_its_course
 
 
 class SweepProgress(tune.Callback):

@@ -32,13 +32,14 @@ from bgad_core.evaluation.intervals import interval_metrics, metric_intervals
 from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.registry import config_for, family
-from sweeper import credentials, tracking
-from sweeper.cache_reader import read_features
-from sweeper.config import FAMILY_KEY, ParamSpec, SweepConfig
-from sweeper.experiment_state import StateBackup, restore_cut_off_state
-from sweeper.interrupt import STOP
-from sweeper.progress import SweepProgress
-from sweeper.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, SELECTION_KEY,
+from sweeper.job import credentials
+from sweeper.tracking import mlflow_runs as tracking
+from sweeper.cache.reader import read_features
+from sweeper.job.config import FAMILY_KEY, ParamSpec, SweepConfig
+from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
+from sweeper.job.interrupt import STOP
+from sweeper.tuning.progress import SweepProgress
+from sweeper.tuning.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, SELECTION_KEY,
                                TrialContext, ran_its_course, train_detector)
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
 MODE = "max"
-FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.fit_store``)
+FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.tuning.fit_store``)
 
 
 def sweep_id(config: SweepConfig) -> str:
@@ -161,7 +162,7 @@ class FamilySpace:
     """Optuna define-by-run over families: ``family`` first, then only that family's parameters.
 
     Each is named ``<family>/<parameter>``, which Ray's OptunaSearch hands the trial as ``{family: {parameter: ..}}``
-    (``sweeper.trainable.split_params``): two families' parameters of the same name never share a distribution. A
+    (``sweeper.tuning.trainable.split_params``): two families' parameters of the same name never share a distribution. A
     class, not a closure: Tune pickles the searcher with the experiment state to resume it.
     """
 
@@ -241,7 +242,7 @@ class PlateauStopper(Stopper):
     """Ends a trial on the result whose ``plateau_stop`` says its validation objective has plateaued.
 
     The rule is ``bgad_core.engine.stopping.PlateauRule``, the one ``bgad_core.train`` applies; it runs inside the trial
-    (``sweeper.trainable``), which keeps its state (last gain, meta-epochs since) in ``trial_state.json`` with every
+    (``sweeper.tuning.trainable``), which keeps its state (last gain, meta-epochs since) in ``trial_state.json`` with every
     checkpoint and reports its verdict with every meta-epoch. A stopper cannot keep that state itself: Tune pickles
     the run config, stoppers included, once when the experiment is created and never checkpoints them, so after
     ``Tuner.restore`` a driver-side count would start again from zero for every resumed trial (which would then
@@ -325,7 +326,7 @@ def run_experiment(
 
 
 def _fit(tuner: tune.Tuner, name: str, expected: int) -> tune.ResultGrid:
-    """Run the experiment; a stop request (see ``sweeper.interrupt``) ends it resumably as ``SweepInterrupted``."""
+    """Run the experiment; a stop request (see ``sweeper.job.interrupt``) ends it resumably as ``SweepInterrupted``."""
     if STOP.requested:
         raise SweepInterrupted(f"experiment {name} was not started: the sweep was asked to stop ({STOP.name})")
     with STOP.forwarded_to_tune():

@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import warnings
 import zlib
 from collections import Counter
@@ -59,7 +58,6 @@ from typing import Any
 
 import numpy as np
 import PIL
-import pyarrow.fs as pafs
 import timm
 from tqdm import tqdm
 
@@ -71,17 +69,16 @@ from bgad_core.errors import DataError
 from bgad_core.data.features import mask_to_grid
 from bgad_core.data.splits import make_splits
 from bgad_core.data.synthetic import make_synthetic_category
-from sweeper.cache_reader import (
+from sweeper.cache.reader import (
     CACHE_FORMAT_VERSION,
     absolute_uri,
-    filesystem,
     is_uri,
     join,
     local_path,
-    read_bytes,
-    write_bytes,
+    mirror_tree,
+    upload_tree,
 )
-from sweeper.config import DatasetSpec, SweepConfig, SyntheticSpec
+from sweeper.job.config import DatasetSpec, SweepConfig, SyntheticSpec
 
 LOCAL_DATA_DIR = Path("runs/data")  # driver-side data: categories generated for a remote cache root, mirrors
 SHARED_DATASETS = "datasets"  # <cache.root>/datasets/<digest>/<name>: generated categories every node reads
@@ -182,50 +179,6 @@ def _generated(spec: SyntheticSpec, cache_root_uri: str) -> DatasetLocation:
     shared = join(cache_root_uri, SHARED_DATASETS, digest, spec.name)
     upload_tree(category, shared)
     return DatasetLocation(category, shared)
-
-
-def _tree(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
-    """``{relative path: FileInfo}`` of every file under ``root`` (empty when it does not exist)."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {info.path[len(root.rstrip("/")) + 1:]: info for info in infos if info.type == pafs.FileType.File}
-
-
-def upload_tree(folder: Path, uri: str) -> None:
-    """Copy the files of ``folder`` to ``uri``, skipping those already there with the same size.
-
-    Meant for generated categories, whose content is a deterministic function of their parameters (which name the
-    target through its digest): a file of the right size is the right file, so a rerun costs one listing.
-    """
-    fs, root = filesystem(uri)
-    there = _tree(fs, root)
-    for relative, info in _tree(pafs.LocalFileSystem(), folder.as_posix()).items():
-        if relative not in there or there[relative].size != info.size:
-            write_bytes(fs, f"{root}/{relative}", (folder / relative).read_bytes())
-
-
-def mirror_tree(uri: str, folder: Path) -> Path:
-    """Make ``folder`` an exact copy of the files under ``uri`` and return it.
-
-    A file is fetched again when its size or modification time differs (each copy takes its source's mtime), and
-    local files that are gone from ``uri`` are removed, so planning sees exactly what decode tasks will read.
-    """
-    fs, root = filesystem(uri)
-    remote = _tree(fs, root)
-    if not remote:
-        raise DataError(f"category directory not found or empty: {uri}")
-    local = _tree(pafs.LocalFileSystem(), folder.as_posix())
-    for relative in set(local) - set(remote):
-        (folder / relative).unlink()
-    for relative, info in remote.items():
-        copy = local.get(relative)
-        if copy is not None and copy.size == info.size and info.mtime_ns in (None, copy.mtime_ns):
-            continue
-        target = folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(fs, info.path))
-        if info.mtime_ns is not None:
-            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
-    return folder
 
 
 def plan_category(spec: DatasetSpec, config: SweepConfig, cache_root_uri: str) -> CategoryPlan:

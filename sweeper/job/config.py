@@ -4,14 +4,14 @@ Every section forbids unknown keys (a typo such as ``imgae_size`` must fail rath
 default) and is strict about types (``per_defect_type: 1`` is not a bool). ``load_config`` turns YAML and validation
 errors into a ``bgad_core.errors.ConfigError`` naming the file and the dotted key, e.g.
 ``sweep.yaml: cache.racp_depths[1]: ...``. Names that reach MLflow tags and search filters (the sweep's ``name``,
-category names, ``mlflow.experiment``) must be safe names (``sweeper.names.SAFE_NAME_RULE``).
+category names, ``mlflow.experiment``) must be safe names (``sweeper.job.names.SAFE_NAME_RULE``).
 
 Relative local paths (``datasets[].path``, ``cache.root``) are resolved against the current working directory when
 they are used, not against the YAML file, so ``python -m sweeper.cache --config configs/x.yaml`` run from the repo
 root reads ``../shared/data/...`` as written. ``datasets[].path``, ``cache.root`` and ``tune.storage_path`` also take
 storage URIs (``s3://bucket/prefix``, ``gs://...``): what a multi-node cluster needs (cluster/README.md).
 None of them, nor ``tune.optuna_storage`` or ``mlflow.tracking_uri``, may carry a credential (``user:password@``,
-``?secret_key=``): the config is refused with where the secret goes instead (``sweeper.credentials``).
+``?secret_key=``): the config is refused with where the secret goes instead (``sweeper.job.credentials``).
 
 Sections, in file order: ``datasets`` (what to read), ``data`` (how to split it), ``backbone`` (how to turn images
 into features), ``cache`` (where features are stored and how the synthetic anomalies are pre-generated). New sections
@@ -36,8 +36,8 @@ from bgad_core.engine.stopping import PlateauConfig
 from bgad_core.data.synthetic import DEFECT_TYPES
 from bgad_core.models.base import ONE_CLASS
 from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family, family_names
-from sweeper import credentials
-from sweeper.names import SAFE_NAME_RULE, check_name, is_safe_name
+from sweeper.job import credentials
+from sweeper.job.names import SAFE_NAME_RULE, check_name, is_safe_name
 
 SafeName = Annotated[str, AfterValidator(check_name)]
 
@@ -178,7 +178,7 @@ class BaselineSpec(Section):
 
 
 class CacheSpec(Section):
-    """Where and how features are cached (see ``sweeper.cache`` for the layout and the cost of the choices).
+    """Where and how features are cached (see ``sweeper.cache.build`` for the layout and the cost of the choices).
 
     Attributes:
         root: local path or pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``) holding the caches.

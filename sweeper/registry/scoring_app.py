@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.data.image_input import ImageLimits, ImageTooLarge, ImageTooSmall, decode, from_base64, open_image
 from bgad_core.engine.inference import Prediction, Scorer
-from sweeper.serving import IMAGE_COLUMN
+from sweeper.registry.serving import IMAGE_COLUMN
 
 log = logging.getLogger("sweeper.serve")
 
