@@ -19,7 +19,8 @@ from typing import Any
 
 from sweeper.cache.reader import exists, filesystem, join, mirror_tree, read_bytes, write_bytes
 
-RESULT_FILE = "result.json"  # written last: a fit folder without it is incomplete and ignored
+# written last, so a fit folder without it is incomplete and ignored (not "result.json": Tune's own results are named so)
+RESULT_FILE = "fit_result.json"
 REUSED_TAG = "bgad.reused_fit"  # MLflow tag of a trial that reused a stored fit: the fit's key
 
 
