@@ -180,6 +180,11 @@ def test_image_level_rows_train_the_cells_the_model_finds_most_anomalous():
     expected = grids.flatten(1).topk(4, dim=1).indices + 64 * torch.arange(8, 11).view(3, 1)
     assert sorted(training._abnormal_cells().tolist()) == sorted(expected.flatten().tolist())
 
+    unmasked = train_set()  # an anomalous row whose mask marks nothing is image-level too, not normal
+    unmasked.masks = [torch.zeros_like(m) for m in unmasked.masks]
+    training = SimpleNetTraining(SimpleNetConfig(**TINY), unmasked, STRIDES, "cpu")
+    assert training.candidate_cells.shape == (3, 64) and len(training.normal_cells) == 8 * 64
+
 
 def test_validation_follows_the_contract():
     val = feature_set(4, 3, [0, 1, 0, 1])

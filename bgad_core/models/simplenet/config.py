@@ -21,8 +21,9 @@ class SimpleNetConfig(DetectorConfig):
         noise_std: standard deviation of the Gaussian noise that turns adapted normal features into synthetic
             anomalies (paper: 0.015).
         lr: Adam learning rate of the discriminator; the adaptor trains at half of it, the paper's ratio
-            (1e-4 / 2e-4). The default is the paper's: its schedule takes a few thousand steps of ~10k patches,
-            the default one here (8 x 4 passes of 4096-patch steps) is of the same order on a 200-image set.
+            (1e-4 / 2e-4). The default is the paper's 2e-4, as the default schedule is of the same order as the
+            paper's: 8 x 4 passes in steps of 4096 patches make ~1600 steps on 200 images of 256 px read at
+            stride 8, the paper's 40 x 4 epochs in batches of 8 images ~5000 steps of ~10k patches.
         meta_epochs: outer epochs; validation runs after each one.
         sub_epochs: passes over the (shuffled) normal training patches per meta-epoch (paper: 4 per epoch).
         batch_size: normal patches per optimisation step (each also gives one synthetic anomaly).
@@ -35,10 +36,10 @@ class SimpleNetConfig(DetectorConfig):
             defect-free cells as normals; false: one-class, anomalous rows are never read.
         abnormal_fraction: share of defect pixels from which a feature cell counts as anomalous (as BGAD's); cells
             with less (but some) defect are left out of the loss rather than trained as normal.
-        push_fraction: for anomalous rows with image-level labels (a mask covering the whole image), the share
-            of each image's cells trained as anomalies, those the discriminator currently finds most anomalous
-            (multiple-instance learning: most cells of a defective image look normal); rows with pixel masks
-            train every defect cell.
+        push_fraction: for anomalous rows with image-level labels (a mask covering the whole image, or none), the
+            share of each image's cells trained as anomalies, those the discriminator currently finds most
+            anomalous (multiple-instance learning: most cells of a defective image look normal); rows with pixel
+            masks train every defect cell. The default, 0.1, assumes a defect covers at most a tenth of an image.
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels (paper: 4; 0: none).
         seed: seeds initialisation, shuffling and the noise.
     """

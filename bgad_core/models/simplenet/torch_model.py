@@ -85,7 +85,8 @@ class SimpleNet(nn.Module):
         parts = [adapted, adapted + noise] + ([] if abnormal is None else [self.adaptor(abnormal)])
         normality = self.discriminator(torch.cat(parts))[:, 0]
         count = normal.shape[0]
-        loss = F.relu(normal_margin - normality[:count]).mean() + F.relu(anomaly_margin + normality[count:2 * count]).mean()
+        loss = F.relu(normal_margin - normality[:count]).mean()
+        loss = loss + F.relu(anomaly_margin + normality[count : 2 * count]).mean()
         if abnormal is not None:
-            loss = loss + F.relu(anomaly_margin + normality[2 * count:]).mean()
+            loss = loss + F.relu(anomaly_margin + normality[2 * count :]).mean()
         return loss

@@ -7,9 +7,10 @@ anomalous patches as it has normal ones (or all of them, where there are fewer),
 
 Which cells of an anomalous row are anomalous comes from its mask at the map's level (``fiber_labels``, as BGAD's):
 cells whose defect share reaches ``abnormal_fraction`` are anomalous, partly defect cells are left out, defect-free
-cells are normal. A row whose mask covers the whole image carries an image-level label; its cells are candidates,
-and at the start of every sub-epoch the ``push_fraction`` of each such image's cells that the current model finds
-most anomalous become that pass's anomalies (multiple-instance learning).
+cells are normal. An anomalous row whose mask covers the whole image carries an image-level label (so does one
+whose mask marks nothing: its label still says it is not normal); its cells are candidates, and at the start of
+every sub-epoch the ``push_fraction`` of each such image's cells that the current model finds most anomalous
+become that pass's anomalies (multiple-instance learning).
 """
 
 from __future__ import annotations
@@ -55,15 +56,17 @@ class SimpleNetTraining(Training):
         self.config = config
         self.levels = [strides.index(stride) for stride in config.feature_strides]
         self.device = torch.device(device)
-        rows = torch.arange(len(train)) if config.use_anomalies else torch.nonzero(train.labels == 0).flatten()
-        used = train.select(rows)  # one-class: the anomalous rows are never read
+        # one-class: the anomalous rows are never read
+        used = train if config.use_anomalies else train.select(torch.nonzero(train.labels == 0).flatten())
         self.vectors = torch.cat([_patches(used.features, self.levels, start, self.device)
                                   for start in range(0, len(used), EMBED_ROWS)])  # (rows x cells, C)
-        labels = fiber_labels(used.masks[self.levels[0]].float(), config.abnormal_fraction).flatten(1)
-        image_level = (used.masks[self.levels[0]].flatten(1) >= 1).all(dim=1) & (used.labels == 1)
+        shares = used.masks[self.levels[0]].flatten(1).float()  # defect share of each cell at the map's level
+        labels = fiber_labels(shares, config.abnormal_fraction)
+        image_level = (used.labels == 1) & ((shares >= 1).all(dim=1) | (shares == 0).all(dim=1))
         cells = torch.arange(labels.numel()).reshape(labels.shape)
-        self.normal_cells = cells[labels == 0].to(self.device)
-        self.abnormal_cells = cells[~image_level][labels[~image_level] == 1].to(self.device)  # pixel-labelled
+        pixel_level = ~image_level
+        self.normal_cells = cells[pixel_level][labels[pixel_level] == 0].to(self.device)
+        self.abnormal_cells = cells[pixel_level][labels[pixel_level] == 1].to(self.device)
         self.candidate_cells = cells[image_level].to(self.device)  # (image-level rows, cells)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = untrained_model(config, int(self.vectors.shape[1]), self.generator).to(self.device)
