@@ -20,8 +20,8 @@ from torch import nn
 from bgad_core.data.features import FeatureSet, mask_to_grid
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.models.base import FEW_SHOT, Evaluation, split_metrics
-from bgad_core.models.simplenet import FAMILY, SimpleNet, SimpleNetConfig, SimpleNetDetector, SimpleNetTraining
 from bgad_core.models.patchcore.torch_model import patch_embeddings
+from bgad_core.models.simplenet import FAMILY, SimpleNet, SimpleNetConfig, SimpleNetDetector, SimpleNetTraining
 from bgad_core.models.simplenet.training import most_anomalous_cells
 
 STRIDES = [4, 8, 16]  # the backbone's levels; the default config reads 8 and 16, i.e. levels 1 and 2
@@ -220,6 +220,8 @@ def test_the_score_distribution_shows_the_margins():
     assert distribution.normal.shape == (normal_cells,)
     assert distribution.abnormal.shape == (normal_cells + 3 * 4,)  # synthetic copies, then the real defect cells
     assert distribution.normal.mean() > distribution.abnormal[-12:].mean()
+    one_class = trained(1, use_anomalies=False).score_distribution()
+    assert one_class.normal.shape == one_class.abnormal.shape == (8 * 64,)  # the synthetic copies alone
 
 
 # ----------------------------------------------------------------------------------------------------- detector
