@@ -1,0 +1,92 @@
+"""SimpleNet as a plain ``nn.Module``: feature adaptor, discriminator, and the truncated L1 loss that trains them.
+
+The paper's two trained parts, on patch embeddings from a frozen backbone: a feature adaptor (one linear layer)
+that maps the pretrained features to a space fitted to the target data, and a discriminator (a two-layer MLP)
+whose output is a normality score, trained to put adapted normal patches above ``normal_margin`` and anomalous
+ones below ``-anomaly_margin``. The anomalous ones are adapted normal patches plus Gaussian noise, and in
+few-shot mode also real defect patches. The family around it (``bgad_core.models.simplenet``) adds the config, the
+training loop and the checkpointed detector.
+
+Example:
+    >>> import torch
+    >>> model = SimpleNet(channels=24, discriminator_hidden=32, generator=torch.Generator().manual_seed(0))
+    >>> normal = torch.randn(64, 24)
+    >>> loss = model.loss(normal, 0.1 * torch.randn(64, 24), None, normal_margin=0.5, anomaly_margin=0.5)
+    >>> loss.backward()
+    >>> model.eval()(torch.randn(2, 24, 8, 8)).shape
+    torch.Size([2, 8, 8])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE = 0.2  # the discriminator's LeakyReLU, as the paper's
+
+
+class SimpleNet(nn.Module):
+    """Adaptor + discriminator; anomaly score of a patch = minus the discriminator's output.
+
+    Args:
+        channels: width of the patch embeddings it reads.
+        adaptor_dim: output width of the adaptor; None or 0: ``channels`` (the paper's square adaptor).
+        discriminator_hidden: width of the discriminator's hidden layer (paper: 1024).
+        generator: draws the initial weights (None: the global generator), so that a seed fixes them.
+    """
+
+    def __init__(self, channels: int, adaptor_dim: int | None = None, discriminator_hidden: int = 1024,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        width = adaptor_dim or channels
+        self.adaptor = nn.Linear(channels, width)
+        self.discriminator = nn.Sequential(
+            nn.Linear(width, discriminator_hidden),
+            nn.BatchNorm1d(discriminator_hidden),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Linear(discriminator_hidden, 1, bias=False),
+        )
+        # Xavier-normal weights, as the official code; zero biases, so that the generator alone fixes the start
+        for layer in (self.adaptor, self.discriminator[0], self.discriminator[3]):
+            nn.init.xavier_normal_(layer.weight, generator=generator)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    @property
+    def width(self) -> int:
+        """Width of the adapted features (what the synthetic noise is added to)."""
+        return int(self.adaptor.out_features)
+
+    def normality(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` patch embeddings -> ``(N,)`` discriminator outputs (higher: more normal)."""
+        return self.discriminator(self.adaptor(patches))[:, 0]
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` embeddings -> ``(B, H, W)`` anomaly scores, minus the normality (the paper's s = -D).
+
+        In eval mode (BatchNorm on its running statistics) every patch scores alone: no batch dependence.
+        """
+        patches = embedding.permute(0, 2, 3, 1)
+        return -self.normality(patches.flatten(0, 2)).reshape(-1, *patches.shape[1:3])
+
+    def loss(self, normal: torch.Tensor, noise: torch.Tensor, abnormal: torch.Tensor | None,
+             normal_margin: float, anomaly_margin: float) -> torch.Tensor:
+        """The truncated L1 loss of one step (the paper's, with real anomalies as a third term).
+
+        ``normal``: ``(N, C)`` normal patch embeddings; ``noise``: ``(N, width)`` Gaussian noise added to their
+        adapted features to make the synthetic anomalies; ``abnormal``: ``(M, C)`` real anomalous patch embeddings
+        or None. Each kind is one mean: ``max(0, normal_margin - D(normal))``, ``max(0, anomaly_margin +
+        D(normal + noise))`` and, with real anomalies, ``max(0, anomaly_margin + D(abnormal))``, so that a few real
+        anomalous patches weigh as much as the many synthetic ones. All go through the discriminator in one batch,
+        as in the official code (BatchNorm's training statistics are those of the mix).
+        """
+        adapted = self.adaptor(normal)
+        parts = [adapted, adapted + noise] + ([] if abnormal is None else [self.adaptor(abnormal)])
+        normality = self.discriminator(torch.cat(parts))[:, 0]
+        count = normal.shape[0]
+        loss = F.relu(normal_margin - normality[:count]).mean()
+        loss = loss + F.relu(anomaly_margin + normality[count : 2 * count]).mean()
+        if abnormal is not None:
+            loss = loss + F.relu(anomaly_margin + normality[2 * count :]).mean()
+        return loss
