@@ -16,8 +16,8 @@ import bgad_core
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bgad_core", "sweeper")
-FAMILY_NAMES = {"bgad", "patchcore"}
-FAMILY_WORDS = {"patchcore", "bgadflows", "flows", "normalization"}  # words of identifiers of one family's internals
+FAMILY_NAMES = {"bgad", "patchcore", "simplenet"}
+FAMILY_WORDS = {"patchcore", "simplenet", "bgadflows", "flows", "normalization", "discriminator", "adaptor"}  # words of identifiers of one family's internals
 # configuration defaults, which may name a family: the paper's BGAD-FAS reference arm and the one-class baseline
 ALLOWED_FAMILY_NAMES = {("sweeper/tuning/sweep.py", "PAPER_DEFAULT"), ("sweeper/job/config.py", "BaselineSpec")}
 FOREIGN_IN_CORE = ("sweeper", "ray", "mlflow", "optuna")
@@ -122,7 +122,7 @@ def family_mentions(path: Path) -> list[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in FAMILY_NAMES:
             found.append(f"{relative}:{node.lineno}: {node.value!r}")
         name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
-        if name and (FAMILY_WORDS & words(name) or "patchcore" in name.lower()):
+        if name and (FAMILY_WORDS & words(name) or any(f in name.lower() for f in ("patchcore", "simplenet"))):
             found.append(f"{relative}:{node.lineno}: {name}")
     return found
 

@@ -39,14 +39,14 @@ def cross_family():
 @pytest.mark.parametrize(
     "edit, key",
     [
-        (lambda r: r["search"]["families"].update(simplenet={}), "search.families"),
+        (lambda r: r["search"]["families"].update(efficientad={}), "search.families"),
         (lambda r: r["search"]["families"]["patchcore"].update(beta={"uniform": [0.1, 0.2]}), "search.families.patchcore"),
         (lambda r: r["search"]["families"]["bgad"].update(beta={"uniform": [0.5, 1.5]}), "search.families.bgad.beta"),
         (lambda r: r["search"]["families"]["patchcore"].update(coreset_ratio={"choice": [0.0, 0.1]}),
          "search.families.patchcore.coreset_ratio"),
         (lambda r: r["search"].update(space={"beta": {"uniform": [0.1, 0.2]}}), "search.space and search.families"),
         (lambda r: r["train"].update(betta=1.0), "train"),
-        (lambda r: r["train"].update(family="simplenet"), "family"),
+        (lambda r: r["train"].update(family="efficientad"), "family"),
         (lambda r: r.update(baseline={"family": "nope"}), "baseline.family"),
     ],
 )

@@ -71,6 +71,9 @@ class ExportableScorer(nn.Module):
         self.image_size = scorer.image_size
         self.threshold = scorer.threshold
         self.detector = scorer.detector.exportable(feature_grids(scorer))
+        # torch.onnx.export puts the module back in the mode it found it in, recursively: in eval mode, so that a
+        # detector with BatchNorm (SimpleNet) is not left on batch statistics for the agreement check after it
+        self.eval()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

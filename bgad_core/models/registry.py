@@ -5,7 +5,7 @@ one entry in ``_FAMILIES`` below; nothing else in ``bgad_core`` or ``sweeper`` c
 
     >>> from bgad_core.models.registry import family, family_names
     >>> family_names()
-    ('bgad', 'patchcore')
+    ('bgad', 'patchcore', 'simplenet')
     >>> family("patchcore").learning_type
     'one_class'
 """
@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from bgad_core.errors import ConfigError
-from bgad_core.models import bgad, patchcore
+from bgad_core.models import bgad, patchcore, simplenet
 from bgad_core.models.base import DetectorConfig, Family
 
 DEFAULT_FAMILY = "bgad"
-_FAMILIES: dict[str, Family] = {f.name: f for f in (bgad.FAMILY, patchcore.FAMILY)}
+_FAMILIES: dict[str, Family] = {f.name: f for f in (bgad.FAMILY, patchcore.FAMILY, simplenet.FAMILY)}
 
 
 def family_names() -> tuple[str, ...]:
