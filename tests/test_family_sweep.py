@@ -36,30 +36,49 @@ pytestmark = pytest.mark.slow
 NAME = "tiles-any-family"
 
 
-def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
-    """Nothing of PatchCore is searched here: the first trial fits it, the next two reuse that fit (one at a time)."""
-    config_path = quickstart_in(tmp_path, search={"num_samples": 3, "compare_paper_default": False,
-                                                  "families": {"patchcore": {}}})
+def family_sweep(folder: Path, family: str, samples: int, train: dict) -> Path:
+    """The quickstart as a sweep of ``family`` alone with nothing of it searched, one trial at a time, run."""
+    config_path = quickstart_in(folder, search={"num_samples": samples, "compare_paper_default": False,
+                                                "families": {family: {}}})
     raw = yaml.safe_load(config_path.read_text())
-    raw["train"] = {"meta_epochs": 4}  # the quickstart's other train keys are BGAD's, refused for a PatchCore sweep
+    raw["train"] = train  # the quickstart's train keys are BGAD's, refused for another family's sweep
     raw["tune"]["max_concurrent_trials"] = 1
     config_path.write_text(yaml.safe_dump(raw))
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
-    config = load_config(config_path)
-    uri, sid = config.mlflow.tracking_uri, sweep_id(config)
+    return config_path
+
+
+def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
+    """Nothing of PatchCore is searched here: the first trial fits it, the next two reuse that fit (one at a time)."""
+    config_path = family_sweep(tmp_path, "patchcore", 3, {"meta_epochs": 4})
     runs = sorted(trial_runs(config_path, "trial"), key=lambda run: run.info.start_time)
     assert [REUSED_TAG in run.data.tags for run in runs] == [False, True, True]
     assert len({run.data.metrics["val_aupro"] for run in runs}) == 1
     assert all(run.info.status == "FINISHED" for run in runs)
+    assert_promoted_served_exported(tmp_path, config_path, "patchcore")
+
+
+def test_a_simplenet_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
+    """The third family, added as a folder and a registry entry, goes the same way (issue 23)."""
+    config_path = family_sweep(tmp_path, "simplenet", 1, {"meta_epochs": 2, "sub_epochs": 1, "batch_size": 1024,
+                                                          "num_anomalies": 2})
+    assert_promoted_served_exported(tmp_path, config_path, "simplenet")
+
+
+def assert_promoted_served_exported(tmp_path: Path, config_path: Path, family: str) -> None:
+    """``promote --best`` registers the sweep's winner of ``family``; ``sweeper.serve`` scores images posted over HTTP
+    as the trial's evaluation did; ``sweeper.export``'s ONNX file scores them as the server."""
+    config = load_config(config_path)
+    uri, sid = config.mlflow.tracking_uri, sweep_id(config)
     version = promote(uri, sid, NAME)
-    assert version.tags[tracking.FAMILY_TAG] == "patchcore"
+    assert version.tags[tracking.FAMILY_TAG] == family
     client = MlflowClient(uri)
     category = version.tags[tracking.CATEGORY_TAG]
     manifest = open_cache(find_sweep_run(client, sid).data.tags["bgad.cache_uri"])
     test = read_features(manifest, category, ["test"])
     checkpoint = load_checkpoint(client.download_artifacts(version.run_id, f"checkpoint/{category}/model.pt",
                                                            str(tmp_path)))
-    assert checkpoint["family"] == "patchcore"
+    assert checkpoint["family"] == family
     expected = evaluate(detector_from_checkpoint(checkpoint), test).scores.numpy()
     paths = row_paths(manifest, category, test.ids)
     images = [str(paths[i]) for i in test.ids[:3]]
