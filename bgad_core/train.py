@@ -34,8 +34,8 @@ from bgad_core.data.features import FeatureSet, extract_feature_set
 from bgad_core.data.splits import Splits, check_validation, make_splits
 from bgad_core.engine.stopping import PlateauConfig
 from bgad_core.evaluation.metrics import objective_metric
-from bgad_core.models.base import DetectorConfig, Family
-from bgad_core.models.registry import DEFAULT_FAMILY, family, family_names
+from bgad_core.models.base import DetectorConfig
+from bgad_core.models.registry import DEFAULT_FAMILY, family, family_names, family_of
 from bgad_core.data.synthetic import make_synthetic_category
 
 log = logging.getLogger("bgad_core.train")
@@ -204,11 +204,6 @@ def run(data: DataConfig, config: DetectorConfig, backbone: str, weights: str, s
         save_checkpoint(checkpoint, output / "model.pt")
         (output / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return summary
-
-
-def family_of(config: DetectorConfig) -> Family:
-    """The registered family whose config class ``config`` is."""
-    return next(family(name) for name in family_names() if type(config) is family(name).config)
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -40,3 +40,11 @@ def config_for(name: str, values: Mapping[str, Any]) -> DetectorConfig:
     """The family's config from the values that are its fields (others, meant for other families, are left out)."""
     chosen = family(name)
     return chosen.config.from_dict({k: v for k, v in values.items() if k in chosen.parameters()})
+
+
+def family_of(config: DetectorConfig) -> Family:
+    """The family whose config class ``config`` is (a config knows its fields, the registry its family)."""
+    for registered in _FAMILIES.values():
+        if type(config) is registered.config:
+            return registered
+    raise ConfigError(f"{type(config).__name__} is no registered family's config; known: {list(_FAMILIES)}")
