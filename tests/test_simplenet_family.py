@@ -9,13 +9,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import warnings
 
-import numpy as np
 import onnxruntime
 import pytest
 import torch
-from torch import nn
 
 from bgad_core.data.features import FeatureSet, mask_to_grid
 from bgad_core.errors import ConfigError, TrainingDivergedError
@@ -23,10 +20,11 @@ from bgad_core.models.base import FEW_SHOT, Evaluation, split_metrics
 from bgad_core.models.patchcore.torch_model import patch_embeddings
 from bgad_core.models.simplenet import FAMILY, SimpleNet, SimpleNetConfig, SimpleNetDetector, SimpleNetTraining
 from bgad_core.models.simplenet.training import most_anomalous_cells
+from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
+                             exported_session)
 
 STRIDES = [4, 8, 16]  # the backbone's levels; the default config reads 8 and 16, i.e. levels 1 and 2
 SIZE = (64, 64)
-OPSET = 18  # as bgad_core.engine.export
 DEFECT = (slice(16, 32), slice(16, 32))  # pixels of the planted defect: cells 2-3 of the stride-8 level
 SHIFT = 2.0  # the planted defect: +SHIFT on 4 of the 8 stride-8 channels, within the spread of the normal values
 TINY = {"discriminator_hidden": 32, "batch_size": 256, "sub_epochs": 1, "noise_std": 0.1, "lr": 3e-3,
@@ -248,62 +246,21 @@ def test_the_checkpoint_loads_with_weights_only_and_scores_identically(detector)
 
 @torch.no_grad()
 def test_fp16_features_score_in_float32_and_the_same_in_any_batch(detector):
-    features = [f.half() for f in feature_set(4, 3).features]
-    scores, maps = detector(features)
-    assert scores.dtype == maps.dtype == torch.float32 and maps.shape == (4, *SIZE)
-    expected_scores, expected_maps = detector([f.float() for f in features])  # the fp16 values, held as fp32
-    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
-    torch.testing.assert_close(maps, expected_maps, rtol=0, atol=0)
-    alone = torch.cat([detector([f[i : i + 1] for f in features])[0] for i in range(4)])
-    torch.testing.assert_close(alone, scores, rtol=0, atol=1e-6 * float(scores.abs().max()))
-
-
-class FeatureInputs(nn.Module):
-    """The detector with one ONNX input per backbone level instead of a list."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.detector(list(features))
+    assert_fp16_scores_in_float32_in_any_batch(detector, feature_set(4, 3).features, SIZE)
 
 
 @pytest.fixture(scope="module")
 def exported(detector) -> onnxruntime.InferenceSession:
     """The detector's graph, traced with a batch of 2 and a dynamic batch axis."""
-    names = [f"level_{level}" for level in range(len(STRIDES))]
-    graph = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, as engine.export uses
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constants of the grids
-        warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)  # the blur's reflect pad
-        features = feature_set(2, 7).features
-        module = FeatureInputs(detector.exportable([(f.shape[2], f.shape[3]) for f in features]))
-        torch.onnx.export(module, tuple(features), graph, dynamo=False, opset_version=OPSET, input_names=names,
-                          output_names=["score", "map"],
-                          dynamic_axes={name: {0: "batch"} for name in (*names, "score", "map")})
-    return onnxruntime.InferenceSession(graph.getvalue(), providers=["CPUExecutionProvider"])
+    return exported_session(detector, feature_set(2, 7).features)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 @torch.no_grad()
 def test_onnxruntime_scores_like_pytorch(detector, exported, batch):
     assert not detector.model.training  # the exporter set the wrapper back to training mode, not the detector
-    # a level the detector does not read is no input of the graph
-    assert [(i.name, i.shape) for i in exported.get_inputs()] == [("level_1", ["batch", 8, 8, 8]),
-                                                                   ("level_2", ["batch", 16, 4, 4])]
-    features = feature_set(batch, 10 + batch).features
-    inputs = {f"level_{level}": features[level].numpy() for level in (1, 2)}
-    scores, maps = exported.run(None, inputs)
-    expected_scores, expected_maps = detector(features)
-    scale = float(expected_scores.abs().max())  # tolerances of tests/test_export.py, per unit of score
-    assert scores.shape == (batch,) and maps.shape == (batch, *SIZE)
-    assert np.abs(scores - expected_scores.numpy()).max() < 1e-4 * scale
-    assert np.abs(maps - expected_maps.numpy()).max() < 1e-3 * scale
-    alone = np.concatenate([exported.run(["score"], {name: value[j : j + 1] for name, value in inputs.items()})[0]
-                            for j in range(batch)])
-    assert np.abs(alone - scores).max() < 1e-6 * scale
+    assert [i.shape for i in exported.get_inputs()] == [["batch", 8, 8, 8], ["batch", 16, 4, 4]]
+    assert_onnx_scores_like_pytorch(exported, detector, feature_set(batch, 10 + batch).features, (1, 2), SIZE)
 
 
 def test_the_bare_module_scores_minus_the_discriminator():

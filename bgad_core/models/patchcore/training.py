@@ -12,6 +12,7 @@ import torch
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
 from bgad_core.models.base import Evaluation, Training, split_metrics
+from bgad_core.models.components.levels import level_indices
 from bgad_core.models.patchcore.config import PatchCoreConfig
 from bgad_core.models.patchcore.detector import PatchCoreDetector, unfitted_model
 
@@ -31,15 +32,12 @@ class PatchCoreTraining(Training):
     """
 
     def __init__(self, config: PatchCoreConfig, train: FeatureSet, strides: Sequence[int], device: str) -> None:
-        strides = [int(stride) for stride in strides]
-        for stride in config.feature_strides:
-            if stride not in strides:
-                raise ConfigError(f"patchcore feature_strides: stride {stride} is not among the backbone's {strides}")
+        levels = level_indices("patchcore", config.feature_strides, strides)
         if not bool((train.labels == 0).any()):
             raise ConfigError("patchcore: the training set has no normal image")
         self.config = config
         self.train = train
-        self.levels = [strides.index(stride) for stride in config.feature_strides]
+        self.levels = levels
         self.device = device
         self.epoch = 0
         self.memory_bank: torch.Tensor | None = None  # fitted by train_meta_epoch

@@ -25,6 +25,7 @@ from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.models.base import Evaluation, ScoreDistribution, Training, split_metrics
 from bgad_core.models.bgad.training import fiber_labels
+from bgad_core.models.components.levels import level_indices
 from bgad_core.models.patchcore.torch_model import patch_embeddings
 from bgad_core.models.simplenet.config import SimpleNetConfig
 from bgad_core.models.simplenet.detector import SimpleNetDetector, untrained_model
@@ -47,14 +48,11 @@ class SimpleNetTraining(Training):
     """
 
     def __init__(self, config: SimpleNetConfig, train: FeatureSet, strides: Sequence[int], device: str) -> None:
-        strides = [int(stride) for stride in strides]
-        for stride in config.feature_strides:
-            if stride not in strides:
-                raise ConfigError(f"simplenet feature_strides: stride {stride} is not among the backbone's {strides}")
+        levels = level_indices("simplenet", config.feature_strides, strides)
         if not bool((train.labels == 0).any()):
             raise ConfigError("simplenet: the training set has no normal image")
         self.config = config
-        self.levels = [strides.index(stride) for stride in config.feature_strides]
+        self.levels = levels
         self.device = torch.device(device)
         # one-class: the anomalous rows are never read
         used = train if config.use_anomalies else train.select(torch.nonzero(train.labels == 0).flatten())
