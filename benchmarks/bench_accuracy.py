@@ -8,6 +8,13 @@ Every arm reads the same backbone features of the same split (extracted once, li
   ``--strides`` and ``--set KEY=VALUE`` change what the ``bgad`` and ``bgad-fas`` arms model, for ablations.
 - ``paper``: the paper's BGAD-FAS (strides 4, 8, 16, per-cell features, per-level score constants) with the same anomalies
   and schedule.
+- ``simplenet``: one-class SimpleNet (``bgad_core.models.simplenet``, its defaults: strides 8 + 16, 8 x 4 passes),
+  trained on the normals only. No labels.
+- ``simplenet-fs``: the same in few-shot mode, the protocol's anomalies and their RACP rows as extra positives.
+
+Every arm reports its wall time (training and validation, the epoch selection included) and the seconds its selected
+detector takes to score 100 test images from their cached features (test rows repeated up to 100; the backbone's
+share, the same for every arm, is the feature-extraction time printed above the table, over all images).
 
 Protocols (``../shared/data/README.md``): ``mtd`` = MTD-200 (first 200 training normals, 10 anomalies per defect
 type); ``kolektor`` = KolektorSDD with 10 anomalies; ``brainmri`` = BrainMRI with one anomaly in total;
@@ -23,7 +30,7 @@ own validation figure and reads test once there. All policies use constants from
 normals; the ``auto`` row is what the default training gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
-        [--arms patchcore bgad bgad-fas paper] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
+        [--arms patchcore bgad bgad-fas paper simplenet simplenet-fs] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
         [--compare-scoring] [--json results.json]
 """
 
@@ -36,6 +43,7 @@ import platform
 import tempfile
 import time
 from dataclasses import fields, replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,9 +59,10 @@ from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
-from bgad_core.models import patchcore
-from bgad_core.models.base import evaluate
+from bgad_core.models.base import Detector, DetectorConfig
 from bgad_core.models.patchcore.config import PatchCoreConfig
+from bgad_core.models.registry import family
+from bgad_core.models.simplenet.config import SimpleNetConfig
 from bgad_core.train import DataConfig, build_feature_sets
 
 log = logging.getLogger(__name__)
@@ -74,7 +83,8 @@ SCORING_POLICIES = {
     "level, weight auto, max": ("level", "auto", "max"),
 }
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
-ARMS = ("patchcore", "bgad", "bgad-fas", "paper")
+ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
+SCORED_IMAGES = 100  # the scoring wall time of every arm: its selected detector on this many test rows
 
 
 def cpu_flags() -> str:
@@ -135,15 +145,24 @@ def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
     return train.select(rows)
 
 
-def bgad_arm(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
-             size: tuple[int, int], curves: bool) -> dict:
-    """Train flows, select on validation, test once; figures and wall time of one arm."""
+def family_arm(family_name: str, config: DetectorConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet,
+               strides: Sequence[int], objective: str, size: tuple[int, int], curves: bool = False) -> dict:
+    """Train one family's detector, select on validation, test once; figures and wall times of one arm."""
     seed_everything(config.seed)
     started = time.perf_counter()
-    training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    training = family(family_name).training(config, train, strides, "cpu")
     best = train_and_select(training, val, test, size, objective, test_every_epoch=curves)
-    return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics,
-            "seconds": round(time.perf_counter() - started, 1), "history": best.history}
+    seconds = time.perf_counter() - started
+    return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics, "seconds": round(seconds, 1),
+            "score_seconds": scoring_seconds(best.test.detector, test), "history": best.history}
+
+
+def scoring_seconds(detector: Detector, test: FeatureSet) -> float:
+    """Wall seconds ``detector`` takes to score ``SCORED_IMAGES`` test rows (maps and image scores)."""
+    rows = test.select([i % len(test) for i in range(SCORED_IMAGES)])
+    started = time.perf_counter()
+    detector.predict(rows)
+    return round(time.perf_counter() - started, 2)
 
 
 def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet, objective: str,
@@ -213,18 +232,20 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     _, has_masks, train_all, val_all, test_all = build_feature_sets(data, extractor)
     extraction = time.perf_counter() - started
     objective, size = objective_metric(has_masks), (256, 256)
-    levels = [EXTRACTED_STRIDES.index(s) for s in sorted(args.strides)]
+    strides = sorted(args.strides)
+    levels = [EXTRACTED_STRIDES.index(s) for s in strides]
     train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
     normals = train.select(torch.nonzero(train.labels == 0).flatten())
     rows: list[tuple[str, dict]] = []
     if "patchcore" in args.arms:
-        started = time.perf_counter()
-        training = patchcore.FAMILY.training(PatchCoreConfig(), train_all, EXTRACTED_STRIDES, "cpu")
-        training.train_meta_epoch()
-        chosen = training.validate(val_all, size, objective)
-        rows.append(("PatchCore, no labels", {"epoch": "-", "val": chosen.metrics,
-                                             "test": evaluate(chosen.detector, test_all).metrics,
-                                             "seconds": round(time.perf_counter() - started, 1)}))
+        rows.append(("PatchCore, no labels", family_arm("patchcore", PatchCoreConfig(), train_all, val_all, test_all,
+                                                        EXTRACTED_STRIDES, objective, size)))
+    simplenet_arms = [("simplenet", "SimpleNet, no labels", SimpleNetConfig(use_anomalies=False)),
+                      ("simplenet-fs", f"SimpleNet few-shot, n = {data.num_anomalies}", SimpleNetConfig())]
+    for arm, label, config in simplenet_arms:
+        if arm in args.arms:
+            rows.append((label, family_arm("simplenet", config, train_all, val_all, test_all, EXTRACTED_STRIDES,
+                                           objective, size, args.curves)))
     arms = [("bgad", "BGAD, no labels", replace(base, focal_weighting=False), normals),
             ("bgad-fas", f"BGAD-FAS, n = {data.num_anomalies}", base, train)]
     for arm, label, config, rows_of in arms:
@@ -234,25 +255,29 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
             for policy, row in scoring_arms(config, rows_of, val, test, objective, size).items():
                 rows.append((f"{label}, scoring {policy} [{row['scoring']}]", row))
         else:
-            rows.append((label, bgad_arm(config, rows_of, val, test, objective, size, args.curves)))
+            rows.append((label, family_arm("bgad", config, rows_of, val, test, strides, objective, size,
+                                           args.curves)))
     if "paper" in args.arms:
         paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0)
         rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
-                     bgad_arm(paper, train_all, val_all, test_all, objective, size, args.curves)))
+                     family_arm("bgad", paper, train_all, val_all, test_all, EXTRACTED_STRIDES, objective, size,
+                                args.curves)))
     for n in args.anomalies:
         subset = anomaly_subset(train, data, n)
         config = base if n else replace(base, focal_weighting=False)
-        rows.append((f"BGAD-FAS, n = {n}", bgad_arm(config, subset, val, test, objective, size, args.curves)))
+        rows.append((f"BGAD-FAS, n = {n}", family_arm("bgad", config, subset, val, test, strides, objective, size,
+                                                      args.curves)))
     print(f"\n{args.dataset}{'' if args.stress is None else ' (' + args.stress + ')'}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
           f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
     print(f"machine: {cpu_flags()}")
-    print("| arm | epoch | val " + objective + " | test image AUROC | test pixel AUROC | test PRO | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| arm | epoch | val {objective} | test image AUROC | test pixel AUROC | test PRO | wall s "
+          f"| scoring {SCORED_IMAGES} images s |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, row in rows:
         test_m = row["test"]
         print(f"| {label} | {row['epoch']} | {row['val'].get(objective, float('nan')):.3f} | "
               f"{test_m['image_auroc']:.3f} | {test_m.get('pixel_auroc', float('nan')):.3f} | "
-              f"{test_m.get('aupro', float('nan')):.3f} | {row['seconds']:.0f} |")
+              f"{test_m.get('aupro', float('nan')):.3f} | {row['seconds']:.0f} | {row.get('score_seconds', '-')} |")
     if args.curves:
         for label, row in rows:
             for h in row.get("history", []):
