@@ -174,6 +174,32 @@ class Training(ABC):
         return None
 
 
+class OptimizerTraining(Training):
+    """A ``Training`` that fits ``model`` with one torch ``optimizer`` and draws its batches from ``generator``.
+
+    Its resumable state is exactly those three and the epoch counter, so ``state_dict`` / ``load_state_dict`` are
+    shared here: a run killed after meta-epoch k and resumed trains meta-epoch k + 1 on the same weights, optimizer
+    moments and sampling stream as an uninterrupted run (BGAD and SimpleNet; PatchCore, fitted in one pass, has
+    no optimizer).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimizer moments, epoch counter and sampling stream (plain tensors: ``weights_only``-safe)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next meta-epoch trains exactly as it would have without the break."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.generator.set_state(state["generator"])
+
+
 @dataclass(frozen=True)
 class ScoreDistribution:
     """What a training's histogram shows: normal and abnormal training values and the boundaries it keeps."""

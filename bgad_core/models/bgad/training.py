@@ -10,14 +10,14 @@ likelihood on normals, no BG-SPP and no focal weights, whatever ``focal_weightin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.stopping import first_watched_epoch
 from bgad_core.errors import TrainingDivergedError
-from bgad_core.models.base import Evaluation, ScoreDistribution, Training
+from bgad_core.models.base import Evaluation, OptimizerTraining, ScoreDistribution
 from bgad_core.models.bgad.boundary import find_boundary
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.detector import BGADDetector
@@ -73,7 +73,7 @@ class _LevelData:
         return index[self.labels[index] != IGNORED]
 
 
-class BGADTraining(Training):
+class BGADTraining(OptimizerTraining):
     """Trains ``BGADFlows`` on a training ``FeatureSet`` (normal rows and real or synthetic anomalous rows)."""
 
     def __init__(
@@ -187,22 +187,6 @@ class BGADTraining(Training):
                     losses.append(loss.detach())
         self.epoch += 1
         return {"loss": float(torch.stack(losses).mean()), "lr": lr, "phase": 2.0 if phase2 else 1.0}
-
-    def state_dict(self) -> dict:
-        """Everything needed to continue training exactly where it stopped (plain tensors: weights_only-safe)."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "generator": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Resume from ``state_dict()``: same weights, optimizer moments, epoch counter and sampling stream."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = int(state["epoch"])
-        self.generator.set_state(state["generator"])
 
     @torch.no_grad()
     def score_distribution(self, max_vectors: int = 20000) -> ScoreDistribution:

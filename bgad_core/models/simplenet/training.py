@@ -16,14 +16,13 @@ become that pass's anomalies (multiple-instance learning).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError, TrainingDivergedError
-from bgad_core.models.base import Evaluation, ScoreDistribution, Training, split_metrics
+from bgad_core.models.base import Evaluation, OptimizerTraining, ScoreDistribution, split_metrics
 from bgad_core.models.bgad.training import fiber_labels
 from bgad_core.models.components.levels import level_indices
 from bgad_core.models.patchcore.torch_model import patch_embeddings
@@ -34,7 +33,7 @@ ADAPTOR_LR_RATIO = 0.5  # the paper's adaptor / discriminator learning rates, 1e
 EMBED_ROWS = 64  # images embedded at a time: bounds the float32 intermediates of the 3x3 averaging and upsampling
 
 
-class SimpleNetTraining(Training):
+class SimpleNetTraining(OptimizerTraining):
     """SimpleNet on a training ``FeatureSet``, meta-epoch by meta-epoch.
 
     One-class where ``config.use_anomalies`` is false or the set has no anomalous row: only the normal rows are
@@ -126,18 +125,6 @@ class SimpleNetTraining(Training):
         detector = SimpleNetDetector(self.config, self.levels, self.model, image_size)
         scores, maps = detector.predict(val)
         return Evaluation(split_metrics(val, scores, maps), scores, maps, detector, {})
-
-    def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer moments, epoch counter and sampling stream (plain tensors: ``weights_only``-safe)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``state_dict()``: the next meta-epoch trains exactly as it would have without the break."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = int(state["epoch"])
-        self.generator.set_state(state["generator"])
 
     @torch.no_grad()
     def score_distribution(self, max_vectors: int = 20000) -> ScoreDistribution:
