@@ -31,7 +31,7 @@ normals; the ``auto`` row is what the default training gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
         [--arms patchcore bgad bgad-fas paper simplenet simplenet-fs] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
-        [--compare-scoring] [--json results.json]
+        [--simplenet-set noise_std=0.3] [--compare-scoring] [--json results.json]
 """
 
 from __future__ import annotations
@@ -118,15 +118,16 @@ def protocol_data(dataset: str, data_root: Path, stress: str | None = None, scra
                       held_out_anomalies=protocol["num_anomalies"])
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as ``BGADConfig`` overrides, each value of its field's type (an unknown key fails)."""
-    known = {f.name: f for f in fields(BGADConfig)}
+def parse_overrides(items: list[str], config: type[DetectorConfig] = BGADConfig, flag: str = "--set") -> dict:
+    """``KEY=VALUE`` strings as overrides of ``config``'s fields, each value of its field's type (an unknown key
+    fails naming ``flag``)."""
+    known = {f.name: f for f in fields(config)}
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in known:
-            raise SystemExit(f"--set {item}: unknown BGADConfig key {key!r}; known: {sorted(known)}")
-        default = getattr(BGADConfig, key)
+            raise SystemExit(f"{flag} {item}: unknown {config.__name__} key {key!r}; known: {sorted(known)}")
+        default = getattr(config, key)
         overrides[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
     return overrides
 
@@ -211,6 +212,9 @@ def main() -> None:
                         help="levels the bgad and bgad-fas arms model (PatchCore keeps 8 16, the paper arm 4 8 16)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="BGADConfig overrides of the BGAD arms, e.g. image_score=top1pct_mean")
+    parser.add_argument("--simplenet-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SimpleNetConfig overrides of the SimpleNet arms, e.g. noise_std=0.3 meta_epochs=4 "
+                             "(their schedule is SimpleNet's own, not --meta-epochs)")
     parser.add_argument("--stress", choices=STRESS, default=None,
                         help="run on a stress variant of the category (shift-rotate: every image moved by its own "
                              "seeded shift and rotation, masks with it)")
@@ -240,8 +244,9 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     if "patchcore" in args.arms:
         rows.append(("PatchCore, no labels", family_arm("patchcore", PatchCoreConfig(), train_all, val_all, test_all,
                                                         EXTRACTED_STRIDES, objective, size)))
-    simplenet_arms = [("simplenet", "SimpleNet, no labels", SimpleNetConfig(use_anomalies=False)),
-                      ("simplenet-fs", f"SimpleNet few-shot, n = {data.num_anomalies}", SimpleNetConfig())]
+    simplenet = SimpleNetConfig(**parse_overrides(args.simplenet_set, SimpleNetConfig, "--simplenet-set"))
+    simplenet_arms = [("simplenet", "SimpleNet, no labels", replace(simplenet, use_anomalies=False)),
+                      ("simplenet-fs", f"SimpleNet few-shot, n = {data.num_anomalies}", simplenet)]
     for arm, label, config in simplenet_arms:
         if arm in args.arms:
             rows.append((label, family_arm("simplenet", config, train_all, val_all, test_all, EXTRACTED_STRIDES,

@@ -6,6 +6,7 @@ it needs nothing outside its folder but the registry's one entry."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -135,6 +136,20 @@ def test_training_is_seeded():
     assert same_weights(weights(first), weights(second))
     assert first.state_dict()["generator"].equal(second.state_dict()["generator"])
     assert not same_weights(weights(first), weights(trained(seed=1)))
+
+
+def test_the_features_scale_does_not_change_what_trains():
+    """The embeddings are standardised on the training normals, so a backbone whose features are ten times larger
+    trains the same detector: the fixed ``noise_std`` means the same thing for every backbone."""
+    train, val = train_set(), feature_set(4, 2, [0, 1] * 2)
+    scaled_train, scaled_val = train_set(), feature_set(4, 2, [0, 1] * 2)
+    for rows in (scaled_train, scaled_val):
+        rows.features = [10 * f for f in rows.features]
+    plain, scaled = trained(2, train), trained(2, scaled_train)
+    assert not torch.allclose(plain.model.feature_scale, scaled.model.feature_scale)
+    plain_scores = plain.validate(val, SIZE, "pixel_auroc").scores
+    scaled_scores = scaled.validate(scaled_val, SIZE, "pixel_auroc").scores
+    torch.testing.assert_close(scaled_scores, plain_scores, rtol=5e-3, atol=5e-3)  # float rounding only
 
 
 def test_one_class_never_reads_the_anomalous_rows():
@@ -270,3 +285,19 @@ def test_the_bare_module_scores_minus_the_discriminator():
     expected = -model.discriminator(model.adaptor(patches)).reshape(2, 3, 5)
     torch.testing.assert_close(model(embedding), expected)
     assert model.width == 16
+
+
+def test_a_checkpoint_from_before_the_standardisation_scores_as_it_did(detector):
+    """Checkpoints written before the features were standardised lack its two buffers: they load with the identity
+    standardisation their model was trained with; any other missing weight is still an error."""
+    old = copy.deepcopy(detector)  # as the model was before: no standardisation
+    old.model.feature_mean.zero_()
+    old.model.feature_scale.fill_(1.0)
+    entry = old.to_checkpoint()
+    entry["model"] = {k: v for k, v in entry["model"].items() if not k.startswith("feature_")}
+    features = feature_set(3, 2).features
+    for got, expected in zip(SimpleNetDetector.from_checkpoint(entry, SIZE)(features), old(features)):
+        assert torch.equal(got, expected)
+    del entry["model"]["adaptor.weight"]
+    with pytest.raises(RuntimeError, match="adaptor.weight"):
+        SimpleNetDetector.from_checkpoint(entry, SIZE)

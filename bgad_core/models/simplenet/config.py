@@ -19,7 +19,8 @@ class SimpleNetConfig(DetectorConfig):
             own width, the paper's square adaptor.
         discriminator_hidden: width of the discriminator's hidden layer (paper: 1024).
         noise_std: standard deviation of the Gaussian noise that turns adapted normal features into synthetic
-            anomalies (paper: 0.015).
+            anomalies (paper: 0.015). The embeddings are standardised per channel on the training normals first
+            (``SimpleNet.standardise``), so it is a fraction of a channel's spread whatever the backbone's scale.
         lr: Adam learning rate of the discriminator; the adaptor trains at half of it, the paper's ratio
             (1e-4 / 2e-4). The default is the paper's 2e-4, as the default schedule is of the same order as the
             paper's: 8 x 4 passes in steps of 4096 patches make ~1600 steps on 200 images of 256 px read at

@@ -11,7 +11,7 @@ from bgad_core.models.base import Detector
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 from bgad_core.models.patchcore.torch_model import patch_embeddings
 from bgad_core.models.simplenet.config import SimpleNetConfig
-from bgad_core.models.simplenet.torch_model import SimpleNet
+from bgad_core.models.simplenet.torch_model import STANDARDISATION_BUFFERS, SimpleNet
 
 
 class SimpleNetDetector(Detector):
@@ -61,10 +61,12 @@ class SimpleNetDetector(Detector):
 
     @classmethod
     def from_checkpoint(cls, entry: Mapping[str, Any], image_size: tuple[int, int]) -> SimpleNetDetector:
-        """The detector ``to_checkpoint`` described, in eval mode."""
+        """The detector ``to_checkpoint`` described, in eval mode. A checkpoint from before the features were
+        standardised has no standardisation buffers: it keeps the identity it was trained with."""
         config = SimpleNetConfig.from_dict(entry["config"])
         model = untrained_model(config, int(entry["channels"]))
-        model.load_state_dict(entry["model"])
+        identity = {k: v for k, v in model.state_dict().items() if k in STANDARDISATION_BUFFERS}
+        model.load_state_dict({**identity, **entry["model"]})
         return cls(config, entry["levels"], model, image_size).eval()
 
 

@@ -67,6 +67,7 @@ class SimpleNetTraining(OptimizerTraining):
         self.candidate_cells = cells[image_level].to(self.device)  # (image-level rows, cells)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = untrained_model(config, int(self.vectors.shape[1]), self.generator).to(self.device)
+        self.model.standardise(self.vectors[self.normal_cells])
         self.optimizer = torch.optim.Adam([
             {"params": self.model.adaptor.parameters(), "lr": config.lr * ADAPTOR_LR_RATIO},
             {"params": self.model.discriminator.parameters(), "lr": config.lr},
@@ -135,7 +136,7 @@ class SimpleNetTraining(OptimizerTraining):
         generator = torch.Generator().manual_seed(self.config.seed)
         sample = self.normal_cells[torch.randperm(len(self.normal_cells), generator=generator)[:max_vectors]
                                    .to(self.device)]
-        adapted = self.model.adaptor(self.vectors[sample])
+        adapted = self.model.adapt(self.vectors[sample])
         noise = torch.randn(adapted.shape, generator=generator).to(self.device) * self.config.noise_std
         normal = self.model.discriminator(adapted)[:, 0]
         abnormal = [self.model.discriminator(adapted + noise)[:, 0], self._normality(self._abnormal_cells())]
