@@ -1,5 +1,5 @@
-"""The multi-node path with real processes on 127.0.0.1: a sweep submitted to a token-authenticated Ray head runs its
-trials on a second node and logs to a real MLflow server over HTTP; a sweep keeps its feature cache and Tune results
+"""The multi-node path with real processes on 127.0.0.1: a sweep whose driver joins a token-authenticated Ray head
+runs its trials on a second node, logs to a real MLflow server over HTTP, keeps its feature cache and Tune results
 on an S3 API (moto's server) and reads its dataset from it; generated categories reach every node through a remote
 cache root; the PostgreSQL URLs of cluster/ work against a real PostgreSQL (where its binaries are installed).
 Every process a test starts is stopped when it ends, pass or fail.
@@ -236,15 +236,6 @@ def s3(s3_endpoint, monkeypatch) -> S3:
     return S3(bucket, env, client)
 
 
-def tune_results(storage: str, sid: str, category: str) -> dict[str, list[dict]]:
-    """``{trial directory: reported results}`` of one experiment under a local Tune storage path."""
-    folder = Path(storage) / sid / category
-    return {
-        path.parent.name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for path in folder.glob("*/result.json")
-    }
-
-
 def assert_stopped(*leaders: subprocess.Popen) -> None:
     """No process of the groups these processes led is left."""
     for leader in leaders:
@@ -253,56 +244,21 @@ def assert_stopped(*leaders: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_sweep_on_two_nodes_runs_trials_on_the_worker_and_logs_to_the_mlflow_server(tmp_path):
-    """Trials ask for ``trial_node``, which only the worker node has: every result must carry the worker's id."""
-    with MlflowServer(tmp_path) as server:
+@pytest.mark.timeout(600)
+def test_a_two_node_sweep_keeps_everything_on_s3_and_logs_to_the_mlflow_server(s3, tmp_path):
+    """One sweep, as a cluster runs it: the driver joins a token-authenticated head; its trials ask for
+    ``trial_node``, which only the worker node has, so every result must come from the worker; dataset, feature
+    cache, Tune results and (through the MLflow server, over HTTP) artifacts all live in the bucket, so the worker
+    reads and writes nothing on the driver's disk. (One sweep for both: each costs a cache build and a sweep.)"""
+    source = make_synthetic_category(tmp_path / "source", name="tiles", size=96, n_train=24, n_test_good=16,
+                                     n_test_per_defect=8)
+    s3.upload(source, "data/tiles")
+    with MlflowServer(tmp_path, artifacts=f"s3://{s3.bucket}/mlartifacts", env=s3.env) as server:
         config_path = quickstart_in(
             tmp_path, **TINY,
             tune={"custom_resources_per_trial": {"trial_node": 1}, "max_concurrent_trials": 2},
             mlflow={"tracking_uri": server.uri, "artifact_location": None},
         )
-        with RayHead(tmp_path, num_cpus=1) as head, \
-                RayWorker(head, num_cpus=2, resources='{"trial_node": 2}') as worker:
-            job = head.submit("python", "sweeper/run.py", "--config", str(config_path), timeout_s=400)
-        assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-
-        config = load_config(config_path)
-        sid = sweep_id(config)
-        results = tune_results(config.tune.storage_path, sid, "synthetic-tiles")
-        assert len(results) == config.search.num_samples
-        reported = [r for trial in results.values() for r in trial]
-        assert reported and {r["node_id"] for r in reported} == {worker.node_id}  # the id ray status gave the worker
-
-        client = MlflowClient(server.uri)
-        experiment = client.get_experiment_by_name(config.mlflow.experiment)
-        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server stores the artifacts
-        runs = client.search_runs([experiment.experiment_id], match({tracking.SWEEP_TAG: sid}))
-        parents = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "sweep"]
-        children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert len(children) == config.search.num_samples
-        for run in children:
-            assert run.data.tags[tracking.PARENT_TAG] == parents[0].info.run_id
-            assert run.data.tags[tracking.TRIAL_TAG] in {r["trial_id"] for r in reported}
-            assert client.get_metric_history(run.info.run_id, "val_aupro")
-            stored = Path(server.artifacts) / experiment.experiment_id / run.info.run_id / "artifacts"
-            assert (stored / "checkpoint" / "synthetic-tiles" / "model.pt").is_file()
-        assert "synthetic-tiles/best_test_image_auroc" in parents[0].data.metrics
-    assert_stopped(server.process, head.process, worker.process)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_sweep_keeps_everything_on_s3_and_reads_its_dataset_from_s3(s3, tmp_path):
-    """Dataset, feature cache, Tune results and (through the MLflow server) artifacts all live in the bucket."""
-    source = make_synthetic_category(tmp_path / "source", name="tiles", size=96, n_train=24, n_test_good=16,
-                                     n_test_per_defect=8)
-    s3.upload(source, "data/tiles")
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}, **s3.env}
-    with MlflowServer(tmp_path, artifacts=f"s3://{s3.bucket}/mlartifacts", env=s3.env) as server:
-        config_path = quickstart_in(tmp_path, **TINY, mlflow={"tracking_uri": server.uri, "artifact_location": None})
         raw = yaml.safe_load(config_path.read_text())
         raw["datasets"] = [{"path": f"s3://{s3.bucket}/data/tiles"}]
         raw["cache"]["root"] = f"s3://{s3.bucket}/cache"
@@ -311,18 +267,43 @@ def test_sweep_keeps_everything_on_s3_and_reads_its_dataset_from_s3(s3, tmp_path
         config = load_config(config_path)
         workdir = tmp_path / "workdir"  # the driver's working directory: where the dataset mirror goes
         workdir.mkdir()
-        command = [sys.executable, str(REPO / "sweeper" / "run.py"), "--config", str(config_path), "--num-cpus", "2"]
-        run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=420)
+        head = RayHead(tmp_path, num_cpus=1)
+        head.env.update(s3.env)  # every node reaches the bucket, as a cluster's nodes would through their role
+        with head, RayWorker(head, num_cpus=2, resources='{"trial_node": 2}') as worker:
+            command = [sys.executable, str(REPO / "sweeper" / "run.py"), "--config", str(config_path),
+                       "--address", head.address]
+            run = subprocess.run(command, cwd=workdir, env=head.env, capture_output=True, text=True, timeout=540)
+        (tmp_path / "job.log").write_text(run.stdout + run.stderr)  # kept for post-mortems (pytest --basetemp)
         assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
 
         client = MlflowClient(server.uri)
         experiment = client.get_experiment_by_name(config.mlflow.experiment)
-        finished = client.search_runs([experiment.experiment_id], match({"bgad.outcome": "finished"}))
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server stores the artifacts
+        runs = client.search_runs([experiment.experiment_id], match({tracking.SWEEP_TAG: sweep_id(config)}))
+        parents = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+        children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert "tiles/best_test_image_auroc" in parents[0].data.metrics
+        assert len(children) == config.search.num_samples
+        finished = [r for r in children if r.data.tags.get("bgad.outcome") == "finished"]
         plots = {a.path for a in client.list_artifacts(finished[0].info.run_id, "plots/tiles")}
         assert "plots/tiles/anomaly_maps.png" in plots  # validation images read back from s3:// for the overlays
-    assert_stopped(server.process)
-    stored = f"mlartifacts/{experiment.experiment_id}/{finished[0].info.run_id}/artifacts/checkpoint/tiles/model.pt"
-    assert stored in s3.keys("mlartifacts/")
+        assert all(client.get_metric_history(run.info.run_id, "val_aupro") for run in children)
+    assert_stopped(server.process, head.process, worker.process)
+
+    tune_keys = s3.keys(f"tune/{sweep_id(config)}/tiles/")
+    assert any(Path(k).name.startswith("experiment_state") for k in tune_keys)
+    result_keys = [k for k in tune_keys if Path(k).name == "result.json"]
+    assert len(result_keys) == config.search.num_samples
+    reported = [json.loads(line) for key in result_keys
+                for line in s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode().splitlines()
+                if line.strip()]
+    assert reported and {r["node_id"] for r in reported} == {worker.node_id}  # the id ray status gave the worker
+    assert {r.data.tags[tracking.TRIAL_TAG] for r in children} <= {r["trial_id"] for r in reported}
+    for run in children:
+        stored = f"mlartifacts/{experiment.experiment_id}/{run.info.run_id}/artifacts/checkpoint/tiles/model.pt"
+        assert stored in s3.keys("mlartifacts/"), stored
+    assert any("/checkpoint_" in k and k.endswith("/tiles/model.pt") for k in tune_keys)
 
     manifests = [k for k in s3.keys("cache/") if k.endswith(f"/{MANIFEST}")]
     assert len(manifests) == 1
@@ -330,14 +311,10 @@ def test_sweep_keeps_everything_on_s3_and_reads_its_dataset_from_s3(s3, tmp_path
     assert any(k.endswith(".parquet") for k in s3.keys(f"{cache_prefix}/shards/"))
     manifest = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=manifests[0])["Body"].read())
     assert manifest["categories"]["tiles"]["root"] == f"s3://{s3.bucket}/data/tiles"
-
-    tune_keys = s3.keys(f"tune/{sweep_id(config)}/tiles/")
-    assert any(Path(k).name.startswith("experiment_state") for k in tune_keys)
-    assert sum(Path(k).name == "result.json" for k in tune_keys) == config.search.num_samples
-    assert any("/checkpoint_" in k and k.endswith("/tiles/model.pt") for k in tune_keys)
     assert not (tmp_path / "tune").exists() and not (tmp_path / "cache").exists()
     assert (workdir / "runs" / "data" / "mirrors").is_dir()
 
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}, **s3.env}
     verify = subprocess.run([sys.executable, "-m", "sweeper.cache", "--config", str(config_path), "--verify"],
                             cwd=workdir, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=120)

@@ -16,21 +16,31 @@ def category(tmp_path_factory):
     return make_synthetic_category(tmp_path_factory.mktemp("data"), size=128, n_train=32, n_test_good=24, n_test_per_defect=12, seed=1)
 
 
-@pytest.mark.slow
-def test_bgad_fas_reaches_high_auroc_quickly(category, tmp_path):
+DATA = {"image_size": 128, "num_anomalies": 3, "racp_per_anomaly": 4}
+SCHEDULE = {"meta_epochs": 3, "sub_epochs": 2, "warmup_epochs": 1, "lr": 1e-3, "fiber_batch": 2048}
+
+
+@pytest.fixture(scope="module")
+def fp32_run(category, tmp_path_factory):
+    """The short BGAD-FAS run in float32 with its output folder and wall time; the bf16 test compares against it."""
+    output = tmp_path_factory.mktemp("fp32-run")
     started = time.perf_counter()
-    data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
-    config = BGADConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048)
-    summary = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), tmp_path)
-    elapsed = time.perf_counter() - started
+    config = BGADConfig(**SCHEDULE, precision="fp32")
+    summary = run(DataConfig(data=str(category), **DATA), config, "tf_efficientnet_lite0", "offline", (4, 8, 16), output)
+    return config, summary, output, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_bgad_fas_reaches_high_auroc_quickly(fp32_run):
+    config, summary, output, elapsed = fp32_run
     assert summary["test"]["image_auroc"] >= 0.95, summary
     assert elapsed < 180
     assert summary["best_epoch"] > config.normal_epochs  # the phase-1 (normal-only) model is never selected
-    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    checkpoint = load_checkpoint(output / "model.pt")
     assert checkpoint["family"] == summary["family"] == "bgad"
     assert detector_from_checkpoint(checkpoint).config == config
     assert checkpoint["backbone"]["weights_digest"]
-    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == checkpoint["epoch"]
+    assert json.loads((output / "summary.json").read_text())["best_epoch"] == checkpoint["epoch"]
 
 
 def test_cli_rejects_beta_outside_unit_interval(category, capsys):
@@ -41,16 +51,13 @@ def test_cli_rejects_beta_outside_unit_interval(category, capsys):
 
 
 @pytest.mark.slow
-def test_bf16_training_keeps_fp32_auroc(category):
+def test_bf16_training_keeps_fp32_auroc(category, fp32_run):
     """bf16 matmuls in the training steps: the trained model's test AUROCs and PRO stay within 0.02 of fp32's."""
-    data = DataConfig(data=str(category), image_size=128, num_anomalies=3, racp_per_anomaly=4)
-    tests = {}
-    for precision in ("fp32", "bf16"):
-        config = BGADConfig(meta_epochs=3, sub_epochs=2, warmup_epochs=1, lr=1e-3, fiber_batch=2048,
-                             precision=precision)
-        tests[precision] = run(data, config, "tf_efficientnet_lite0", "offline", (4, 8, 16), None)["test"]
+    config = BGADConfig(**SCHEDULE, precision="bf16")
+    bf16 = run(DataConfig(data=str(category), **DATA), config, "tf_efficientnet_lite0", "offline", (4, 8, 16), None)["test"]
+    fp32 = fp32_run[1]["test"]
     for key in ("image_auroc", "pixel_auroc", "aupro"):
-        assert abs(tests["bf16"][key] - tests["fp32"][key]) <= 0.02, (key, tests)
+        assert abs(bf16[key] - fp32[key]) <= 0.02, (key, bf16, fp32)
 
 
 def test_too_few_anomalies_for_validation_is_a_one_line_error(tmp_path, capsys):
