@@ -211,3 +211,23 @@ def test_plateau_stopping_is_on_by_default_and_can_be_turned_off(tmp_path):
     assert not load_config(write(tmp_path, raw)).tune.plateau.rule().enabled
     raw["tune"]["plateau"] = {"patience": 4, "min_delta": 0}
     assert load_config(write(tmp_path, raw)).tune.plateau.rule() == PlateauConfig(4, 0.0)
+
+
+def test_a_family_whose_trials_never_reached_a_selectable_epoch_has_no_best_value():
+    """A BGAD trial pruned in its normal-only phase reports only the "not selectable" mark: the summary's per-family
+    line shows no figure for it ("-"), never the mark (-1) as if it were a validation score."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from sweeper.tuning.sweep import family_bests
+    from sweeper.tuning.trainable import SELECTION_KEY, UNSELECTABLE
+
+    def result(family, scores, trial_id):
+        return SimpleNamespace(config={"family": family}, metrics={"trial_id": trial_id},
+                               metrics_dataframe=pd.DataFrame({SELECTION_KEY: scores}))
+
+    bests = family_bests([result("bgad", [UNSELECTABLE], "a"), result("patchcore", [0.9], "b"),
+                          result("bgad", [UNSELECTABLE, 0.7, float("nan")], "c")], {})
+    assert bests["patchcore"] == {"trials": 1, "val": 0.9, "trial_id": "b"}
+    assert bests["bgad"] == {"trials": 2, "val": 0.7, "trial_id": "c"}
+    assert family_bests([result("bgad", [UNSELECTABLE], "a")], {})["bgad"]["val"] is None

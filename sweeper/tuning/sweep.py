@@ -40,7 +40,7 @@ from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.job.interrupt import STOP
 from sweeper.tuning.progress import SweepProgress
 from sweeper.tuning.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, SELECTION_KEY,
-                               TrialContext, ran_its_course, train_detector)
+                               UNSELECTABLE, TrialContext, ran_its_course, train_detector)
 
 log = logging.getLogger(__name__)
 
@@ -440,6 +440,7 @@ def family_bests(results: tune.ResultGrid, fixed: Mapping[str, Any]) -> dict[str
         name = str(result.config.get(FAMILY_KEY, fixed.get(FAMILY_KEY)))
         history = result.metrics_dataframe
         values = [] if history is None or SELECTION_KEY not in history else history[SELECTION_KEY].dropna().tolist()
+        values = [v for v in values if v != UNSELECTABLE]  # a trial pruned in BGAD's phase 1 has no selectable epoch
         entry = bests.setdefault(name, {"trials": 0, "val": None, "trial_id": None})
         entry["trials"] += 1
         if values and (entry["val"] is None or max(values) > entry["val"]):
