@@ -18,6 +18,7 @@ from bgad_core.evaluation.intervals import (
     _PixelTable,
     _weights,
     bootstrap_distribution,
+    compare_paired,
     interval_metrics,
     metric_intervals,
     percentile_interval,
@@ -143,3 +144,32 @@ def test_flat_names_and_bad_arguments() -> None:
         percentile_interval(np.ones(3), confidence=1.0)
     with pytest.raises(DataError, match="maps is missing"):
         metric_intervals(labels, scores, masks=np.zeros((10, 4, 4)))
+
+
+def paired(labels: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """compare_paired of two detectors' image AUROC on the same images."""
+    first = bootstrap_distribution(labels, a)["image_auroc"]
+    second = bootstrap_distribution(labels, b)["image_auroc"]
+    gap = compute_metrics(labels, a)["image_auroc"] - compute_metrics(labels, b)["image_auroc"]
+    return compare_paired(first, second, gap, labels.size), first, second
+
+
+def test_a_clearly_better_detector_is_told_apart_and_an_identical_one_is_not() -> None:
+    labels, scores = image_split(60, 30, seed=4)
+    better, _, _ = paired(labels, scores + 1.5 * labels, scores)
+    assert better.verdict == "better" and better.lo > 0 and better.images_to_separate is None
+    worse, _, _ = paired(labels, scores, scores + 1.5 * labels)
+    assert worse.verdict == "worse" and worse.hi < 0
+    same, _, _ = paired(labels, scores, scores.copy())
+    assert same.verdict == "undecided" and same.gap == same.lo == same.hi == 0 and same.images_to_separate is None
+
+
+def test_pairing_narrows_the_interval_and_a_small_gap_asks_for_more_images() -> None:
+    """Two detectors that err on the same images: the paired interval of the difference is much narrower than the
+    two separate intervals suggest, and a gap inside it needs more images than the split has to be resolved."""
+    labels, scores = image_split(30, 15, seed=5)
+    nudged = scores + 0.05 * labels + np.random.default_rng(6).normal(0, 0.1, labels.size)
+    result, first, second = paired(labels, nudged, scores)
+    unpaired = width(percentile_interval(first)) + width(percentile_interval(second))
+    assert result.hi - result.lo < unpaired / 2
+    assert result.verdict == "undecided" and result.images_to_separate > labels.size, result

@@ -114,6 +114,7 @@ def test_documented_local_workflow_runs_as_written(tmp_path):
     assert len(submits) == 2
     first, second = submits
     assert "| synthetic-tiles |" in first and "one-class baseline (patchcore)" in first and "best trial for" in first
+    assert "verdict synthetic-tiles: on " in first  # whether the winner beats the baseline beyond the interval
     for foreign in ("core_worker.cc", "Token authentication", "huggingface", "mlflow.store.db.utils"):
         assert foreign not in first, foreign  # the job's console holds the project's lines only
     assert "?workflowType=machine_learning&viewStateShareKey=" in first  # the saved view of the runs table

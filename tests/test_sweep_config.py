@@ -161,6 +161,28 @@ def test_summary_table_shows_intervals_and_a_test_column_for_the_objective():
     assert row == "| tiles | 1/0/0 | best trial | 0.874 [0.81, 0.93] | 0.900 [0.85, 0.95] | - | - | 0.700 |"
 
 
+def test_the_summary_ends_with_a_verdict_per_category():
+    """Below the table, each category's verdict: told apart from an arm beyond the paired interval, or not, with
+    roughly how many images would separate them at the observed gap."""
+    from sweeper.tuning.sweep import summary_table
+
+    arm = {"val": {"aupro": 0.5}, "test": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}}
+    verdicts = {
+        "paper_default": {"metric": "aupro", "gap": 0.012, "lo": -0.01, "hi": 0.034, "images": 110,
+                          "images_to_separate": 924, "verdict": "undecided"},
+        "baseline": {"metric": "aupro", "gap": 0.051, "lo": 0.02, "hi": 0.083, "images": 110,
+                     "images_to_separate": None, "verdict": "better"},
+    }
+    entry = {"trials": {"finished": 2, "pruned": 1, "failed": 0}, "best": arm, "paper_default": arm, "baseline": arm,
+             "verdicts": verdicts}
+    lines = summary_table({"objective": "val_aupro", "categories": {"tiles": entry}}).splitlines()
+    assert lines[-2] == ""
+    assert lines[-1] == ("verdict tiles: on 110 test images (test PRO, paired 95 % interval of the difference), the "
+                         "best trial is not told apart from the paper default (+0.012 [-0.010, +0.034]; about 924 "
+                         "images would separate them at this gap); better than the one-class baseline "
+                         "(+0.051 [+0.020, +0.083])")
+
+
 @pytest.mark.parametrize(
     "edit, key",
     [

@@ -15,10 +15,11 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from ray import tune
@@ -28,7 +29,8 @@ from ray.tune.stopper import Stopper
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint, load_checkpoint
-from bgad_core.evaluation.intervals import interval_metrics, metric_intervals
+from bgad_core.evaluation.intervals import (bootstrap_distribution, compare_paired, interval_metrics,
+                                            percentile_interval)
 from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.registry import config_for, family
@@ -364,24 +366,25 @@ def grid_space(config: SweepConfig) -> dict[str, Any]:
     return {k: tune.grid_search(v) for k, v in config.search.grid.items()}
 
 
-def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: str) -> dict[str, Any]:
+def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: str) -> Evaluated:
     """Evaluate a trial's best-validation checkpoint on the test split of ``category``: the only test read."""
     checkpoint = result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint
     with checkpoint.as_directory() as folder:
         saved = load_checkpoint(Path(folder) / category / MODEL_FILE)
     test = read_features(manifest, category, ["test"])
     evaluation = evaluate(detector_from_checkpoint(saved), test)
-    return {
+    figures, resampled = split_figures(test, evaluation.scores, evaluation.maps)
+    return Evaluated({
         "trial_id": result.metrics.get("trial_id"),
         "family": saved["family"],
         "epoch": saved["epoch"],
         "val": {k.removeprefix("val_"): v for k, v in saved["metrics"].items()},
-        "test": split_figures(test, evaluation.scores, evaluation.maps),
+        "test": figures,
         "config": {**checkpoint_config(saved), **{k: result.config.get(k) for k in DATA_KEYS if k in result.config}},
-    }
+    }, resampled, len(test))
 
 
-def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], category: str) -> dict[str, Any]:
+def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], category: str) -> Evaluated:
     """Fit the one-class baseline (``baseline.family``) on the category's training normals; its validation and test
     metrics.
 
@@ -401,20 +404,48 @@ def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], catego
     objective = "image_auroc"
     val = read_features(manifest, category, ["val"])
     evaluation = training.validate(val, size, objective)
-    result["val"] = split_figures(val, evaluation.scores, evaluation.maps)
+    result["val"] = split_figures(val, evaluation.scores, evaluation.maps)[0]
     test = read_features(manifest, category, ["test"])
     tested = evaluate(evaluation.detector, test)
-    result["test"] = split_figures(test, tested.scores, tested.maps)
-    return {**result, "config": spec.model_dump(mode="json"), "seconds": round(time.monotonic() - started, 1)}
+    result["test"], resampled = split_figures(test, tested.scores, tested.maps)
+    return Evaluated({**result, "config": spec.model_dump(mode="json"),
+                      "seconds": round(time.monotonic() - started, 1)}, resampled, len(test))
 
 
-def split_figures(split: FeatureSet, scores: torch.Tensor, maps: torch.Tensor) -> dict[str, float]:
+def split_figures(split: FeatureSet, scores: torch.Tensor,
+                  maps: torch.Tensor) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """A split's metrics (``compute_metrics``; pixel ones where it has masks) and their 95 % intervals from a seeded
-    stratified bootstrap over its images (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``)."""
+    stratified bootstrap over its images (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``),
+    with the bootstrap values themselves: the same seed resamples the same images for every detector scored on the
+    split, so two detectors' values compare pairwise (``verdicts``)."""
     masks = split.pixel_masks
     maps = None if masks is None else maps
     metrics = compute_metrics(split.labels, scores, masks, maps)
-    return {**metrics, **interval_metrics(metric_intervals(split.labels, scores, masks, maps))}
+    resampled = bootstrap_distribution(split.labels, scores, masks, maps)
+    intervals = {key: percentile_interval(values) for key, values in resampled.items()}
+    return {**metrics, **interval_metrics(intervals)}, resampled
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One arm's summary entry (figures, config, ...), its test split's bootstrap values and the split's size."""
+
+    entry: dict[str, Any]
+    test_resampled: dict[str, np.ndarray]
+    test_images: int
+
+
+def verdicts(best: Evaluated, others: Mapping[str, Evaluated], metric: str) -> dict[str, dict[str, Any]]:
+    """The best trial against each other arm on test ``metric`` (the objective's test counterpart), paired over the
+    same test images (``compare_paired``): {arm: gap, interval, verdict, images that would separate them}."""
+    compared = {}
+    for arm, other in others.items():
+        if metric not in best.test_resampled or metric not in other.test_resampled:
+            continue
+        gap = best.entry["test"][metric] - other.entry["test"][metric]
+        comparison = compare_paired(best.test_resampled[metric], other.test_resampled[metric], gap, best.test_images)
+        compared[arm] = {"metric": metric, **asdict(comparison), "verdict": comparison.verdict}
+    return compared
 
 
 class SweepFailed(RuntimeError):
@@ -538,12 +569,17 @@ def _search_groups(
         best = best_result(results, metric)
         per_family = family_bests(results, context.fixed)
         for category in members:
-            entry = {"trials": counts, "families": per_family, "best": test_evaluation(best, manifest, category)}
+            winner = test_evaluation(best, manifest, category)
+            others = {}
             if reference is not None:
-                entry["paper_default"] = test_evaluation(reference[0], manifest, category)
+                others["paper_default"] = test_evaluation(reference[0], manifest, category)
             if config.baseline.enabled:
-                entry["baseline"] = baseline_evaluation(config, manifest, category)
-            summary["categories"][category] = entry
+                others["baseline"] = baseline_evaluation(config, manifest, category)
+            summary["categories"][category] = {
+                "trials": counts, "families": per_family, "best": winner.entry,
+                **{arm: evaluated.entry for arm, evaluated in others.items()},
+                "verdicts": verdicts(winner, others, metric.removeprefix("val_")),
+            }
 
 
 TEST_COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "PRO"}
@@ -578,7 +614,29 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             value = "-" if best["val"] is None else f"{best['val']:.3f}"
             lines.append(f"| {name} | {best['trials']} | best {family_name} trial (not tested) | {value} | "
                          + " | ".join("-" for _ in columns) + " |")
-    return "\n".join(lines)
+    verdicts_lines = [verdict_line(name, entry["verdicts"], dict(arms), columns)
+                      for name, entry in summary["categories"].items() if entry.get("verdicts")]
+    return "\n".join(lines + ([""] + verdicts_lines if verdicts_lines else []))
+
+
+def verdict_line(category: str, compared: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str],
+                 columns: Mapping[str, str]) -> str:
+    """One line per category: is the best trial better or worse than each other arm on test beyond the paired 95 %
+    interval, or can the test images not tell them apart (and roughly how many images would, at this gap)?"""
+    parts = []
+    for arm, c in compared.items():
+        figure = f"{c['gap']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+        if c["verdict"] != "undecided":
+            parts.append(f"{c['verdict']} than the {labels[arm]} ({figure})")
+        elif c["images_to_separate"] is None:
+            parts.append(f"no different from the {labels[arm]} ({figure})")
+        else:
+            parts.append(f"not told apart from the {labels[arm]} ({figure}; about {c['images_to_separate']} images "
+                         f"would separate them at this gap)")
+    first = next(iter(compared.values()))
+    metric = columns.get(first["metric"], first["metric"])
+    return (f"verdict {category}: on {first['images']} test images (test {metric}, paired 95 % interval of the "
+            f"difference), the best trial is " + "; ".join(parts))
 
 
 def _figure(figures: Mapping[str, Any], metric: str) -> str:
@@ -610,6 +668,9 @@ def _log_summary(client: Any, run_id: str, summary: Mapping[str, Any]) -> None:
     tracking.log_metrics(client, run_id, metrics, step=0)
     tracking.set_tags(client, run_id, {f"bgad.best_trial.{name}": entry["best"]["trial_id"]
                                        for name, entry in summary["categories"].items()})
+    tracking.set_tags(client, run_id, {f"bgad.verdict.{name}.{arm}": compared["verdict"]
+                                       for name, entry in summary["categories"].items()
+                                       for arm, compared in entry.get("verdicts", {}).items()})
     tracking.log_params(client, run_id, {f"best.{name}.{key}": value for name, entry in summary["categories"].items()
                                          for key, value in entry["best"]["config"].items()})
     client.log_dict(run_id, dict(summary), "summary.json")
