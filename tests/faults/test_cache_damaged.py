@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_truncated_shard_is_rebuilt_before_training(tmp_path, tiny_cache):
     with_cache(tmp_path, tiny_cache)
-    config_path = tiny_sweep(tmp_path, search={"num_samples": 2})
+    config_path = tiny_sweep(tmp_path, search={"num_samples": 1})  # one trial reads the rebuilt cache
     [cache] = [m.parent for m in (tmp_path / "cache").glob("*/manifest.json")]
     shard = cache / SHARDS / verify_cache(str(cache))["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])

@@ -70,7 +70,7 @@ def test_a_sweep_writes_no_credential_anywhere(tmp_path, tiny_cache, ray_temp_di
     with_cache(tmp_path, tiny_cache)
     with MlflowServer(tmp_path, admin_password=ADMIN_PASSWORD) as server:
         server.create_user(*(CANARIES[k] for k in SIGN_IN))
-        config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train={"meta_epochs": 2},
+        config_path = tiny_sweep(tmp_path, search={"num_samples": 1}, train={"meta_epochs": 2},
                                  mlflow={"tracking_uri": server.uri, "artifact_location": None})
         env = local_env(tmp_path, RAY_TMPDIR=str(ray_temp_dir), **CANARIES)
         code, console = run_job(config_path, env, "--num-cpus", "2", "--project-dir", str(tmp_path))
