@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from dataclasses import fields, replace
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import cpu_description
 from benchmarks.stress_data import shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.data.datasets import read_category
@@ -88,18 +88,8 @@ SCORED_IMAGES = 100  # the scoring wall time of every arm: its selected detector
 
 
 def cpu_flags() -> str:
-    """The CPU model and its matrix-relevant flags, printed with every figure (the machine changes)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{model}; {torch.get_num_threads()} threads; flags: {' '.join(f for f in wanted if f in flags) or 'none of interest'}"
+    """The CPU model, torch's thread count and the matrix-relevant flags, printed with every figure."""
+    return cpu_description(torch.get_num_threads())
 
 
 def protocol_data(dataset: str, data_root: Path, stress: str | None = None, scratch: Path | None = None) -> DataConfig:

@@ -10,10 +10,10 @@ training loop and the checkpointed detector.
 One addition to the paper: the patch embeddings are standardised per channel (the training normals' mean and
 standard deviation, fixed before training and kept as buffers, so that checkpoints, serving and ONNX export apply
 them too). The noise that makes the synthetic anomalies has a fixed standard deviation, so without it its effect
-depends on the backbone's feature scale: the paper's 0.015 is a few per cent of its WideResNet-50 features' spread,
-but 0.5 % of lite0's (per-channel standard deviation about 3.3 on BrainMRI and DeepPCB), where the discriminator
-cannot tell a patch from its noisy copy (one-class loss stuck at 1.0000 from the second meta-epoch on DeepPCB, test
-image AUROC 0.544).
+depends on the backbone's feature scale: lite0's per-channel standard deviation is about 3.3 (BrainMRI, DeepPCB),
+where the paper's 0.015 is 0.5 % of it and the discriminator cannot tell a patch from its noisy copy (one-class
+loss stuck at 1.0000 from the second meta-epoch on DeepPCB, test image AUROC 0.544). Standardised, the noise is a
+share of each channel's spread for any backbone (``SimpleNetConfig.noise_std`` says which share).
 
 Example:
     >>> import torch
