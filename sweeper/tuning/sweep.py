@@ -443,6 +443,8 @@ def verdicts(best: Evaluated, others: Mapping[str, Evaluated], metric: str) -> d
         if metric not in best.test_resampled or metric not in other.test_resampled:
             continue
         gap = best.entry["test"][metric] - other.entry["test"][metric]
+        if not math.isfinite(gap):  # undefined on this split for either arm: nothing to compare
+            continue
         comparison = compare_paired(best.test_resampled[metric], other.test_resampled[metric], gap, best.test_images)
         compared[arm] = {"metric": metric, **asdict(comparison), "verdict": comparison.verdict}
     return compared
