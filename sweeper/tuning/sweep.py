@@ -368,19 +368,26 @@ def grid_space(config: SweepConfig) -> dict[str, Any]:
 
 def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: str) -> Evaluated:
     """Evaluate a trial's best-validation checkpoint on the test split of ``category``: the only test read."""
-    checkpoint = result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint
+    evaluated = checkpoint_evaluation(result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint,
+                                      manifest, category)
+    evaluated.entry["config"].update({k: result.config.get(k) for k in DATA_KEYS if k in result.config})
+    return replace(evaluated, entry={"trial_id": result.metrics.get("trial_id"), **evaluated.entry})
+
+
+def checkpoint_evaluation(checkpoint: tune.Checkpoint, manifest: Mapping[str, Any], category: str) -> Evaluated:
+    """A trial checkpoint's detector for ``category`` on its test split: family, epoch, validation and test
+    figures, and the detector's config."""
     with checkpoint.as_directory() as folder:
         saved = load_checkpoint(Path(folder) / category / MODEL_FILE)
     test = read_features(manifest, category, ["test"])
     evaluation = evaluate(detector_from_checkpoint(saved), test)
     figures, resampled = split_figures(test, evaluation.scores, evaluation.maps)
     return Evaluated({
-        "trial_id": result.metrics.get("trial_id"),
         "family": saved["family"],
         "epoch": saved["epoch"],
         "val": {k.removeprefix("val_"): v for k, v in saved["metrics"].items()},
         "test": figures,
-        "config": {**checkpoint_config(saved), **{k: result.config.get(k) for k in DATA_KEYS if k in result.config}},
+        "config": checkpoint_config(saved),
     }, resampled, len(test))
 
 
