@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: no import circles, ``sweeper -> bgad_core`` only, no detector family
-named in ``sweeper/`` outside configuration defaults, and every ``>>>`` example in ``bgad_core`` runs."""
+named in ``sweeper/`` outside configuration defaults, no family folder reading another's, and every ``>>>`` example
+in ``bgad_core`` runs."""
 
 from __future__ import annotations
 
@@ -140,6 +141,28 @@ def test_the_family_check_sees_a_family_name():
         assert len(family_mentions(probe)) == 2
     finally:
         probe.unlink()
+
+
+def cross_family_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from one family's folder (``bgad_core.models.<family>``) into another's: what two families share
+    belongs in ``bgad_core.models.components``, so that a family can be added or removed as one folder."""
+    def owner(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 2 and parts[:2] == ["bgad_core", "models"] and parts[2] in FAMILY_NAMES else None
+    return [f"{name} -> {target}" for name, targets in sorted(graph.items()) for target in sorted(targets)
+            if owner(name) and owner(target) and owner(name) != owner(target)]
+
+
+def test_no_family_imports_another_family():
+    found = cross_family_imports(import_graph())
+    assert not found, "a family reads another family's folder (move the shared part to components):\n" + "\n".join(found)
+
+
+def test_the_cross_family_check_sees_one():
+    graph = {"bgad_core.models.simplenet.training": {"bgad_core.models.patchcore.torch_model",
+                                                     "bgad_core.models.components.cells"},
+             "bgad_core.models.patchcore.detector": {"bgad_core.models.patchcore.torch_model"}}
+    assert cross_family_imports(graph) == ["bgad_core.models.simplenet.training -> bgad_core.models.patchcore.torch_model"]
 
 
 @pytest.mark.parametrize("module", sorted(m.name for m in pkgutil.walk_packages(bgad_core.__path__, "bgad_core.")))

@@ -8,7 +8,8 @@ import torch
 from bgad_core.errors import ConfigError
 from bgad_core.data.features import FeatureSet
 from bgad_core.models.patchcore import torch_model
-from bgad_core.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances, patch_embeddings
+from bgad_core.models.components.cells import patch_embeddings
+from bgad_core.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances
 
 
 def feature_set(features: list[torch.Tensor], labels: list[int] | None = None) -> FeatureSet:

@@ -18,7 +18,7 @@ import torch
 from bgad_core.data.features import FeatureSet, mask_to_grid
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.models.base import FEW_SHOT, Evaluation, split_metrics
-from bgad_core.models.patchcore.torch_model import patch_embeddings
+from bgad_core.models.components.cells import patch_embeddings
 from bgad_core.models.simplenet import FAMILY, SimpleNet, SimpleNetConfig, SimpleNetDetector, SimpleNetTraining
 from bgad_core.models.simplenet.training import most_anomalous_cells
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,

@@ -25,18 +25,8 @@ from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.components.cells import IGNORED, fiber_labels
 from bgad_core.precision import resolve_precision
-
-IGNORED = -1  # cells that are partly defect: neither pulled in as normal nor pushed out as abnormal
-
-
-def fiber_labels(mask_fractions: torch.Tensor, abnormal_fraction: float) -> torch.Tensor:
-    """Label each feature cell 0 (no defect), 1 (defect share >= ``abnormal_fraction``) or IGNORED (in between)."""
-    labels = torch.zeros_like(mask_fractions, dtype=torch.long)
-    labels[mask_fractions > 0] = IGNORED
-    labels[mask_fractions >= abnormal_fraction] = 1
-    return labels
-
 
 def least_likely_abnormal(logps: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keep-mask: every normal vector and the ``fraction`` of abnormal vectors with the lowest log-likelihood.

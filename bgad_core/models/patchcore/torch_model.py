@@ -31,11 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bgad_core.data.features import FeatureSet, local_average
+from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
+from bgad_core.models.components.cells import patch_embeddings
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 PROJECTION_DIM = 128  # k-center distances are computed on a random projection of this width (enough to rank)
@@ -50,26 +50,6 @@ def check_settings(coreset_ratio: float, num_neighbors: int, blur_sigma: float) 
         raise ConfigError(f"patchcore num_neighbors must be >= 1, got {num_neighbors}")
     if blur_sigma < 0:
         raise ConfigError(f"patchcore blur_sigma must be >= 0 (0: no blur), got {blur_sigma}")
-
-
-def patch_embeddings(features: Sequence[torch.Tensor], levels: Sequence[int] | None = None) -> torch.Tensor:
-    """Locally aggregated float32 patch features ``(N, C, H, W)`` at the resolution of ``levels[0]`` (None: all).
-
-    Each chosen level is averaged over 3x3 neighbourhoods (a patch sees its surroundings), upsampled bilinearly to
-    the first chosen level's grid and concatenated along channels.
-    """
-    levels = range(len(features)) if levels is None else levels
-    for level in levels:
-        if not 0 <= level < len(features):
-            raise ConfigError(f"patchcore level {level} does not exist: the features have {len(features)} levels")
-    grid = features[levels[0]].shape[-2:]
-    parts = []
-    for level in levels:
-        pooled = local_average(features[level], 3)
-        if pooled.shape[-2:] != grid:
-            pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
-        parts.append(pooled)
-    return torch.cat(parts, dim=1)
 
 
 def greedy_coreset(embeddings: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from bgad_core.models.base import Detector
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
-from bgad_core.models.patchcore.torch_model import patch_embeddings
+from bgad_core.models.components.cells import patch_embeddings
 from bgad_core.models.simplenet.config import SimpleNetConfig
 from bgad_core.models.simplenet.torch_model import STANDARDISATION_BUFFERS, SimpleNet
 

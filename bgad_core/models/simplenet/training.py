@@ -5,7 +5,7 @@ each sub-epoch is one shuffled pass over the normal patches in steps of ``batch_
 one synthetic anomaly (its adapted feature plus Gaussian noise). In few-shot mode each step also draws as many real
 anomalous patches as it has normal ones (or all of them, where there are fewer), with replacement.
 
-Which cells of an anomalous row are anomalous comes from its mask at the map's level (``fiber_labels``, as BGAD's):
+Which cells of an anomalous row are anomalous comes from its mask at the map's level (``fiber_labels``, shared with BGAD):
 cells whose defect share reaches ``abnormal_fraction`` are anomalous, partly defect cells are left out, defect-free
 cells are normal. An anomalous row whose mask covers the whole image carries an image-level label (so does one
 whose mask marks nothing: its label still says it is not normal); its cells are candidates, and at the start of
@@ -23,9 +23,8 @@ import torch
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError, TrainingDivergedError
 from bgad_core.models.base import Evaluation, OptimizerTraining, ScoreDistribution, split_metrics
-from bgad_core.models.bgad.training import fiber_labels
+from bgad_core.models.components.cells import fiber_labels, patch_embeddings
 from bgad_core.models.components.levels import level_indices
-from bgad_core.models.patchcore.torch_model import patch_embeddings
 from bgad_core.models.simplenet.config import SimpleNetConfig
 from bgad_core.models.simplenet.detector import SimpleNetDetector, untrained_model
 
