@@ -81,3 +81,15 @@ def test_nothing_to_do_for_a_new_experiment_or_object_storage(tmp_path):
     assert restore_cut_off_state(str(tmp_path / "not yet created")) is False
     assert restore_cut_off_state("s3://bucket/sweep/experiment") is False
     StateBackup("s3://bucket/sweep/experiment").on_step_end(iteration=1, trials=[])  # touches nothing
+
+
+@pytest.mark.parametrize("saved", [b"csweeper._moved_away\nSweepOptunaSearch\n.", b"csweeper.tuning.sweep\nGoneClass\n."])
+def test_state_saved_by_a_version_with_other_module_paths_is_a_clear_error(tmp_path, saved):
+    """Tune pickles the searcher and callbacks by module path: an experiment interrupted before an upgrade that
+    moved them cannot resume after it, and the user is told so (and what to do) instead of getting a traceback."""
+    from bgad_core.errors import ConfigError
+    from sweeper.tuning.sweep import restored_tuner
+
+    (tmp_path / "tuner.pkl").write_bytes(saved)
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path)) + r": saved by another version.*(sweeper\._moved_away|GoneClass).*new name"):
+        restored_tuner(str(tmp_path), lambda config: None, {})

@@ -29,6 +29,7 @@ from ray.tune.stopper import Stopper
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint, load_checkpoint
+from bgad_core.errors import ConfigError
 from bgad_core.evaluation.intervals import (bootstrap_distribution, compare_paired, interval_metrics,
                                             percentile_interval)
 from bgad_core.evaluation.metrics import compute_metrics
@@ -299,8 +300,7 @@ def run_experiment(
     restore_cut_off_state(path)  # a driver killed while Tune saved the state left it cut off
     if tune.Tuner.can_restore(path):
         log.info("resuming experiment %s from %s", name, path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
-        return _fit(tuner, name, expected)
+        return _fit(restored_tuner(path, trainable, param_space), name, expected)
     max_t = schedule_length(config, context.fixed)
     tuner = tune.Tuner(
         trainable,
@@ -325,6 +325,21 @@ def run_experiment(
         ),
     )
     return _fit(tuner, name, expected)
+
+
+def restored_tuner(path: str, trainable: Any, param_space: dict[str, Any]) -> tune.Tuner:
+    """The experiment saved at ``path``, ready to resume; a ``ConfigError`` naming the path when its saved state
+    refers to code this version does not have (Tune pickles the searcher, scheduler and callbacks by module path,
+    so an experiment interrupted before an upgrade that moved them cannot resume after it)."""
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
+    except (ImportError, AttributeError) as error:
+        missing = error.name if isinstance(error, ImportError) and error.name else str(error)
+        raise ConfigError(
+            f"{path}: saved by another version of bgad-sweeper (it refers to {missing}, which this version does "
+            "not have), so it cannot resume; its finished trials stay in MLflow and Optuna. To start this sweep "
+            f"afresh, give it a new name in the config or move {path} away"
+        ) from error
 
 
 def _fit(tuner: tune.Tuner, name: str, expected: int) -> tune.ResultGrid:
