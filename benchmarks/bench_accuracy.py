@@ -23,6 +23,9 @@ total. ``--stress shift-rotate`` runs the protocol on an unaligned twin of its c
 and shifted by its own seeded draw, masks moved with it (``benchmarks.stress_data``). Epochs are selected on
 validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the learning curves
 only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
+``--train-defect-types blowhole`` runs the unseen-defect protocol (``bgad_core.data.splits``): labelled anomalies of
+those types only, validation without the other types, and a second table of each arm's test figures on the seen and
+on the unseen types.
 
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
 choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones): each policy selects its own epoch on its
@@ -31,7 +34,7 @@ normals; the ``auto`` row is what the default training gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
         [--arms patchcore bgad bgad-fas paper simplenet simplenet-fs] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
-        [--simplenet-set noise_std=0.3] [--compare-scoring] [--json results.json]
+        [--simplenet-set noise_std=0.3] [--train-defect-types TYPE ...] [--compare-scoring] [--json results.json]
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ from bgad_core.data.datasets import read_category
 from bgad_core.data.features import FeatureSet
 from bgad_core.data.splits import make_splits
 from bgad_core.engine.selection import seed_everything, train_and_select
+from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
-from bgad_core.models.base import Detector, DetectorConfig
+from bgad_core.models.base import Detector, DetectorConfig, split_metrics
 from bgad_core.models.patchcore.config import PatchCoreConfig
 from bgad_core.models.registry import family
 from bgad_core.models.simplenet.config import SimpleNetConfig
@@ -137,15 +141,23 @@ def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
 
 
 def family_arm(family_name: str, config: DetectorConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet,
-               strides: Sequence[int], objective: str, size: tuple[int, int], curves: bool = False) -> dict:
-    """Train one family's detector, select on validation, test once; figures and wall times of one arm."""
+               strides: Sequence[int], objective: str, size: tuple[int, int], curves: bool = False,
+               seen_types: Sequence[str] | None = None) -> dict:
+    """Train one family's detector, select on validation, test once; figures and wall times of one arm.
+
+    ``seen_types`` (the unseen-defect protocol's ``train_defect_types``): also the test figures of each group of
+    types (``test_seen``, ``test_unseen``: the normals with that group's anomalies).
+    """
     seed_everything(config.seed)
     started = time.perf_counter()
     training = family(family_name).training(config, train, strides, "cpu")
     best = train_and_select(training, val, test, size, objective, test_every_epoch=curves)
     seconds = time.perf_counter() - started
+    groups = {} if seen_types is None else defect_groups(test.ids, test.labels, seen_types)
     return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics, "seconds": round(seconds, 1),
-            "score_seconds": scoring_seconds(best.test.detector, test), "history": best.history}
+            "score_seconds": scoring_seconds(best.test.detector, test), "history": best.history,
+            **{f"test_{group}": split_metrics(test.select(rows), best.test.scores[rows], best.test.maps[rows])
+               for group, rows in groups.items()}}
 
 
 def scoring_seconds(detector: Detector, test: FeatureSet) -> float:
@@ -208,12 +220,16 @@ def main() -> None:
     parser.add_argument("--stress", choices=STRESS, default=None,
                         help="run on a stress variant of the category (shift-rotate: every image moved by its own "
                              "seeded shift and rotation, masks with it)")
+    parser.add_argument("--train-defect-types", nargs="+", default=None, metavar="TYPE",
+                        help="unseen-defect protocol: labelled anomalies of these types only; validation holds no "
+                             "other type, test reports seen and unseen types apart")
     parser.add_argument("--compare-scoring", action="store_true",
                         help="score the bgad and bgad-fas arms under every scoring policy (one training each)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as scratch:
-        run(args, protocol_data(args.dataset, args.data_root, args.stress, Path(scratch)))
+        data = protocol_data(args.dataset, args.data_root, args.stress, Path(scratch))
+        run(args, replace(data, train_defect_types=args.train_defect_types))
 
 
 def run(args: argparse.Namespace, data: DataConfig) -> None:
@@ -230,17 +246,18 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     levels = [EXTRACTED_STRIDES.index(s) for s in strides]
     train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
     normals = train.select(torch.nonzero(train.labels == 0).flatten())
+    seen = data.train_defect_types
     rows: list[tuple[str, dict]] = []
     if "patchcore" in args.arms:
         rows.append(("PatchCore, no labels", family_arm("patchcore", PatchCoreConfig(), train_all, val_all, test_all,
-                                                        EXTRACTED_STRIDES, objective, size)))
+                                                        EXTRACTED_STRIDES, objective, size, seen_types=seen)))
     simplenet = SimpleNetConfig(**parse_overrides(args.simplenet_set, SimpleNetConfig, "--simplenet-set"))
     simplenet_arms = [("simplenet", "SimpleNet, no labels", replace(simplenet, use_anomalies=False)),
                       ("simplenet-fs", f"SimpleNet few-shot, n = {data.num_anomalies}", simplenet)]
     for arm, label, config in simplenet_arms:
         if arm in args.arms:
             rows.append((label, family_arm("simplenet", config, train_all, val_all, test_all, EXTRACTED_STRIDES,
-                                           objective, size, args.curves)))
+                                           objective, size, args.curves, seen)))
     arms = [("bgad", "BGAD, no labels", replace(base, focal_weighting=False), normals),
             ("bgad-fas", f"BGAD-FAS, n = {data.num_anomalies}", base, train)]
     for arm, label, config, rows_of in arms:
@@ -251,17 +268,17 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
                 rows.append((f"{label}, scoring {policy} [{row['scoring']}]", row))
         else:
             rows.append((label, family_arm("bgad", config, rows_of, val, test, strides, objective, size,
-                                           args.curves)))
+                                           args.curves, seen)))
     if "paper" in args.arms:
         paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0)
         rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
                      family_arm("bgad", paper, train_all, val_all, test_all, EXTRACTED_STRIDES, objective, size,
-                                args.curves)))
+                                args.curves, seen)))
     for n in args.anomalies:
         subset = anomaly_subset(train, data, n)
         config = base if n else replace(base, focal_weighting=False)
         rows.append((f"BGAD-FAS, n = {n}", family_arm("bgad", config, subset, val, test, strides, objective, size,
-                                                      args.curves)))
+                                                      args.curves, seen)))
     print(f"\n{args.dataset}{'' if args.stress is None else ' (' + args.stress + ')'}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
           f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
     print(f"machine: {cpu_flags()}")
@@ -273,6 +290,14 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
         print(f"| {label} | {row['epoch']} | {row['val'].get(objective, float('nan')):.3f} | "
               f"{test_m['image_auroc']:.3f} | {test_m.get('pixel_auroc', float('nan')):.3f} | "
               f"{test_m.get('aupro', float('nan')):.3f} | {row['seconds']:.0f} | {row.get('score_seconds', '-')} |")
+    if seen is not None:
+        print(f"\nunseen-defect protocol: labels from {seen} only; test per group (normals + that group's anomalies)")
+        print("| arm | seen types: image AUROC / pixel AUROC / PRO | unseen types: image AUROC / pixel AUROC / PRO |")
+        print("|---|---|---|")
+        for label, row in rows:
+            print(f"| {label} | " + " | ".join(" / ".join(f"{row.get(f'test_{group}', {}).get(k, float('nan')):.3f}"
+                                                          for k in ("image_auroc", "pixel_auroc", "aupro"))
+                                               for group in GROUPS) + " |")
     if args.curves:
         for label, row in rows:
             for h in row.get("history", []):

@@ -9,7 +9,7 @@ import pytest
 
 from bgad_core.data.datasets import CategoryIndex, ImageRecord, read_category
 from bgad_core.errors import ConfigError
-from bgad_core.data.splits import Splits, make_splits
+from bgad_core.data.splits import Splits, check_validation, make_splits
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* anomalies of:UserWarning")
 
@@ -98,7 +98,14 @@ def test_unseen_anomaly_protocol() -> None:
     splits = make_splits(index, num_anomalies=4, train_defect_types=["blowhole", "crack"], seed=2)
     _check_partition(index, splits)
     assert _types(splits.train_anomalies) == {"blowhole": 4, "crack": 4}
-    assert _types(splits.val + splits.test) == {"good": 20, "fray": 3, "rare": 1}
+    assert splits.unseen_types == ["fray", "rare"]
+    # validation selects on what a user has: normals and the seen types; every unseen image is in test
+    assert set(_types(splits.val)) == {"good", "blowhole", "crack"}
+    assert _types(splits.val + splits.test) == {"good": 20, "blowhole": 8, "crack": 3, "fray": 3, "rare": 1}
+    assert {"fray": 3, "rare": 1}.items() <= _types(splits.test).items()
+    assert [r.record_id for r in splits.test] == [r.record_id for r in index.test if r in splits.test]  # index order
+    check_validation(splits, "cat")  # unseen types are meant to be missing from validation
+    assert make_splits(index, num_anomalies=4, seed=2).unseen_types == []
     same_draw = make_splits(index, num_anomalies=4, seed=2)
     assert {r.record_id for r in same_draw.train_anomalies if r.defect_type == "blowhole"} == {
         r.record_id for r in splits.train_anomalies if r.defect_type == "blowhole"}

@@ -161,6 +161,33 @@ def test_summary_table_shows_intervals_and_a_test_column_for_the_objective():
     assert row == "| tiles | 1/0/0 | best trial | 0.874 [0.81, 0.93] | 0.900 [0.85, 0.95] | - | - | 0.700 |"
 
 
+def test_unseen_defect_protocol_reads_test_per_group_of_types():
+    """Under ``train_defect_types`` the test figures come per group as well: normals against the seen types'
+    anomalies, and against the unseen ones; the table shows a row for each."""
+    import torch
+
+    from bgad_core.data.features import FeatureSet
+    from sweeper.tuning.sweep import split_figures, summary_table
+
+    types = ["good"] * 6 + ["crack"] * 3 + ["fray"] * 3
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    split = FeatureSet([torch.zeros(12, 1, 2, 2)], [torch.zeros(12, 2, 2)], labels,
+                       [f"test/{kind}/{i}.png" for i, kind in enumerate(types)])
+    # seen cracks score above every normal; unseen frays sit in the middle of them
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.9, 0.95, 0.99, 0.25, 0.4, 0.65])
+    figures, _ = split_figures(split, scores, None, seen_types=["crack"])
+    assert figures["seen_image_auroc"] == 1.0
+    assert abs(figures["unseen_image_auroc"] - 10 / 18) < 1e-9  # frays beat 2, 3 and 5 of the 6 normals
+    assert figures["seen_image_auroc_lo"] <= 1.0 and "unseen_image_auroc_hi" in figures
+    assert "seen_image_auroc" not in split_figures(split, scores, None)[0]  # no protocol, no groups
+    arm = {"val": {"image_auroc": 0.9}, "test": figures}
+    entry = {"trials": {"finished": 1, "pruned": 0, "failed": 0}, "best": arm}
+    rows = summary_table({"objective": "val_image_auroc", "categories": {"tiles": entry}}).splitlines()[2:]
+    assert [row.split(" | ")[2] for row in rows] == ["best trial", "best trial, seen defect types",
+                                                     "best trial, unseen defect types"]
+    assert rows[1].split(" | ")[4].startswith("1.000") and rows[2].split(" | ")[4].startswith("0.556")
+
+
 def test_the_summary_ends_with_a_verdict_per_category():
     """Below the table, each category's verdict: told apart from an arm beyond the paired interval, or not, with
     roughly how many images would separate them at the observed gap."""

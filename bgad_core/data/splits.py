@@ -11,10 +11,12 @@ Protocol implemented by ``make_splits``:
    defect type including "good": ``val_fraction`` of each group goes to validation, with at least one image on
    each side when the group has two or more; a group of one stays in test.
 
-Unseen-anomaly protocol (paper Tables 5 / 13): with ``train_defect_types`` only those types are drawn for training,
-and validation / test contain the normals plus only the *unseen* types (those not in ``train_defect_types``); the
-undrawn images of the seen types are not used at all, so the reported numbers measure generalisation to new
-defect types.
+Unseen-defect protocol (the paper's Tables 5 / 13, AHL's "hard" setting): with ``train_defect_types`` anomalies are
+drawn only from those (*seen*) types, and the other (*unseen*) types go to test alone: validation holds the normals
+and the undrawn images of the seen types, as a user's validation set would (a type nobody has labelled is a type
+nobody can select on), and test holds the rest of them plus every unseen image, so that test figures can be read
+separately for seen and unseen types (``Splits.unseen_types``). The paper instead drops the seen types' undrawn
+images and evaluates, and selects, on the unseen types alone.
 
 Randomness is seeded per group from ``(seed, role, defect type)`` rather than from one shared stream, so the draw
 for one type does not depend on which other types exist or are selected, and the drawn sets are nested in K:
@@ -26,7 +28,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +44,7 @@ class Splits:
     train_anomalies: list[ImageRecord]
     val: list[ImageRecord]
     test: list[ImageRecord]
+    unseen_types: list[str] = field(default_factory=list)  # the unseen-defect protocol's types, in test only
 
 
 def make_splits(
@@ -61,10 +64,12 @@ def make_splits(
     drawn = _draw(anomalies, num_anomalies, per_defect_type, seed)
     drawn_ids = {r.record_id for r in drawn}
     evaluated = [r for r in index.test if r.record_id not in drawn_ids]
-    if train_defect_types is not None:
-        evaluated = [r for r in evaluated if r.label == 0 or r.defect_type not in seen]
-    val, test = _stratified_split(evaluated, val_fraction, seed)
-    return Splits(list(train_normal), drawn, val, test)
+    selectable = [r for r in evaluated if r.label == 0 or r.defect_type in seen]
+    val, test = _stratified_split(selectable, val_fraction, seed)
+    order = {r.record_id: i for i, r in enumerate(index.test)}
+    test = sorted([*test, *(r for r in evaluated if r.label == 1 and r.defect_type not in seen)],
+                  key=lambda r: order[r.record_id])
+    return Splits(list(train_normal), drawn, val, test, sorted(set(index.defect_types) - seen))
 
 
 def check_validation(splits: Splits, name: str) -> None:
@@ -75,7 +80,7 @@ def check_validation(splits: Splits, name: str) -> None:
     validation, every validation metric is NaN and so is the decision threshold.
     """
     evaluated = splits.val + splits.test
-    missing = sorted({r.defect_type for r in evaluated} - {r.defect_type for r in splits.val})
+    missing = sorted({r.defect_type for r in evaluated} - {r.defect_type for r in splits.val} - set(splits.unseen_types))
     if missing:
         counts = {kind: sum(r.defect_type == kind for r in evaluated) for kind in missing}
         raise ConfigError(

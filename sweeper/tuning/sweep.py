@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from ray.tune.stopper import Stopper
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint, load_checkpoint
 from bgad_core.errors import ConfigError
+from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.intervals import (bootstrap_distribution, compare_paired, interval_metrics,
                                             percentile_interval)
 from bgad_core.evaluation.metrics import compute_metrics
@@ -396,7 +397,7 @@ def checkpoint_evaluation(checkpoint: tune.Checkpoint, manifest: Mapping[str, An
         saved = load_checkpoint(Path(folder) / category / MODEL_FILE)
     test = read_features(manifest, category, ["test"])
     evaluation = evaluate(detector_from_checkpoint(saved), test)
-    figures, resampled = split_figures(test, evaluation.scores, evaluation.maps)
+    figures, resampled = split_figures(test, evaluation.scores, evaluation.maps, seen_types(manifest))
     return Evaluated({
         "family": saved["family"],
         "epoch": saved["epoch"],
@@ -429,23 +430,36 @@ def baseline_evaluation(config: SweepConfig, manifest: Mapping[str, Any], catego
     result["val"] = split_figures(val, evaluation.scores, evaluation.maps)[0]
     test = read_features(manifest, category, ["test"])
     tested = evaluate(evaluation.detector, test)
-    result["test"], resampled = split_figures(test, tested.scores, tested.maps)
+    result["test"], resampled = split_figures(test, tested.scores, tested.maps, seen_types(manifest))
     return Evaluated({**result, "config": spec.model_dump(mode="json"),
                       "seconds": round(time.monotonic() - started, 1)}, resampled, len(test))
 
 
-def split_figures(split: FeatureSet, scores: torch.Tensor,
-                  maps: torch.Tensor) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def split_figures(split: FeatureSet, scores: torch.Tensor, maps: torch.Tensor,
+                  seen_types: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """A split's metrics (``compute_metrics``; pixel ones where it has masks) and their 95 % intervals from a seeded
     stratified bootstrap over its images (``<metric>_lo`` / ``<metric>_hi``, ``bgad_core.evaluation.intervals``),
     with the bootstrap values themselves: the same seed resamples the same images for every detector scored on the
-    split, so two detectors' values compare pairwise (``verdicts``)."""
+    split, so two detectors' values compare pairwise (``verdicts``).
+
+    ``seen_types`` (the unseen-defect protocol's ``train_defect_types``): also each group's figures, the normals
+    with the seen types' anomalies (``seen_<metric>``) and with the other types' (``unseen_<metric>``).
+    """
     masks = split.pixel_masks
     maps = None if masks is None else maps
     metrics = compute_metrics(split.labels, scores, masks, maps)
     resampled = bootstrap_distribution(split.labels, scores, masks, maps)
     intervals = {key: percentile_interval(values) for key, values in resampled.items()}
-    return {**metrics, **interval_metrics(intervals)}, resampled
+    figures = {**metrics, **interval_metrics(intervals)}
+    for group, rows in ({} if seen_types is None else defect_groups(split.ids, split.labels, seen_types)).items():
+        part, _ = split_figures(split.select(rows), scores[rows], None if maps is None else maps[rows])
+        figures.update({f"{group}_{key}": value for key, value in part.items()})
+    return figures, resampled
+
+
+def seen_types(manifest: Mapping[str, Any]) -> list[str] | None:
+    """The defect types the cache drew labelled anomalies from under the unseen-defect protocol (None: all)."""
+    return manifest["recipe"].get("train_defect_types")
 
 
 @dataclass(frozen=True)
@@ -633,6 +647,11 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                 label = f"{label} ({family_name})"
             lines.append(f"| {name} | {trials} | {label} | {_figure(arm['val'], metric)} | "
                          + " | ".join(_figure(arm["test"], column) for column in columns) + " |")
+            for group in GROUPS:  # the unseen-defect protocol: test read per group of types
+                part = {k.removeprefix(f"{group}_"): v for k, v in arm["test"].items() if k.startswith(f"{group}_")}
+                if part:
+                    lines.append(f"| {name} | - | {label}, {group} defect types | - | "
+                                 + " | ".join(_figure(part, column) for column in columns) + " |")
         families = entry.get("families", {})
         for family_name, best in families.items() if len(families) > 1 else ():
             value = "-" if best["val"] is None else f"{best['val']:.3f}"
