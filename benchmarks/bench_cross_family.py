@@ -3,15 +3,16 @@
 Each run is ``search_spaces/cross_family.yaml`` as shipped (its three families and their spaces, TPE, ASHA, the
 plateau rule, the objective: validation PRO where masks exist, else image AUROC) on one shared protocol of
 ``benchmarks.bench_accuracy`` (the same data settings: anomalies per defect type or in total, training normals,
-256 px), with only what a 2-core CPU forces overridden: the trial count, the schedule (meta-epochs x sub-epochs,
-one warm-up meta-epoch), two 1-CPU trial slots, the offline lite0 weights, no paper-default run. A protocol with one
+with only what a 2-core CPU forces overridden: the image size (128 px by default, the YAML's 256 with
+``--image-size 256``), the trial count, the schedule (meta-epochs x sub-epochs, one warm-up meta-epoch), two 1-CPU
+trial slots, the offline lite0 weights, no paper-default run. A protocol with one
 labelled anomaly in total fixes ``num_anomalies`` at 1 (the space's range cannot exceed what the data has).
 
 The sweep tests only its validation winner. To say what the pick cost, this script then reads each family's best
 trial (its best selectable checkpoint) on the test split as well; that read chooses nothing.
 
     .venv/bin/python -m benchmarks.bench_cross_family [--datasets mtd kolektor brainmri deeppcb-a deeppcb-b]
-        [--trials 12] [--meta-epochs 8] [--sub-epochs 2] [--workdir runs/bench-cross-family]
+        [--trials 8] [--meta-epochs 4] [--sub-epochs 2] [--image-size 128] [--workdir runs/bench-cross-family]
 
 Results (cache, Tune, Optuna, MLflow) stay under ``--workdir``: running the same command again resumes an
 interrupted sweep and reprints the table of finished ones.
@@ -46,7 +47,7 @@ SPACE = ROOT / "search_spaces" / "cross_family.yaml"
 SHOWN = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, workdir: Path,
+def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, image_size: int, workdir: Path,
                  data_root: Path) -> SweepConfig:
     """``cross_family.yaml`` on one shared protocol, sized for this CPU, its results under ``workdir/<dataset>``."""
     stress = next((s for s in STRESS if dataset.endswith(f"-{s}")), None)
@@ -56,7 +57,7 @@ def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, w
     folder = workdir / dataset
     raw["name"] = f"cross-family-{dataset}"
     raw["datasets"] = [{"path": data.data}]
-    raw["data"] = {**raw.get("data", {}), "per_defect_type": data.per_defect_type,
+    raw["data"] = {**raw.get("data", {}), "image_size": image_size, "per_defect_type": data.per_defect_type,
                    "max_train_normals": data.max_train_normals}
     raw["backbone"] = {"weights": "offline"}
     raw["cache"] = {**raw["cache"], "root": str(folder / "cache"), "max_anomalies": data.num_anomalies}
@@ -98,22 +99,24 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=choices,
                         default=["mtd", "kolektor", "brainmri", "deeppcb-a", "deeppcb-b"],
                         help="shared protocols to sweep, one after another (a -shift-rotate suffix: the stress copy)")
-    parser.add_argument("--trials", type=int, default=12, help="trials per sweep (the YAML's num_samples)")
-    parser.add_argument("--meta-epochs", type=int, default=8, help="meta-epochs per trial (the YAML: 25)")
+    parser.add_argument("--trials", type=int, default=8, help="trials per sweep (the YAML's num_samples)")
+    parser.add_argument("--meta-epochs", type=int, default=4, help="meta-epochs per trial (the YAML: 25)")
     parser.add_argument("--sub-epochs", type=int, default=2, help="passes per meta-epoch (the YAML: 8)")
+    parser.add_argument("--image-size", type=int, default=128, help="input side in pixels (the YAML: 256)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-cross-family",
                         help="cache, Tune, Optuna and MLflow of every sweep; kept, so a rerun resumes")
     parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"machine: {cpu_description(1)} per trial, 2 trial slots; {args.trials} trials x up to "
-          f"{args.meta_epochs} x {args.sub_epochs} per sweep")
+          f"{args.meta_epochs} x {args.sub_epochs} per sweep, {args.image_size} px")
     print("| data | objective | family | trials | best val | its test image AUROC / pixel AUROC / PRO | "
           "validation picks |")
     print("|---|---|---|---|---|---|---|")
     costs = []
     for dataset in args.datasets:
-        config = sweep_config(dataset, args.trials, args.meta_epochs, args.sub_epochs, args.workdir, args.data_root)
+        config = sweep_config(dataset, args.trials, args.meta_epochs, args.sub_epochs, args.image_size, args.workdir,
+                              args.data_root)
         started = time.monotonic()
         report = build_cache(config)
         manifest = open_cache(report.uri)

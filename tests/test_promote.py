@@ -137,12 +137,16 @@ def test_unknown_sweep_and_category_fail_clearly(recorded, capsys):
 @pytest.mark.slow
 def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     """The whole path: quickstart sweep across families (Ray, cache, MLflow, Optuna), each family's trials recorded,
-    promote its best trial, score its cached test rows."""
-    config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False})
+    the noise-aware choice (``tune.selection: reseed``: the two best trials are tied on this small validation
+    split, each trains again with one more seed, a fresh run of the better mean is deployed), promote that run,
+    score its cached test rows."""
+    config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False},
+                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 1}})
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)
     assert_each_family_recorded(config_path)
+    assert_reseeded(config_path)
     version = promote(uri, sid, "quickstart-tiles")
     assert version.aliases == ["champion"]
     client = MlflowClient(uri)
@@ -185,5 +189,25 @@ def assert_each_family_recorded(config_path) -> None:
     client = MlflowClient(config.mlflow.tracking_uri)
     entry = read_summary(client, find_sweep_run(client, sweep_id(config)))["categories"]["synthetic-tiles"]
     assert set(entry["families"]) == {"bgad", "patchcore"}
-    scored = {name: best["val"] for name, best in entry["families"].items() if best["val"] is not None}
-    assert entry["best"]["family"] == max(scored, key=scored.get)  # a family pruned in BGAD's phase 1 has none
+    chosen = next(run for run in runs if run.data.tags[tracking.TRIAL_TAG] == entry["selection"]["chosen"])
+    assert entry["best"]["family"] == chosen.data.tags[tracking.FAMILY_TAG]
+
+
+def assert_reseeded(config_path) -> None:
+    """The two tied candidates each have one re-seeded run (same parameters, seed 1, outside the Optuna study);
+    the deployed (tested) trial is the fresh run of the configuration with the better mean validation figure."""
+    config = load_config(config_path)
+    client = MlflowClient(config.mlflow.tracking_uri)
+    entry = read_summary(client, find_sweep_run(client, sweep_id(config)))["categories"]["synthetic-tiles"]
+    selection = entry["selection"]
+    assert selection["rule"] == "reseed" and len(selection["candidates"]) == 2
+    assert selection["tied"] == selection["candidates"]
+    assert set(selection["runs"]) == set(selection["tied"]) and all(len(v) == 2 for v in selection["runs"].values())
+    means = {trial: sum(v) / 2 for trial, v in selection["runs"].items()}
+    assert means[selection["chosen"]] == max(means.values())
+    runs = {run.data.tags[tracking.TRIAL_TAG]: run for run in trial_runs(config_path, "trial")}
+    deployed, chosen = runs[selection["deployed"]], runs[selection["chosen"]]
+    assert entry["best"]["trial_id"] == selection["deployed"] != selection["chosen"]
+    assert deployed.data.params["seed"] == "1" and chosen.data.params["seed"] == "0"
+    assert {k: v for k, v in deployed.data.params.items() if k != "seed"} == \
+        {k: v for k, v in chosen.data.params.items() if k != "seed"}

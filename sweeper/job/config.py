@@ -360,6 +360,26 @@ class PlateauSpec(Section):
         return PlateauConfig(self.patience if self.enabled else 0, self.min_delta)
 
 
+class SelectionSpec(Section):
+    """The final choice among a category's trials (``sweeper.tuning.selection``).
+
+    A few dozen validation images leave the best validation figure among many trials as much the luckiest as the
+    best. ``reseed`` re-scores the top ``max_candidates`` trials on validation, keeps those the paired 95 % bootstrap
+    interval cannot tell from the best, trains each of them again with ``seeds`` more seeds, and deploys a fresh
+    run of the configuration whose runs average highest; ``argmax`` takes the best validation figure as it is.
+
+    Attributes:
+        rule: ``argmax`` or ``reseed``.
+        max_candidates: trials (the best included) compared with the best on validation; at least 2.
+        seeds: extra runs of each tied candidate, seeded 1..seeds (trials run with seed 0 unless the space searches
+            ``seed``).
+    """
+
+    rule: Literal["argmax", "reseed"] = "argmax"
+    max_candidates: int = Field(3, ge=2)
+    seeds: int = Field(2, ge=1)
+
+
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
 # What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.evaluation.metrics.compute_metrics``).
 # AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector.
@@ -375,6 +395,7 @@ class TuneSpec(Section):
             when every category has pixel masks, else ``val_image_auroc``.
         scheduler: early stopping of weak trials.
         plateau: early stopping of every trial once its validation objective stops gaining.
+        selection: how the final choice among trials accounts for validation noise.
         max_concurrent_trials: trials running at once (one per GPU on a GPU cluster).
         cpus_per_trial, gpus_per_trial: resources of one trial (a GPU fraction packs several trials per GPU).
         custom_resources_per_trial: Ray custom resources each trial also requests, e.g. ``{trial_node: 1}`` to
@@ -389,6 +410,7 @@ class TuneSpec(Section):
     metric: str = "auto"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     plateau: PlateauSpec = Field(default_factory=PlateauSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)

@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from bgad_core.data.features import FeatureSet
-from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint, load_checkpoint
+from bgad_core.engine.checkpoint import checkpoint_config, detector_from_checkpoint
 from bgad_core.errors import ConfigError
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.intervals import (bootstrap_distribution, compare_paired, interval_metrics,
@@ -43,15 +43,15 @@ from sweeper.job.config import FAMILY_KEY, ParamSpec, SweepConfig
 from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.job.interrupt import STOP
 from sweeper.tuning.progress import SweepProgress
-from sweeper.tuning.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, MODEL_FILE, PLATEAU_KEY, SELECTION_KEY,
-                               UNSELECTABLE, TrialContext, ran_its_course, train_detector)
+from sweeper.tuning.selection import MODE, best_selectable, reseed_applies, reseeded_choice
+from sweeper.tuning.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, PLATEAU_KEY, SELECTION_KEY, TrialContext,
+                                      ran_its_course, saved_model, train_detector)
 
 log = logging.getLogger(__name__)
 
 PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
-MODE = "max"
 FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.tuning.fit_store``)
 
 
@@ -393,8 +393,7 @@ def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: 
 def checkpoint_evaluation(checkpoint: tune.Checkpoint, manifest: Mapping[str, Any], category: str) -> Evaluated:
     """A trial checkpoint's detector for ``category`` on its test split: family, epoch, validation and test
     figures, and the detector's config."""
-    with checkpoint.as_directory() as folder:
-        saved = load_checkpoint(Path(folder) / category / MODEL_FILE)
+    saved = saved_model(checkpoint, category)
     test = read_features(manifest, category, ["test"])
     evaluation = evaluate(detector_from_checkpoint(saved), test)
     figures, resampled = split_figures(test, evaluation.scores, evaluation.maps, seen_types(manifest))
@@ -507,13 +506,11 @@ def family_bests(results: tune.ResultGrid, fixed: Mapping[str, Any]) -> dict[str
     bests: dict[str, dict[str, Any]] = {}
     for result in results:
         name = str(result.config.get(FAMILY_KEY, fixed.get(FAMILY_KEY)))
-        history = result.metrics_dataframe
-        values = [] if history is None or SELECTION_KEY not in history else history[SELECTION_KEY].dropna().tolist()
-        values = [v for v in values if v != UNSELECTABLE]  # a trial pruned in BGAD's phase 1 has no selectable epoch
+        value = best_selectable(result)  # None: a trial pruned in BGAD's phase 1 has no selectable epoch
         entry = bests.setdefault(name, {"trials": 0, "val": None, "trial_id": None})
         entry["trials"] += 1
-        if values and (entry["val"] is None or max(values) > entry["val"]):
-            entry.update(val=float(max(values)), trial_id=result.metrics.get("trial_id"))
+        if value is not None and (entry["val"] is None or value > entry["val"]):
+            entry.update(val=value, trial_id=result.metrics.get("trial_id"))
     return bests
 
 
@@ -605,6 +602,14 @@ def _search_groups(
                                        paper_default_params(config), None, 1, False)
             close_child_runs(reference, info, sid, max_t)
         best = best_result(results, metric)
+        selection = {"rule": "argmax", "chosen": best.metrics.get("trial_id")}
+        if reseed_applies(config.tune.selection, metric, len(members)):
+            def train_again(params: dict[str, Any], suffix: str, seeds: list[int]) -> tune.ResultGrid:
+                rerun = run_experiment(config, sid, f"{name}-{suffix}", context, metric,
+                                       {**params, "seed": tune.grid_search(seeds)}, None, 1, False)
+                close_child_runs(rerun, info, sid, max_t)
+                return rerun
+            best, selection = reseeded_choice(results, config.tune.selection, manifest, members[0], metric, train_again)
         per_family = family_bests(results, context.fixed)
         for category in members:
             winner = test_evaluation(best, manifest, category)
@@ -614,7 +619,7 @@ def _search_groups(
             if config.baseline.enabled:
                 others["baseline"] = baseline_evaluation(config, manifest, category)
             summary["categories"][category] = {
-                "trials": counts, "families": per_family, "best": winner.entry,
+                "trials": counts, "families": per_family, "selection": selection, "best": winner.entry,
                 **{arm: evaluated.entry for arm, evaluated in others.items()},
                 "verdicts": verdicts(winner, others, metric.removeprefix("val_")),
             }
@@ -657,9 +662,23 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             value = "-" if best["val"] is None else f"{best['val']:.3f}"
             lines.append(f"| {name} | {best['trials']} | best {family_name} trial (not tested) | {value} | "
                          + " | ".join("-" for _ in columns) + " |")
-    verdicts_lines = [verdict_line(name, entry["verdicts"], dict(arms), columns)
-                      for name, entry in summary["categories"].items() if entry.get("verdicts")]
-    return "\n".join(lines + ([""] + verdicts_lines if verdicts_lines else []))
+    notes = [selection_line(name, entry["selection"]) for name, entry in summary["categories"].items()
+             if entry.get("selection", {}).get("rule") == "reseed"]
+    notes += [verdict_line(name, entry["verdicts"], dict(arms), columns)
+              for name, entry in summary["categories"].items() if entry.get("verdicts")]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def selection_line(category: str, record: Mapping[str, Any]) -> str:
+    """What the ``reseed`` rule saw and did for one category (``sweeper.tuning.selection``)."""
+    tied, candidates = record["tied"], record["candidates"]
+    head = (f"selection {category}: {len(tied) - 1} of the {len(candidates) - 1} runners-up tied with the best on "
+            "validation (paired 95 % interval)")
+    if "runs" not in record:
+        return f"{head}; the best stands"
+    means = ", ".join(f"{trial} {sum(v) / len(v):.3f}" for trial, v in record["runs"].items())
+    return (f"{head}; each trained again, mean validation over {len(next(iter(record['runs'].values())))} runs: "
+            f"{means}; deployed {record['deployed']}, a fresh run of {record['chosen']}")
 
 
 def verdict_line(category: str, compared: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str],

@@ -31,7 +31,7 @@ import torch
 from ray import tune
 
 from bgad_core.data.features import FeatureSet
-from bgad_core.engine.checkpoint import make_checkpoint, save_checkpoint
+from bgad_core.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from bgad_core.engine.selection import decision_threshold, seed_everything
 from bgad_core.engine.stopping import PlateauConfig, PlateauRule
 from bgad_core.errors import TrainingDivergedError
@@ -352,6 +352,12 @@ def _validation_intervals(runs: list[_CategoryRun], pixels: bool) -> dict[str, f
     if len(runs) > 1:
         intervals.update({f"{run.name}/val_{k}": v for run in runs for k, v in run.intervals.items()})
     return intervals
+
+
+def saved_model(checkpoint: tune.Checkpoint, category: str) -> dict[str, Any]:
+    """The servable model a trial checkpoint holds for ``category`` (``bgad_core.engine.checkpoint`` format)."""
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / category / MODEL_FILE)
 
 
 def _write_checkpoint(folder: Path, runs: list[_CategoryRun], manifest: dict, state: dict) -> None:

@@ -1,0 +1,124 @@
+"""The final choice among a category's trials: the best validation figure, or the near-ties trained again.
+
+A sweep ranks its trials on a validation split of a few dozen images, where an AUROC's standard error is about
+0.05: the best validation figure among many trials is as much the luckiest as the best. On a held-out medical set
+validation ranked PatchCore above BGAD-FAS (0.860 against 0.807) and test ranked them the other way (0.827
+against 0.874). ``tune.selection.rule`` says how the final choice treats that noise:
+
+- ``argmax``: the trial with the best validation objective (its best selectable epoch), as it is.
+- ``reseed``:
+
+  1. the top ``max_candidates`` trials are scored on validation again from their checkpoints;
+  2. a candidate is *tied* with the best when the paired 95 % bootstrap interval of their difference over the same
+     validation images holds 0 (``bgad_core.evaluation.intervals.compare_paired``);
+  3. each tied candidate (the best included) is trained again with ``seeds`` more seeds, nothing else changed;
+  4. the configuration whose runs (the original and the re-seeded ones) average highest on validation wins, ties
+     going to the better-ranked, and its first re-seeded run is the one deployed and tested: no choice among trials
+     has touched that run, so its validation figure estimates the configuration honestly, where the original
+     trial's is the maximum of many.
+
+  Without a tie nothing is trained again and the choice is the argmax's. Two things it cannot fix: the validation
+  images are the same for every run (their sampling noise stays), and an objective without a bootstrap
+  (``pixel_aupr``, ``pixel_f1_max``) or a ``shared``-mode sweep (one trial, several categories) keeps the argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from ray import tune
+
+from bgad_core.engine.checkpoint import detector_from_checkpoint
+from bgad_core.evaluation.intervals import IMAGE_METRICS, PIXEL_METRICS, bootstrap_distribution, compare_paired
+from bgad_core.models.base import evaluate
+from sweeper.cache.reader import read_features
+from sweeper.job.config import SelectionSpec
+from sweeper.tuning.trainable import SELECTION_KEY, UNSELECTABLE, saved_model
+
+MODE = "max"
+
+
+def reseed_applies(spec: SelectionSpec, metric: str, categories: int) -> bool:
+    """Whether the ``reseed`` rule runs: asked for, one category per trial, an objective the bootstrap resamples."""
+    return spec.rule == "reseed" and categories == 1 and metric.removeprefix("val_") in (*IMAGE_METRICS, *PIXEL_METRICS)
+
+
+def best_selectable(result: tune.Result) -> float | None:
+    """A trial's best ``selection_score`` over its selectable epochs (None: it reported none, e.g. pruned in BGAD's
+    phase 1)."""
+    history = result.metrics_dataframe
+    values = [] if history is None or SELECTION_KEY not in history else history[SELECTION_KEY].dropna().tolist()
+    values = [v for v in values if v != UNSELECTABLE]
+    return float(max(values)) if values else None
+
+
+def ranked(results: tune.ResultGrid, limit: int) -> list[tune.Result]:
+    """The ``limit`` trials with the highest best selectable validation objective, best first (the order Tune's
+    ``get_best_result`` would give)."""
+    scored = [(value, i, r) for i, r in enumerate(results) if (value := best_selectable(r)) is not None
+              and np.isfinite(value)]
+    return [r for _, _, r in sorted(scored, key=lambda item: (-item[0], item[1]))[:limit]]
+
+
+def near_ties(values: Sequence[np.ndarray], points: Sequence[float], images: int) -> list[int]:
+    """Indices of the candidates whose paired interval against candidate 0 (the best) holds 0, 0 included.
+
+    ``values``: each candidate's bootstrap values of the objective on the same resamples of the same images;
+    ``points``: their point estimates; ``images``: the split's size.
+    """
+    return [0] + [i for i in range(1, len(values))
+                  if compare_paired(values[0], values[i], points[0] - points[i], images).verdict == "undecided"]
+
+
+def choose(runs: Mapping[str, Sequence[float]]) -> str:
+    """The candidate (insertion order = rank) whose runs' validation figures have the highest mean; the first on a
+    tie."""
+    means = {trial: float(np.mean(values)) for trial, values in runs.items()}
+    return max(means, key=lambda trial: (means[trial], -list(means).index(trial)))
+
+
+def validation_bootstrap(result: tune.Result, manifest: Mapping[str, Any], category: str,
+                         metric: str) -> tuple[float, np.ndarray, int]:
+    """A trial's best checkpoint on ``category``'s validation split again: the objective, its bootstrap values, the
+    split's size."""
+    checkpoint = result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint
+    val = read_features(manifest, category, ["val"])
+    evaluation = evaluate(detector_from_checkpoint(saved_model(checkpoint, category)), val)
+    masks = val.pixel_masks
+    resampled = bootstrap_distribution(val.labels, evaluation.scores, masks,
+                                       None if masks is None else evaluation.maps)
+    key = metric.removeprefix("val_")
+    return best_selectable(result), resampled[key], len(val)
+
+
+def reseeded_choice(
+    results: tune.ResultGrid, spec: SelectionSpec, manifest: Mapping[str, Any], category: str, metric: str,
+    train_again: Callable[[dict[str, Any], str, list[int]], tune.ResultGrid],
+) -> tuple[tune.Result, dict[str, Any]]:
+    """The ``reseed`` rule on one category's finished trials: the run to deploy and what the summary records.
+
+    ``train_again(params, name, seeds)`` runs (or resumes) one experiment of a candidate's params under each seed.
+    """
+    candidates = ranked(results, spec.max_candidates)
+    measured = [validation_bootstrap(r, manifest, category, metric) for r in candidates]
+    tied = near_ties([values for _, values, _ in measured], [point for point, _, _ in measured], measured[0][2])
+    record: dict[str, Any] = {"rule": "reseed", "candidates": [r.metrics.get("trial_id") for r in candidates],
+                              "tied": [candidates[i].metrics.get("trial_id") for i in tied]}
+    if len(tied) == 1:
+        return candidates[0], {**record, "chosen": record["tied"][0], "reason": "no tie: argmax"}
+    seeds = list(range(1, spec.seeds + 1))
+    runs: dict[str, list[float]] = {}
+    fresh: dict[str, tune.Result] = {}
+    for rank in tied:
+        original = candidates[rank]
+        trial = str(original.metrics.get("trial_id"))
+        grid = sorted(train_again(dict(original.config), f"reseed-{trial}", seeds), key=lambda r: r.config.get("seed", 0))
+        selectable = [(r, v) for r in grid if (v := best_selectable(r)) is not None and np.isfinite(v)]
+        runs[trial] = [measured[rank][0], *(v for _, v in selectable)]
+        fresh[trial] = selectable[0][0] if selectable else original  # every re-run diverged: the original stays
+    winner = choose(runs)
+    deployed = fresh[winner]
+    return deployed, {**record, "runs": runs, "chosen": winner, "deployed": deployed.metrics.get("trial_id"),
+                      "reason": f"best mean of up to {1 + len(seeds)} runs among {len(tied)} tied"}
