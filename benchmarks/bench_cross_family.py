@@ -2,11 +2,11 @@
 
 Each run is ``search_spaces/cross_family.yaml`` as shipped (its three families and their spaces, TPE, ASHA, the
 plateau rule, the objective: validation PRO where masks exist, else image AUROC) on one shared protocol of
-``benchmarks.bench_accuracy`` (the same data settings: anomalies per defect type or in total, training normals,
-with only what a 2-core CPU forces overridden: the image size (128 px by default, the YAML's 256 with
-``--image-size 256``), the trial count, the schedule (meta-epochs x sub-epochs, one warm-up meta-epoch), two 1-CPU
-trial slots, the offline lite0 weights, no paper-default run. A protocol with one
-labelled anomaly in total fixes ``num_anomalies`` at 1 (the space's range cannot exceed what the data has).
+``benchmarks.bench_accuracy`` (the same data settings: anomalies per defect type or in total, training normals).
+Only what a 2-core CPU forces is overridden: the image size (128 px by default; ``--image-size 256`` is the
+YAML's), the trial count, the schedule (meta-epochs x sub-epochs, one warm-up meta-epoch), two 1-CPU trial slots,
+the offline lite0 weights, no paper-default run. A protocol with one labelled anomaly in total fixes
+``num_anomalies`` at 1 (the space's range cannot exceed what the data has).
 
 The sweep tests only its validation winner. To say what the pick cost, this script then reads each family's best
 trial (its best selectable checkpoint) on the test split as well; that read chooses nothing.
