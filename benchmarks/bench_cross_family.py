@@ -48,12 +48,13 @@ SHOWN = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, image_size: int, workdir: Path,
-                 data_root: Path) -> SweepConfig:
-    """``cross_family.yaml`` on one shared protocol, sized for this CPU, its results under ``workdir/<dataset>``."""
+                 data_root: Path, space: Path = SPACE, **sections: dict[str, Any]) -> SweepConfig:
+    """A sweep YAML (``cross_family.yaml`` by default) on one shared protocol, sized for this CPU, its results under
+    ``workdir/<dataset>``; ``sections`` update the YAML's sections last (e.g. ``search={"seed": 3}``)."""
     stress = next((s for s in STRESS if dataset.endswith(f"-{s}")), None)
     protocol = dataset.removesuffix(f"-{stress}") if stress else dataset
     data = protocol_data(protocol, data_root, stress, workdir / "stress")
-    raw = yaml.safe_load(SPACE.read_text())
+    raw = yaml.safe_load(space.read_text())
     folder = workdir / dataset
     raw["name"] = f"cross-family-{dataset}"
     raw["datasets"] = [{"path": data.data}]
@@ -62,8 +63,8 @@ def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, i
     raw["backbone"] = {"weights": "offline"}
     raw["cache"] = {**raw["cache"], "root": str(folder / "cache"), "max_anomalies": data.num_anomalies}
     if data.num_anomalies == 1:
-        for space in raw["search"]["families"].values():
-            space.pop("num_anomalies", None)
+        for searched in [raw["search"].get("space", {}), *raw["search"].get("families", {}).values()]:
+            searched.pop("num_anomalies", None)
     raw["train"] = {"meta_epochs": meta_epochs, "sub_epochs": sub_epochs, "warmup_epochs": 1}
     raw["search"] = {**raw["search"], "num_samples": trials, "compare_paper_default": False}
     raw["tune"] = {**raw["tune"], "max_concurrent_trials": 2, "gpus_per_trial": 0, "cpus_per_trial": 1,
@@ -71,21 +72,31 @@ def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, i
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
                      "artifact_location": str(folder / "mlartifacts"), "experiment": "bench-cross-family",
                      "log_plots": False}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return SweepConfig.model_validate(raw)
+
+
+def trial_tests(config: SweepConfig, sweep: str, experiment: str, trial_ids: list[str], manifest: dict[str, Any],
+                category: str) -> dict[str, dict[str, Any]]:
+    """Each named trial of one experiment of the sweep, read on test from its best selectable checkpoint (the
+    summary's figures for a trial the sweep tested itself)."""
+    analysis = tune.ExperimentAnalysis(str(Path(config.tune.storage_path) / sweep / experiment))
+    trials = {trial.trial_id: trial for trial in analysis.trials}
+    return {trial_id: checkpoint_evaluation(analysis.get_best_checkpoint(trials[trial_id], metric=SELECTION_KEY,
+                                                                          mode=MODE), manifest, category).entry
+            for trial_id in trial_ids}
 
 
 def family_tests(config: SweepConfig, summary: dict[str, Any], manifest: dict[str, Any],
                  category: str) -> dict[str, dict[str, Any]]:
-    """Each family's best trial (the summary's ``families``) read on test from its best selectable checkpoint."""
-    analysis = tune.ExperimentAnalysis(str(Path(config.tune.storage_path) / summary["sweep_id"] / category))
-    trials = {trial.trial_id: trial for trial in analysis.trials}
-    tested = {}
-    for name, best in summary["categories"][category]["families"].items():
-        if best["trial_id"] is None:  # no selectable epoch in any of its trials
-            continue
-        checkpoint = analysis.get_best_checkpoint(trials[best["trial_id"]], metric=SELECTION_KEY, mode=MODE)
-        tested[name] = {**checkpoint_evaluation(checkpoint, manifest, category).entry, **best}
-    return tested
+    """Each family's best trial (the summary's ``families``) read on test; a family without a selectable epoch
+    in any of its trials is left out."""
+    bests = {name: best for name, best in summary["categories"][category]["families"].items()
+             if best["trial_id"] is not None}
+    tested = trial_tests(config, summary["sweep_id"], category, [best["trial_id"] for best in bests.values()],
+                         manifest, category)
+    return {name: {**tested[best["trial_id"]], **best} for name, best in bests.items()}
 
 
 def figures(test: dict[str, float]) -> str:
