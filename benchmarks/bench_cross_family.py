@@ -104,19 +104,24 @@ def figures(test: dict[str, float]) -> str:
     return " / ".join(f"{test[k]:.3f}" if k in test else "-" for k in SHOWN)
 
 
+def add_sweep_size_arguments(parser: argparse.ArgumentParser, workdir: Path) -> None:
+    """The flags that size a benchmark sweep for this CPU, and where it keeps its results."""
+    parser.add_argument("--trials", type=int, default=8, help="trials per sweep (the YAML's num_samples)")
+    parser.add_argument("--meta-epochs", type=int, default=4, help="meta-epochs per trial (cross_family.yaml: 25)")
+    parser.add_argument("--sub-epochs", type=int, default=2, help="passes per meta-epoch (cross_family.yaml: 8)")
+    parser.add_argument("--image-size", type=int, default=128, help="input side in pixels (cross_family.yaml: 256)")
+    parser.add_argument("--workdir", type=Path, default=workdir,
+                        help="cache, Tune, Optuna and MLflow of every sweep; kept, so a rerun resumes")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = sorted([*PROTOCOLS, *(f"{p}-{s}" for p in PROTOCOLS for s in STRESS)])
     parser.add_argument("--datasets", nargs="+", choices=choices,
                         default=["mtd", "kolektor", "brainmri", "deeppcb-a", "deeppcb-b"],
                         help="shared protocols to sweep, one after another (a -shift-rotate suffix: the stress copy)")
-    parser.add_argument("--trials", type=int, default=8, help="trials per sweep (the YAML's num_samples)")
-    parser.add_argument("--meta-epochs", type=int, default=4, help="meta-epochs per trial (the YAML: 25)")
-    parser.add_argument("--sub-epochs", type=int, default=2, help="passes per meta-epoch (the YAML: 8)")
-    parser.add_argument("--image-size", type=int, default=128, help="input side in pixels (the YAML: 256)")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-cross-family",
-                        help="cache, Tune, Optuna and MLflow of every sweep; kept, so a rerun resumes")
-    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
+    add_sweep_size_arguments(parser, ROOT / "runs" / "bench-cross-family")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"machine: {cpu_description(1)} per trial, 2 trial slots; {args.trials} trials x up to "

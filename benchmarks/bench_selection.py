@@ -14,15 +14,15 @@ checkpoint, read once) and their gap, the optimism; and the trial-seconds the re
 from __future__ import annotations
 
 import argparse
-import statistics
+from statistics import fmean
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from benchmarks.bench_accuracy import PROTOCOLS, SHARED
+from benchmarks.bench_accuracy import PROTOCOLS
 from benchmarks.bench_asha import trial_rows
-from benchmarks.bench_cross_family import ROOT, sweep_config, trial_tests
+from benchmarks.bench_cross_family import ROOT, add_sweep_size_arguments, sweep_config, trial_tests
 from benchmarks.machine import cpu_description
 from sweeper.cache.build import build_cache
 from sweeper.cache.reader import open_cache
@@ -62,15 +62,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=sorted(PROTOCOLS), default=["mtd", "brainmri"],
                         help="shared protocols, one after another")
     parser.add_argument("--seeds", type=int, default=5, help="sweeps per dataset, Optuna seeds 0..N-1")
-    parser.add_argument("--trials", type=int, default=8, help="trials per sweep")
-    parser.add_argument("--meta-epochs", type=int, default=4, help="meta-epochs per trial")
-    parser.add_argument("--sub-epochs", type=int, default=2, help="passes per meta-epoch")
-    parser.add_argument("--image-size", type=int, default=128, help="input side in pixels")
+    add_sweep_size_arguments(parser, ROOT / "runs" / "bench-selection")
     parser.add_argument("--candidates", type=int, default=3, help="tune.selection.max_candidates")
     parser.add_argument("--reseeds", type=int, default=2, help="tune.selection.seeds")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-selection",
-                        help="cache, Tune, Optuna and MLflow of every sweep; kept, so a rerun resumes")
-    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"machine: {cpu_description(1)} per trial, 2 trial slots; {args.trials} trials x up to {args.meta_epochs} "
@@ -96,13 +90,11 @@ def main() -> None:
     print("\n| data | sweeps | optimism (val - test), argmax | rule | test, argmax | rule | extra trial-time |")
     print("|---|---|---|---|---|---|---|")
     for dataset, rows in table.items():
-        def mean(values: list[float]) -> float:
-            return statistics.fmean(values)
-        print(f"| {dataset} | {len(rows)} | {mean([r['argmax'][0] - r['argmax'][1] for r in rows]):+.3f} | "
-              f"{mean([r['rule'][0] - r['rule'][1] for r in rows]):+.3f} | {mean([r['argmax'][1] for r in rows]):.3f} | "
-              f"{mean([r['rule'][1] for r in rows]):.3f} | "
-              f"{100 * sum(r['reseed_s'] for r in rows) / sum(r['sweep_s'] for r in rows):.0f} % |")
-
+        optimism = {arm: fmean(r[arm][0] - r[arm][1] for r in rows) for arm in ("argmax", "rule")}
+        test = {arm: fmean(r[arm][1] for r in rows) for arm in ("argmax", "rule")}
+        extra = 100 * sum(r["reseed_s"] for r in rows) / sum(r["sweep_s"] for r in rows)
+        print(f"| {dataset} | {len(rows)} | {optimism['argmax']:+.3f} | {optimism['rule']:+.3f} | "
+              f"{test['argmax']:.3f} | {test['rule']:.3f} | {extra:.0f} % |")
 
 if __name__ == "__main__":
     main()
