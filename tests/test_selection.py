@@ -47,3 +47,23 @@ def test_the_tied_configuration_with_the_best_mean_wins_and_ties_go_to_the_bette
 ])
 def test_when_the_rule_runs(rule, metric, categories, applies):
     assert reseed_applies(SelectionSpec(rule=rule), metric, categories) is applies
+
+
+def test_one_experiment_reruns_every_tied_configuration_under_every_seed():
+    """Each re-run holds its trial's own params (another family's sub-space left out) and a new seed."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from sweeper.tuning.selection import RERUN_KEY, rerun_space
+    from sweeper.tuning.trainable import split_params
+
+    originals = {"a1": {"family": "bgad", "bgad": {"beta": 0.02, "num_anomalies": 3, "racp_depth": 1}},
+                 "b2": {"family": "patchcore", "patchcore": {"num_neighbors": 1}}}
+    runs = [config for _, config in generate_variants(rerun_space(originals, [1, 2]))]
+    assert sorted((r[RERUN_KEY], r["seed"]) for r in runs) == [("a1", 1), ("a1", 2), ("b2", 1), ("b2", 2)]
+    for run in runs:
+        chosen, config, data = split_params({"num_anomalies": 10, "racp_depth": 3, **run})
+        assert chosen.name == originals[run[RERUN_KEY]]["family"] and config.seed == run["seed"]
+        if chosen.name == "bgad":
+            assert config.beta == 0.02 and data == {"num_anomalies": 3, "racp_depth": 1}
+        else:
+            assert config.num_neighbors == 1 and data["num_anomalies"] == 0

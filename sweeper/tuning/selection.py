@@ -93,31 +93,48 @@ def validation_bootstrap(result: tune.Result, manifest: Mapping[str, Any], categ
     return best_selectable(result), resampled[key], len(val)
 
 
+RERUN_KEY = "reseed_of"  # a re-run's param naming the trial whose configuration it repeats
+
+
+def rerun_space(originals: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One Tune param space for every re-run: a grid over (trial, seed), each run holding that trial's params.
+
+    Tune has no grid over whole configurations, so the trial is a grid value and each of its params is looked up
+    from it (``tune.sample_from``); a param another candidate has and this one lacks (another family's sub-space)
+    resolves to None, which the trainable leaves out.
+    """
+    keys = sorted({key for params in originals.values() for key in params})
+    def value(key: str) -> Any:
+        return tune.sample_from(lambda config: originals[config[RERUN_KEY]].get(key))
+    return {RERUN_KEY: tune.grid_search(list(originals)), "seed": tune.grid_search(list(seeds)),
+            **{key: value(key) for key in keys if key not in (RERUN_KEY, "seed")}}
+
+
 def reseeded_choice(
     results: tune.ResultGrid, spec: SelectionSpec, manifest: Mapping[str, Any], category: str, metric: str,
-    train_again: Callable[[dict[str, Any], str, list[int]], tune.ResultGrid],
+    train_again: Callable[[dict[str, Any]], tune.ResultGrid],
 ) -> tuple[tune.Result, dict[str, Any]]:
     """The ``reseed`` rule on one category's finished trials: the run to deploy and what the summary records.
 
-    ``train_again(params, name, seeds)`` runs (or resumes) one experiment of a candidate's params under each seed.
+    ``train_again(param_space)`` runs (or resumes) the one experiment of every re-run (``rerun_space``).
     """
     candidates = ranked(results, spec.max_candidates)
     measured = [validation_bootstrap(r, manifest, category, metric) for r in candidates]
     tied = near_ties([values for _, values, _ in measured], [point for point, _, _ in measured], measured[0][2])
-    record: dict[str, Any] = {"rule": "reseed", "candidates": [r.metrics.get("trial_id") for r in candidates],
-                              "tied": [candidates[i].metrics.get("trial_id") for i in tied]}
+    ids = [str(r.metrics.get("trial_id")) for r in candidates]
+    record: dict[str, Any] = {"rule": "reseed", "candidates": ids, "tied": [ids[i] for i in tied]}
     if len(tied) == 1:
-        return candidates[0], {**record, "chosen": record["tied"][0], "reason": "no tie: argmax"}
+        return candidates[0], {**record, "chosen": ids[0], "reason": "no tie: argmax"}
     seeds = list(range(1, spec.seeds + 1))
+    reruns = train_again(rerun_space({ids[i]: dict(candidates[i].config) for i in tied}, seeds))
     runs: dict[str, list[float]] = {}
     fresh: dict[str, tune.Result] = {}
     for rank in tied:
-        original = candidates[rank]
-        trial = str(original.metrics.get("trial_id"))
-        grid = sorted(train_again(dict(original.config), f"reseed-{trial}", seeds), key=lambda r: r.config.get("seed", 0))
-        selectable = [(r, v) for r in grid if (v := best_selectable(r)) is not None and np.isfinite(v)]
+        trial = ids[rank]
+        own = sorted((r for r in reruns if r.config.get(RERUN_KEY) == trial), key=lambda r: r.config.get("seed", 0))
+        selectable = [(r, v) for r in own if (v := best_selectable(r)) is not None and np.isfinite(v)]
         runs[trial] = [measured[rank][0], *(v for _, v in selectable)]
-        fresh[trial] = selectable[0][0] if selectable else original  # every re-run diverged: the original stays
+        fresh[trial] = selectable[0][0] if selectable else candidates[rank]  # every re-run diverged: the original
     winner = choose(runs)
     deployed = fresh[winner]
     return deployed, {**record, "runs": runs, "chosen": winner, "deployed": deployed.metrics.get("trial_id"),

@@ -604,9 +604,8 @@ def _search_groups(
         best = best_result(results, metric)
         selection = {"rule": "argmax", "chosen": best.metrics.get("trial_id")}
         if reseed_applies(config.tune.selection, metric, len(members)):
-            def train_again(params: dict[str, Any], suffix: str, seeds: list[int]) -> tune.ResultGrid:
-                rerun = run_experiment(config, sid, f"{name}-{suffix}", context, metric,
-                                       {**params, "seed": tune.grid_search(seeds)}, None, 1, False)
+            def train_again(param_space: dict[str, Any]) -> tune.ResultGrid:
+                rerun = run_experiment(config, sid, f"{name}-reseed", context, metric, param_space, None, 1, False)
                 close_child_runs(rerun, info, sid, max_t)
                 return rerun
             best, selection = reseeded_choice(results, config.tune.selection, manifest, members[0], metric, train_again)

@@ -103,7 +103,8 @@ def split_params(params: Mapping[str, Any]) -> tuple[Family, DetectorConfig, dic
     they override the fixed ones. Values of other families' fields are left out.
     """
     chosen = family(str(params.get(FAMILY_KEY, DEFAULT_FAMILY)))
-    flat = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+    # None: a param of another candidate's sub-space in a re-run (``sweeper.tuning.selection.rerun_space``)
+    flat = {k: v for k, v in params.items() if not isinstance(v, Mapping) and v is not None}
     flat.update(params.get(chosen.name) or {})
     data = {k: int(flat[k]) for k in DATA_KEYS}
     if chosen.learning_type == ONE_CLASS:
