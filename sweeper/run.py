@@ -175,15 +175,19 @@ def native_stderr_to(path: Path) -> Iterator[TextIO]:
 
 def closing_lines(summary: dict, config: SweepConfig, tracking_uri: str, log_file: Path) -> str:
     """After the table: each category's best trial and its hyperparameters, where the results are, what to run next."""
-    searched = sorted({*config.search.space, *config.search.grid})
+    searched = {*config.search.space, *config.search.grid}
     python = sys.executable
     default = tracking_uri == tracking.default_tracking_uri(None)  # what promote and serve read unless told
     store = "" if default else f" --tracking-uri {tracking.redact(tracking_uri)}"
     lines = [""]
     for category, entry in summary["categories"].items():
         best = entry["best"]
-        params = ", ".join(f"{k}={_short(best['config'].get(k))}" for k in searched) or "(no searched parameters)"
-        lines.append(f"best trial for {category}: {best['trial_id']} (meta-epoch {best['epoch']}): {params}")
+        family_name = best["family"]
+        own = sorted(searched | set(config.search.families.get(family_name, {})))  # its family's sub-space too
+        params = ", ".join(f"{k}={_short(best['config'].get(k))}" for k in own) or "(no searched parameters)"
+        family_label = f"{family_name}, " if config.search.families else ""
+        lines.append(f"best trial for {category}: {best['trial_id']} ({family_label}meta-epoch {best['epoch']}): "
+                     f"{params}")
     lines += [
         f"results: {RESULTS.resolve()} (log: {log_file.resolve()})",
         f"MLflow: sweep run of {summary['sweep_id']} in experiment {config.mlflow.experiment!r} at "

@@ -280,3 +280,17 @@ def test_a_family_whose_trials_never_reached_a_selectable_epoch_has_no_best_valu
     assert bests["patchcore"] == {"trials": 1, "val": 0.9, "trial_id": "b"}
     assert bests["bgad"] == {"trials": 2, "val": 0.7, "trial_id": "c"}
     assert family_bests([result("bgad", [UNSELECTABLE], "a")], {})["bgad"]["val"] is None
+
+
+def test_closing_lines_name_the_winners_family_and_its_searched_parameters(tmp_path):
+    """A cross-family sweep searches no top-level parameter: the winner's line shows its family's sub-space."""
+    from sweeper.run import closing_lines
+
+    raw = base()
+    raw["search"] = {"families": {"bgad": {"beta": {"loguniform": [0.005, 0.1]}},
+                                  "patchcore": {"num_neighbors": {"choice": [1, 9]}}}}
+    config = load_config(write(tmp_path, raw))
+    entry = {"best": {"trial_id": "abc", "family": "bgad", "epoch": 3, "config": {"beta": 0.0123, "tau": 0.1}}}
+    lines = closing_lines({"sweep_id": "s", "mlflow_view": "v", "categories": {"tiles": entry}}, config,
+                          "sqlite:///x.db", tmp_path / "log").splitlines()
+    assert lines[1] == "best trial for tiles: abc (bgad, meta-epoch 3): beta=0.0123"

@@ -386,7 +386,8 @@ def test_evaluation(result: tune.Result, manifest: Mapping[str, Any], category: 
     """Evaluate a trial's best-validation checkpoint on the test split of ``category``: the only test read."""
     evaluated = checkpoint_evaluation(result.get_best_checkpoint(SELECTION_KEY, MODE) or result.checkpoint,
                                       manifest, category)
-    evaluated.entry["config"].update({k: result.config.get(k) for k in DATA_KEYS if k in result.config})
+    params = {**result.config, **(result.config.get(evaluated.entry["family"]) or {})}  # a family's own sub-space
+    evaluated.entry["config"].update({k: params[k] for k in DATA_KEYS if k in params})
     return replace(evaluated, entry={"trial_id": result.metrics.get("trial_id"), **evaluated.entry})
 
 
