@@ -11,7 +11,7 @@ the error's last line (one part failing does not stop the others, and the JSON i
 - ``sweep``: the quickstart sweep with ``gpus_per_trial: 0.25`` and four trials at once on one GPU (seconds, best
   validation figure, trial outcomes). Needs Ray, MLflow and Optuna.
 
-``--tiny`` sizes every part for a CPU (the flow on two images for one sub-epoch, the trial on generated tiles at
+``--tiny`` sizes every part for a CPU (the flow on one image for one sub-epoch, the trial on generated tiles at
 64 px for 2 x 1 epochs, the sweep with two 1-CPU trials of one meta-epoch), so that a test runs the whole script
 on a machine without a GPU and it cannot rot. Without ``--tiny`` the device is ``cuda``.
 
@@ -55,7 +55,7 @@ FLOW_ARMS = ("ours fp32", "ours bf16")
 
 def flow_part(device: str, tiny: bool, data_root: Path) -> dict[str, Any]:
     """Vectors/s of the flow step: the reference loop and our trainer in fp32 and bf16, per backbone's widths."""
-    images, sub_epochs = (2, 1) if tiny else (32, 2)
+    images, sub_epochs = (1, 1) if tiny else (32, 2)
     widths = {"tf_efficientnet_lite0": BACKBONE_WIDTHS["tf_efficientnet_lite0"]} if tiny else BACKBONE_WIDTHS
     arms = {arm: TRAINER_ARMS[arm] for arm in FLOW_ARMS}
     rates = {backbone: measure(w, images, sub_epochs, torch.device(device), arms) for backbone, w in widths.items()}
