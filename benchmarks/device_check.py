@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import time
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder (the trial part)")
     args = parser.parse_args()
     device = args.device or ("cpu" if args.tiny else "cuda")
+    # the trial's meta-epoch lines as they come: a run stopped at the device's time limit still shows its progress
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here: pass --tiny (or --device cpu) to run the parts on the CPU")
     started = time.perf_counter()

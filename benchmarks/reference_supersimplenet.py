@@ -41,6 +41,9 @@ Commands (from the repository root; ``/work/anomalib-venv`` made with ``python3 
     /work/anomalib-venv/bin/python -m benchmarks.reference_supersimplenet train --out /tmp/ssn-ref --epochs 7 --max-minutes 26
     .venv/bin/python -m benchmarks.reference_supersimplenet metrics --out /tmp/ssn-ref
 
+On a GPU machine whose one interpreter holds both sets of packages, the same three steps run there with
+``--data-root`` on ``split`` and ``--accelerator gpu --epochs 300 --max-minutes 0`` on ``train``.
+
 Measured 2026-12-04 (AMD EPYC, 2 threads, CPU flags: avx2 only, fp32; the machine shared with another benchmark
 run, so wall times are inflated): one epoch of 200 images takes 190-214 s here, so 7 epochs fit the ~25 min budget
 (anomalib recommends 300: this is 2.3 % of its schedule, the LR drops after epochs 5 and 6). Training 1,451 s,
@@ -84,14 +87,15 @@ ROLES = ("val", "test")
 # 1. split (project venv)
 # ---------------------------------------------------------------------------------------------------------------
 
-def write_split(out: Path, dataset: str) -> None:
-    """``bench_accuracy``'s split of ``dataset`` as split.json plus the decoded 256 px images and masks."""
+def write_split(out: Path, dataset: str, data_root: Path | None = None) -> None:
+    """``bench_accuracy``'s split of ``dataset`` (under ``data_root``, default its ``SHARED``) as split.json plus the
+    decoded 256 px images and masks."""
     from benchmarks.bench_accuracy import SHARED, protocol_data
     from bgad_core.data.datasets import read_category
     from bgad_core.data.splits import check_validation, make_splits
     from bgad_core.train import load_records
 
-    data = protocol_data(dataset, SHARED)
+    data = protocol_data(dataset, SHARED if data_root is None else data_root)
     index = read_category(data.data)
     held_out = data.num_anomalies if data.held_out_anomalies is None else data.held_out_anomalies
     splits = make_splits(index, held_out, per_defect_type=data.per_defect_type, val_fraction=data.val_fraction,
@@ -216,11 +220,12 @@ def score_images(model, images: np.ndarray, batch_size: int) -> tuple[np.ndarray
 
     net = model.model
     net.eval()
+    device = next(net.parameters()).device
     transform = model.pre_processor.transform
     scores, maps, check = [], [], float("nan")
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
+            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0).to(device)
             x = transform(x)
             features = net.feature_extractor(x)
             adapted = net.adaptor(features)
@@ -231,13 +236,13 @@ def score_images(model, images: np.ndarray, batch_size: int) -> tuple[np.ndarray
                 official = net(x)
                 check = max(float((raw_map.sigmoid() - official.anomaly_map).abs().max()),
                             float((raw_score.sigmoid() - official.pred_score).abs().max()))
-            scores.append(raw_score.double().numpy())
-            maps.append(raw_map[:, 0].numpy().astype(np.float16))
+            scores.append(raw_score.double().cpu().numpy())
+            maps.append(raw_map[:, 0].cpu().numpy().astype(np.float16))
     return np.concatenate(scores), np.concatenate(maps), check
 
 
 def train_and_score(out: Path, epochs: int, max_minutes: float, batch_size: int, seed: int,
-                    limit_train: int | None, limit_eval: int | None) -> None:
+                    limit_train: int | None, limit_eval: int | None, accelerator: str = "cpu") -> None:
     """Train anomalib's SuperSimpleNet on the training normals of ``out``'s split, score val and test."""
     import torch
     import anomalib
@@ -258,6 +263,10 @@ def train_and_score(out: Path, epochs: int, max_minutes: float, batch_size: int,
     class EpochTimer(Callback):
         def __init__(self) -> None:
             self.started, self.epochs, self.input_range = 0.0, [], (float("nan"), float("nan"))
+            self.device = "cpu"
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.device = str(pl_module.device)  # Lightning's teardown moves the model back to the CPU after fit
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.started = time.perf_counter()
@@ -278,7 +287,7 @@ def train_and_score(out: Path, epochs: int, max_minutes: float, batch_size: int,
     timer = EpochTimer()
     loader = DataLoader(ImagesDataset(train_images, train_paths), batch_size=batch_size, shuffle=True,
                         num_workers=0, collate_fn=ImageBatch.collate)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=epochs,
+    trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=epochs,
                       max_time=None if max_minutes <= 0 else {"minutes": max_minutes},
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, callbacks=[timer], default_root_dir=str(out / "lightning"),
@@ -290,6 +299,10 @@ def train_and_score(out: Path, epochs: int, max_minutes: float, batch_size: int,
     started = time.perf_counter()
     trainer.fit(model, train_dataloaders=loader)
     train_seconds = time.perf_counter() - started
+    device = torch.device(timer.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    model.to(device)  # scored where it trained
+    print(f"trained on {device} ({device_name}); scoring there")
     print(f"first training batch as the model saw it: range {timer.input_range} (mean/std 0.5 -> [-1, 1])")
 
     results = {}
@@ -306,7 +319,8 @@ def train_and_score(out: Path, epochs: int, max_minutes: float, batch_size: int,
         print(f"{role}: {len(images)} images scored; max |sigmoid(raw) - forward()| on batch 0: {check:.2e}")
     score_seconds = time.perf_counter() - started
     meta = {"anomalib": anomalib.__version__, "lightning": lightning.__version__, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": cpu_description(torch.get_num_threads()), "backbone": info,
+            "threads": torch.get_num_threads(), "device": f"{device} ({device_name})",
+            "machine": cpu_description(torch.get_num_threads()), "backbone": info,
             "epochs_requested": epochs, "epochs_run": len(timer.epochs), "recommended_epochs": RECOMMENDED_EPOCHS,
             "batch_size": batch_size, "seed": seed, "train_images": len(train_images),
             "train_seconds": round(train_seconds, 1), "score_seconds": round(score_seconds, 1),
@@ -337,7 +351,8 @@ def report_metrics(out: Path) -> None:
     print(f"anomalib {meta['anomalib']} SuperSimpleNet, one-class, lite0 {meta['backbone']['layers']}, "
           f"{meta['epochs_run']} epochs (anomalib recommends {meta['recommended_epochs']}), batch "
           f"{meta['batch_size']}, {meta['train_images']} training normals; training {meta['train_seconds']} s, "
-          f"scoring {meta['score_seconds']} s; {meta['threads']} threads; {meta['machine']}")
+          f"scoring {meta['score_seconds']} s on {meta.get('device', 'cpu')}; {meta['threads']} threads; "
+          f"{meta['machine']}")
     print("| split | images | image AUROC | pixel AUROC | PRO (FPR 0.3) | image AUROC of map max |")
     print("|---|---|---|---|---|---|")
     for name, m in rows.items():
@@ -351,6 +366,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     split = sub.add_parser("split", help="project venv: write the split and decoded images")
     split.add_argument("--dataset", default="mtd", help="a PROTOCOLS key of bench_accuracy (mtd)")
+    split.add_argument("--data-root", type=Path, default=None,
+                       help="folder holding the datasets (mtd/magnetic_tile/...); default bench_accuracy's SHARED")
     train = sub.add_parser("train", help="anomalib venv: train anomalib's SuperSimpleNet and score val/test")
     train.add_argument("--epochs", type=int, default=7, help="7 fit ~25 min on 2 busy cores; anomalib: 300")
     train.add_argument("--max-minutes", type=float, default=25.0, help="Lightning max_time guard (0: none)")
@@ -358,15 +375,17 @@ def main() -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit-train", type=int, default=None, help="smoke runs: first N training normals")
     train.add_argument("--limit-eval", type=int, default=None, help="smoke runs: N images per split")
+    train.add_argument("--accelerator", default="cpu",
+                       help="the Lightning Trainer's accelerator: cpu, or gpu on a GPU machine")
     sub.add_parser("metrics", help="project venv: our metrics on the saved scores")
     for command in (split, train, sub.choices["metrics"]):
         command.add_argument("--out", type=Path, default=Path("/tmp/ssn-ref"))
     args = parser.parse_args()
     if args.command == "split":
-        write_split(args.out, args.dataset)
+        write_split(args.out, args.dataset, args.data_root)
     elif args.command == "train":
         train_and_score(args.out, args.epochs, args.max_minutes, args.batch_size, args.seed, args.limit_train,
-                        args.limit_eval)
+                        args.limit_eval, args.accelerator)
     else:
         report_metrics(args.out)
 
