@@ -311,6 +311,8 @@ def run_experiment(
             scheduler=scheduler(config, metric, max_t) if use_scheduler else FIFOScheduler(),
             num_samples=num_samples,
             max_concurrent_trials=config.tune.max_concurrent_trials,
+            # a finished trial's worker takes the next trial: no new process importing torch, timm and MLflow
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -563,7 +565,12 @@ def run_sweep(config: SweepConfig, cache_uri: str, manifest: Mapping[str, Any], 
     STOP.on_stop(lambda: _mark_interrupted(info, sid, config.tune.optuna_storage, studies))
     try:
         _search_groups(config, sid, metric, manifest, info, cache_uri, groups, summary)
-    except KeyboardInterrupt as stop:  # a stop outside an experiment (test evaluation, baseline, ...)
+    except (SweepInterrupted, KeyboardInterrupt) as stop:
+        if STOP.requested:  # once more now that Tune has ended every trial: a trial whose worker was reused opens
+            _mark_interrupted(info, sid, config.tune.optuna_storage, studies)  # its run within a second of the stop
+        if isinstance(stop, SweepInterrupted):
+            raise
+        # a stop outside an experiment (test evaluation, baseline, ...)
         raise SweepInterrupted(f"sweep {sid} was stopped by {STOP.name}; run the same command again to resume it") from stop
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["mlflow_view"] = tracking.save_runs_view(client, info.experiment_id, sid,
