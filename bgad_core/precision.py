@@ -1,8 +1,10 @@
-"""Which precision the training steps' matmuls run in: ``auto`` picks bfloat16 only where the hardware has it.
+"""Which precision the training steps' matmuls run in: ``auto`` picks bfloat16 only where it was measured to win.
 
-bfloat16 halves the subnets' matmul cost on GPUs and on CPUs with bf16 instructions (AVX512-BF16, AMX), but a CPU
-without them emulates it, and then a bf16 step runs 2-3x slower than fp32 (BENCHMARKS.md). CPU models change from
-machine to machine, so the choice is made where the trainer runs, from the CPU's own flags, never hard-coded.
+On CPUs with bf16 instructions (AVX512-BF16, AMX) bf16 steps ran 1.2-1.7x faster than fp32, but a CPU without them
+emulates it, and then a bf16 step runs 3-10x slower (BENCHMARKS.md, sections 1b and 1d). CPU models change from
+machine to machine, so the choice is made where the trainer runs, from the CPU's own flags, never hard-coded. On a
+GPU ``auto`` keeps fp32: on an H200 bf16 steps ran at 0.82-1.03x of fp32 (the steps are bound by gathers and kernel
+launches there, not by matmuls; BENCHMARKS.md, section 5); ``precision: bf16`` still asks for it.
 
 Example::
 
@@ -49,10 +51,11 @@ def has_bf16_hardware(device: str | torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``fp32`` or ``bf16`` for ``device``: ``auto`` decides from the hardware; a forced ``bf16`` without it warns."""
+    """``fp32`` or ``bf16`` for ``device``: ``auto`` takes bf16 on a CPU with bf16 hardware only; a forced ``bf16``
+    without the hardware warns."""
     native = precision != "fp32" and has_bf16_hardware(device)
     if precision == "auto":
-        return "bf16" if native else "fp32"
+        return "bf16" if native and torch.device(device).type == "cpu" else "fp32"
     if precision == "bf16" and not native:
         warnings.warn(
             f"precision 'bf16' on {device} without bfloat16 hardware (CPU flags {sorted(BF16_CPU_FLAGS)} absent): "

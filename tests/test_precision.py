@@ -1,6 +1,9 @@
-"""``precision: auto`` takes bfloat16 only on bf16 hardware; forcing bf16 without it warns (it would be slower)."""
+"""``precision: auto`` takes bfloat16 only on a CPU with bf16 hardware (fp32 on a GPU, where bf16 was measured no
+faster); forcing bf16 without the hardware warns (it would be slower)."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 
@@ -24,6 +27,14 @@ def test_auto_is_fp32_on_a_cpu_without_bf16_and_bf16_on_one_with_it(cpu_with):
     assert resolve_precision("auto", "cpu") == "bf16"
     cpu_with("amx_bf16")
     assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_auto_is_fp32_on_a_gpu_where_bf16_was_measured_slower_and_a_forced_bf16_is_kept(monkeypatch):
+    monkeypatch.setattr(precision.torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the GPU has bf16: no warning
+        assert resolve_precision("bf16", "cuda") == "bf16"
 
 
 def test_forced_bf16_without_hardware_warns_and_is_kept(cpu_with):

@@ -75,9 +75,9 @@ class Optimisation:
         abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
             (but some) defect are left out of the losses rather than trained as normal.
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
-            loss in float32 (1.6-1.7x faster on a 2-core AVX-512-bf16 CPU, 2x slower on one without bf16
-            instructions, BENCHMARKS.md); "auto" (default) takes bf16 only on a GPU or a CPU with bf16 hardware
-            (``bgad_core.precision``) and warns when "bf16" is forced without it. Evaluation is float32.
+            loss in float32 (1.2-2x faster on 2-core CPUs with bf16 instructions, 3-10x slower on one without
+            them, no faster on an H200; BENCHMARKS.md); "auto" (default) takes bf16 only on a CPU with bf16
+            hardware (``bgad_core.precision``) and warns when "bf16" is forced without it. Evaluation is float32.
     """
 
     beta: float = 0.01
