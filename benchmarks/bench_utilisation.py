@@ -85,22 +85,27 @@ def main() -> None:
         started = time.time()
         summary = run_sweep(config, report.uri, open_cache(report.uri), config.mlflow.tracking_uri)
         ended = time.time()
-        per_category = {category: busy_intervals(trial_rows(Path(config.tune.storage_path) / summary["sweep_id"]
-                                                            / category))
-                        for category in summary["categories"]}
+        tested = summary["categories"]
+        folder = Path(config.tune.storage_path) / summary["sweep_id"]
+        per_category = {category: busy_intervals(trial_rows(folder / category)) for category in tested}
     ray.shutdown()
     every = pd.concat(per_category.values())
     overall = utilisation(every, args.slots)
-    print(f"{cpu_description(os.cpu_count() or 1)}; {args.categories} categories x {args.trials} trials of up to {args.meta_epochs} "
-          f"meta-epochs, {args.slots} slots; sweep wall {ended - started:.0f} s (test evaluation and baselines included)")
+    print(f"{cpu_description(os.cpu_count() or 1)}; {args.categories} categories x {args.trials} trials of up to "
+          f"{args.meta_epochs} meta-epochs, {args.slots} slots; sweep wall {ended - started:.0f} s (test evaluation "
+          "and baselines included)")
     print("| category | trials | first start s | last end s | busy slot-s |")
     print("|---|---|---|---|---|")
     origin = float(every["start"].min())
     for category, intervals in per_category.items():
         print(f"| {category} | {len(intervals)} | {intervals['start'].min() - origin:.0f} | "
               f"{intervals['end'].max() - origin:.0f} | {(intervals['end'] - intervals['start']).sum():.0f} |")
+    print("tested, in the summary's order: " + ", ".join(
+        f"{category} ({entry['best']['family']}, test image AUROC {entry['best']['test']['image_auroc']:.3f})"
+        for category, entry in tested.items()))
     print(f"utilisation: {overall['busy_slot_s']:.0f} busy of {overall['available_slot_s']:.0f} available slot-s "
-          f"= {overall['utilisation']:.1%} (from the first trial's start to the last trial's end, {overall['span_s']:.0f} s)")
+          f"= {overall['utilisation']:.1%} (from the first trial's start to the last trial's end, "
+          f"{overall['span_s']:.0f} s)")
 
 
 if __name__ == "__main__":

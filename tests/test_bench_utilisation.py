@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
@@ -24,3 +28,18 @@ def test_each_category_is_its_own_generated_dataset_and_every_slot_a_trial(tmp_p
     assert len({d.synthetic.seed for d in config.datasets}) == 3
     assert config.tune.max_concurrent_trials == 4 and config.tune.cpus_per_trial == 1
     assert config.search.num_samples == 5 and config.train["meta_epochs"] == 2
+
+
+@pytest.mark.slow
+def test_a_two_category_sweep_reports_both_categories_and_its_utilisation():
+    """The script end to end on a small sweep, which is also the suite's sweep over more than one category: each
+    category is searched and its winner tested, and both land in the summary, in the datasets' order."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_utilisation", "--categories", "2", "--slots", "2",
+                           "--trials", "2", "--meta-epochs", "1"], cwd=bench_utilisation.ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| tiles-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| tiles-0", "| tiles-1"], done.stdout[-3000:]
+    assert all(row.split(" | ")[1] == "2" for row in rows)  # both trials of each category reported
+    assert re.search(r"utilisation: \d+ busy of \d+ available slot-s = \d+\.\d%", done.stdout), done.stdout[-3000:]
+    assert re.search(r"tested, in the summary's order: tiles-0 \(\w+, test image AUROC [\d.]+\), tiles-1 \(", done.stdout)
