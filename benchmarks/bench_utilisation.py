@@ -6,8 +6,9 @@ The quickstart sweep over ``--categories`` generated categories (the quickstart'
 available slot-seconds: each trial is busy from its start (its first report's timestamp less the time it took,
 setup included) to its last report; available is slots x the time from the first trial's start to the last
 trial's end. What is not busy is the tails: a category's last trials running while other slots wait for the next
-category, and the driver's work between categories (test evaluation, the one-class baseline, MLflow), when no
-trial runs at all.
+category, and the boundary between two categories' Tune experiments (the finished one's test evaluation and MLflow
+closing, the next one's setup and fresh trial workers), when no trial runs at all (BENCHMARKS.md: moving the test
+evaluation off that boundary did not shorten it).
 
     .venv/bin/python -m benchmarks.bench_utilisation [--categories 3] [--slots 4] [--trials 6] [--meta-epochs 4]
 
