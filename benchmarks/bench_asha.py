@@ -32,7 +32,8 @@ from ray import tune
 from sweeper.cache.build import build_cache
 from sweeper.cache.reader import open_cache
 from sweeper.job.config import SweepConfig, load_config
-from sweeper.tuning.sweep import run_sweep
+from sweeper.tuning.sweep import SEARCH_EXPERIMENT, run_sweep
+from sweeper.tuning.trainable import CATEGORY_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +62,13 @@ def arm_config(base: dict[str, Any], arm: str, trials: int, schedule: dict[str, 
     return SweepConfig.model_validate(raw)
 
 
-def trial_rows(path: Path) -> pd.DataFrame:
-    """Every reported meta-epoch of every trial of one Tune experiment, in the order they were reported."""
+def trial_rows(path: Path, category: str | None = None) -> pd.DataFrame:
+    """Every reported meta-epoch of every trial of one Tune experiment (of ``category`` only, where given: a
+    sweep's search experiment holds every category's trials), in the order they were reported."""
     frames = tune.ExperimentAnalysis(str(path)).trial_dataframes
     rows = pd.concat([frame.assign(trial=trial) for trial, frame in frames.items() if len(frame)])
+    if category is not None:
+        rows = rows[rows[f"config/{CATEGORY_KEY}"] == category]
     return rows.sort_values(["timestamp", "time_total_s"], kind="stable").reset_index(drop=True)
 
 
@@ -105,7 +109,7 @@ def main() -> None:
             started = time.time()
             summary = run_sweep(config, report.uri, manifest, config.mlflow.tracking_uri)
             for category, entry in summary["categories"].items():
-                rows = trial_rows(Path(config.tune.storage_path) / summary["sweep_id"] / category)
+                rows = trial_rows(Path(config.tune.storage_path) / summary["sweep_id"] / SEARCH_EXPERIMENT, category)
                 runs.append((arm, category, summary["objective"], rows, started, entry["best"]["test"],
                              summary["seconds"]))
     best = {category: max(float(rows[metric].max()) for _, c, metric, rows, *_ in runs if c == category)

@@ -39,7 +39,7 @@ from benchmarks.machine import cpu_description  # noqa: E402
 from sweeper.cache.build import build_cache  # noqa: E402
 from sweeper.cache.reader import open_cache  # noqa: E402
 from sweeper.job.config import SweepConfig  # noqa: E402
-from sweeper.tuning.sweep import MODE, checkpoint_evaluation, run_sweep  # noqa: E402
+from sweeper.tuning.sweep import MODE, SEARCH_EXPERIMENT, checkpoint_evaluation, run_sweep  # noqa: E402
 from sweeper.tuning.trainable import SELECTION_KEY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def family_tests(config: SweepConfig, summary: dict[str, Any], manifest: dict[st
     in any of its trials is left out."""
     bests = {name: best for name, best in summary["categories"][category]["families"].items()
              if best["trial_id"] is not None}
-    tested = trial_tests(config, summary["sweep_id"], category, [best["trial_id"] for best in bests.values()],
+    tested = trial_tests(config, summary["sweep_id"], SEARCH_EXPERIMENT, [best["trial_id"] for best in bests.values()],
                          manifest, category)
     return {name: {**tested[best["trial_id"]], **best} for name, best in bests.items()}
 

@@ -2,10 +2,12 @@
 
 Each sweep is ``search_spaces/mtd_benchmark.yaml`` (BGAD / BGAD-FAS, TPE + ASHA, validation image AUROC) on one
 shared protocol of ``benchmarks.bench_accuracy``, sized for a 2-core CPU (``--image-size``, ``--trials``,
-``--meta-epochs``), run once per Optuna seed with ``tune.selection.rule: reseed``. One run gives both rules' picks:
-argmax is the top candidate the rule starts from, the rule's pick is the run it deploys (the same trial when
-nothing ties). For each pick it reports the validation figure, the test figure (each trial's best selectable
-checkpoint, read once) and their gap, the optimism; and the trial-seconds the re-seeded runs added.
+``--meta-epochs``), run once per Optuna seed with ``tune.selection.rule: reseed``. One run gives three picks:
+argmax is the top candidate the rule starts from; the rule's pick is the run it deploys, the held-out re-run of the
+configuration chosen on its other runs (the same trial as argmax when nothing ties); the rule's first version,
+replayed from the same runs, chose on the mean of all runs and deployed the first re-run. For each pick it reports
+the validation figure, the test figure (each trial's best selectable checkpoint, read once) and their gap, the
+optimism; and the trial-seconds the re-seeded runs added.
 
     .venv/bin/python -m benchmarks.bench_selection [--datasets mtd brainmri] [--seeds 5] [--trials 8]
         [--meta-epochs 4] [--image-size 128] [--candidates 3] [--reseeds 2] [--workdir runs/bench-selection]
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray import tune
 
 from benchmarks.bench_accuracy import PROTOCOLS
 from benchmarks.bench_asha import trial_rows
@@ -26,35 +29,52 @@ from benchmarks.bench_cross_family import ROOT, add_sweep_size_arguments, sweep_
 from benchmarks.machine import cpu_description
 from sweeper.cache.build import build_cache
 from sweeper.cache.reader import open_cache
-from sweeper.tuning.sweep import run_sweep
+from sweeper.tuning.selection import RERUN_KEY, choose
+from sweeper.tuning.sweep import SEARCH_EXPERIMENT, run_sweep
 
 SPACE = ROOT / "search_spaces" / "mtd_benchmark.yaml"
+ARMS = ("argmax", "first", "rule")  # plain argmax, the reseed rule's first version, the rule as it deploys
 
 
-def trial_seconds(folder: Path) -> float:
-    """Training seconds of every trial of the Tune experiment in ``folder``."""
-    return float(trial_rows(folder)["time_this_iter_s"].sum())
+def trial_seconds(folder: Path, category: str | None = None) -> float:
+    """Training seconds of every trial (of ``category``, where given) of the Tune experiment in ``folder``."""
+    return float(trial_rows(folder, category)["time_this_iter_s"].sum())
 
 
 def picks(config: Any, summary: dict[str, Any], manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per category: argmax's and the rule's pick, each with its validation and test objective."""
+    """Per category, three picks, each with its validation and test objective: argmax; the ``reseed`` rule as it
+    deploys (the held-out re-run of the configuration chosen on the others); and its first version, replayed from
+    the same runs (the configuration with the best mean over all its runs, deploying its first re-run)."""
     key = summary["objective"].removeprefix("val_")
     rows = []
     for category, entry in summary["categories"].items():
         selection = entry["selection"]
         argmax = (selection.get("candidates") or [selection["chosen"]])[0]
         deployed = entry["best"]
-        if argmax == deployed["trial_id"]:
-            first = deployed
-        else:
-            first = trial_tests(config, summary["sweep_id"], category, [argmax], manifest, category)[argmax]
+        reseed = f"{category}-reseed"
+        first_version = argmax
+        if "runs" in selection:
+            everything = {trial: [*runs, selection["held_out"][trial]] for trial, runs in selection["runs"].items()}
+            first_version = rerun_of(config, summary["sweep_id"], reseed, choose(everything), seed=1)
+        tested = {deployed["trial_id"]: deployed}
+        for trial in {argmax, first_version} - set(tested):
+            experiment = SEARCH_EXPERIMENT if trial == argmax else reseed
+            tested.update(trial_tests(config, summary["sweep_id"], experiment, [trial], manifest, category))
         tune_folder = Path(config.tune.storage_path) / summary["sweep_id"]
         rows.append({"category": category, "tied": len(selection.get("tied", [argmax])),
-                     "argmax": (first["val"][key], first["test"][key]),
-                     "rule": (deployed["val"][key], deployed["test"][key]),
-                     "sweep_s": trial_seconds(tune_folder / category),
-                     "reseed_s": sum(trial_seconds(f) for f in tune_folder.glob(f"{category}-reseed-*"))})
+                     **{arm: (tested[trial]["val"][key], tested[trial]["test"][key])
+                        for arm, trial in (("argmax", argmax), ("first", first_version),
+                                           ("rule", deployed["trial_id"]))},
+                     "sweep_s": trial_seconds(tune_folder / SEARCH_EXPERIMENT, category),
+                     "reseed_s": trial_seconds(tune_folder / reseed) if (tune_folder / reseed).is_dir() else 0.0})
     return rows
+
+
+def rerun_of(config: Any, sweep: str, experiment: str, trial_id: str, seed: int) -> str:
+    """The id of the re-run of ``trial_id`` with ``seed`` in the sweep's re-seed experiment."""
+    analysis = tune.ExperimentAnalysis(str(Path(config.tune.storage_path) / sweep / experiment))
+    [found] = [t.trial_id for t in analysis.trials if t.config.get(RERUN_KEY) == trial_id and t.config["seed"] == seed]
+    return found
 
 
 def main() -> None:
@@ -69,8 +89,9 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"machine: {cpu_description(1)} per trial, 2 trial slots; {args.trials} trials x up to {args.meta_epochs} "
           f"x {args.sub_epochs}, {args.image_size} px; reseed: top {args.candidates}, {args.reseeds} more seeds")
-    print("| data | sweep seed | tied | argmax val / test | rule val / test | trial-s of the sweep | of the re-runs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| data | sweep seed | tied | argmax val / test | first version val / test | rule (held-out run) val / test "
+          "| trial-s of the sweep | of the re-runs |")
+    print("|---|---|---|---|---|---|---|---|")
     table: dict[str, list[dict[str, Any]]] = {}
     for dataset in args.datasets:
         for seed in range(args.seeds):
@@ -84,17 +105,17 @@ def main() -> None:
             summary = run_sweep(config, report.uri, manifest, config.mlflow.tracking_uri)
             for row in picks(config, summary, manifest):
                 table.setdefault(dataset, []).append(row)
-                print(f"| {dataset} | {seed} | {row['tied']} | {row['argmax'][0]:.3f} / {row['argmax'][1]:.3f} | "
-                      f"{row['rule'][0]:.3f} / {row['rule'][1]:.3f} | {row['sweep_s']:.0f} | {row['reseed_s']:.0f} |",
-                      flush=True)
-    print("\n| data | sweeps | optimism (val - test), argmax | rule | test, argmax | rule | extra trial-time |")
-    print("|---|---|---|---|---|---|---|")
+                print(f"| {dataset} | {seed} | {row['tied']} | "
+                      + " | ".join(f"{row[arm][0]:.3f} / {row[arm][1]:.3f}" for arm in ARMS)
+                      + f" | {row['sweep_s']:.0f} | {row['reseed_s']:.0f} |", flush=True)
+    print("\n| data | sweeps | optimism (val - test): argmax / first version / rule | test: argmax / first version / "
+          "rule | extra trial-time |")
+    print("|---|---|---|---|---|")
     for dataset, rows in table.items():
-        optimism = {arm: fmean(r[arm][0] - r[arm][1] for r in rows) for arm in ("argmax", "rule")}
-        test = {arm: fmean(r[arm][1] for r in rows) for arm in ("argmax", "rule")}
+        optimism = " / ".join(f"{fmean(r[arm][0] - r[arm][1] for r in rows):+.3f}" for arm in ARMS)
+        test = " / ".join(f"{fmean(r[arm][1] for r in rows):.3f}" for arm in ARMS)
         extra = 100 * sum(r["reseed_s"] for r in rows) / sum(r["sweep_s"] for r in rows)
-        print(f"| {dataset} | {len(rows)} | {optimism['argmax']:+.3f} | {optimism['rule']:+.3f} | "
-              f"{test['argmax']:.3f} | {test['rule']:.3f} | {extra:.0f} % |")
+        print(f"| {dataset} | {len(rows)} | {optimism} | {test} | {extra:.0f} % |")
 
 if __name__ == "__main__":
     main()

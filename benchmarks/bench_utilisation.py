@@ -5,10 +5,9 @@ The quickstart sweep over ``--categories`` generated categories (the quickstart'
 ``--slots`` concurrent 1-CPU trials on a local Ray of that many logical CPUs. Utilisation is busy slot-seconds over
 available slot-seconds: each trial is busy from its start (its first report's timestamp less the time it took,
 setup included) to its last report; available is slots x the time from the first trial's start to the last
-trial's end. What is not busy is the tails: a category's last trials running while other slots wait for the next
-category, and the boundary between two categories' Tune experiments (the finished one's test evaluation and MLflow
-closing, the next one's setup and fresh trial workers), when no trial runs at all (BENCHMARKS.md: moving the test
-evaluation off that boundary did not shorten it).
+trial's end. What is not busy is the sweep's tail, where its last trials run while other slots have nothing left to
+start. (When each category had its own Tune experiment, the boundary between two experiments also left every slot
+idle for 13-14 s per category here: 29.4 % against 90.6 % with one experiment over all categories, BENCHMARKS.md.)
 
     .venv/bin/python -m benchmarks.bench_utilisation [--categories 3] [--slots 4] [--trials 6] [--meta-epochs 4]
 
@@ -33,7 +32,7 @@ from benchmarks.machine import cpu_description
 from sweeper.cache.build import build_cache
 from sweeper.cache.reader import open_cache
 from sweeper.job.config import SweepConfig
-from sweeper.tuning.sweep import run_sweep
+from sweeper.tuning.sweep import SEARCH_EXPERIMENT, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +87,8 @@ def main() -> None:
         ended = time.time()
         tested = summary["categories"]
         folder = Path(config.tune.storage_path) / summary["sweep_id"]
-        per_category = {category: busy_intervals(trial_rows(folder / category)) for category in tested}
+        per_category = {category: busy_intervals(trial_rows(folder / SEARCH_EXPERIMENT, category))
+                        for category in tested}
     ray.shutdown()
     every = pd.concat(per_category.values())
     overall = utilisation(every, args.slots)

@@ -291,7 +291,7 @@ def test_a_two_node_sweep_keeps_everything_on_s3_and_logs_to_the_mlflow_server(s
         assert all(client.get_metric_history(run.info.run_id, "val_aupro") for run in children)
     assert_stopped(server.process, head.process, worker.process)
 
-    tune_keys = s3.keys(f"tune/{sweep_id(config)}/tiles/")
+    tune_keys = s3.keys(f"tune/{sweep_id(config)}/search/")
     assert any(Path(k).name.startswith("experiment_state") for k in tune_keys)
     result_keys = [k for k in tune_keys if Path(k).name == "result.json"]
     assert len(result_keys) == config.search.num_samples

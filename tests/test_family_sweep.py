@@ -59,10 +59,27 @@ def test_a_one_class_winner_is_promoted_served_and_exported_like_any_other(tmp_p
 
 
 def test_a_simplenet_winner_is_promoted_served_and_exported_like_any_other(tmp_path):
-    """The third family, added as a folder and a registry entry, goes the same way (issue 23)."""
-    config_path = family_sweep(tmp_path, "simplenet", 1, {"meta_epochs": 2, "sub_epochs": 1, "batch_size": 1024,
-                                                          "num_anomalies": 2})
+    """The third family, added as a folder and a registry entry, goes the same way (issue 23).
+
+    A grid of two learning rates, one at a time: the second (1e-9) leaves the discriminator as initialised, so ASHA
+    stops it after its first meta-epoch, below the first trial's at the same rung; a stopped trial ends KILLED and
+    tagged ``pruned`` in MLflow, and the first trial wins.
+    """
+    config_path = quickstart_in(tmp_path, search={"num_samples": 1, "compare_paper_default": False})
+    raw = yaml.safe_load(config_path.read_text())
+    raw["search"] = {**{k: v for k, v in raw["search"].items() if k != "families"}, "algorithm": "grid",
+                     "grid": {"family": ["simplenet"], "lr": [2e-4, 1e-9]}}
+    raw["train"] = {"meta_epochs": 2, "sub_epochs": 1, "batch_size": 1024, "num_anomalies": 2}
+    raw["tune"]["max_concurrent_trials"] = 1
+    config_path.write_text(yaml.safe_dump(raw))
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    runs = {float(run.data.params["lr"]): run for run in trial_runs(config_path, "trial")}
+    assert runs[1e-9].data.tags["bgad.outcome"] == "pruned" and runs[1e-9].info.status == "KILLED"
+    assert runs[1e-9].data.tags["bgad.meta_epochs_run"] == "1"
+    assert runs[2e-4].data.tags["bgad.outcome"] == "finished"
     assert_promoted_served_exported(tmp_path, config_path, "simplenet")
+    client = MlflowClient(load_config(config_path).mlflow.tracking_uri)
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == runs[2e-4].info.run_id
 
 
 def assert_promoted_served_exported(tmp_path: Path, config_path: Path, family: str) -> None:

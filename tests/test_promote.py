@@ -20,6 +20,7 @@ from sweeper.promote import (SOURCE_RUN_TAG, SOURCE_SWEEP_TAG, PromoteError, bes
                              promote, read_summary)
 from sweeper.run import main as run_sweep
 from sweeper.tuning.sweep import sweep_id
+from sweeper.tuning.trainable import SELECTION_KEY
 from test_sweep_job import quickstart_in, trial_runs
 
 NAME = "bgad-tiles"
@@ -138,10 +139,10 @@ def test_unknown_sweep_and_category_fail_clearly(recorded, capsys):
 def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     """The whole path: quickstart sweep across families (Ray, cache, MLflow, Optuna), each family's trials recorded,
     the noise-aware choice (``tune.selection: reseed``: the two best trials are tied on this small validation
-    split, each trains again with one more seed, a fresh run of the better mean is deployed), promote that run,
-    score its cached test rows."""
+    split, each trains again with two more seeds, the better mean of the original and the first re-run wins and its
+    second re-run is deployed), promote that run, score its cached test rows."""
     config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False},
-                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 1}})
+                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 2}})
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)
@@ -194,8 +195,9 @@ def assert_each_family_recorded(config_path) -> None:
 
 
 def assert_reseeded(config_path) -> None:
-    """The two tied candidates each have one re-seeded run (same parameters, seed 1, outside the Optuna study);
-    the deployed (tested) trial is the fresh run of the configuration with the better mean validation figure."""
+    """The two tied candidates each have two re-seeded runs (same parameters, seeds 1 and 2, outside the Optuna
+    study); the configuration with the better mean validation figure of its original and seed-1 runs wins, and its
+    seed-2 run, whose figure took no part in the choice, is the deployed (tested) trial."""
     config = load_config(config_path)
     client = MlflowClient(config.mlflow.tracking_uri)
     entry = read_summary(client, find_sweep_run(client, sweep_id(config)))["categories"]["synthetic-tiles"]
@@ -208,6 +210,8 @@ def assert_reseeded(config_path) -> None:
     runs = {run.data.tags[tracking.TRIAL_TAG]: run for run in trial_runs(config_path, "trial")}
     deployed, chosen = runs[selection["deployed"]], runs[selection["chosen"]]
     assert entry["best"]["trial_id"] == selection["deployed"] != selection["chosen"]
-    assert deployed.data.params["seed"] == "1" and chosen.data.params["seed"] == "0"
+    assert deployed.data.params["seed"] == "2" and chosen.data.params["seed"] == "0"
+    history = client.get_metric_history(deployed.info.run_id, SELECTION_KEY)  # the deployed run's own best epoch
+    assert selection["deployed_val"] == pytest.approx(max(m.value for m in history))
     assert {k: v for k, v in deployed.data.params.items() if k != "seed"} == \
         {k: v for k, v in chosen.data.params.items() if k != "seed"}

@@ -55,13 +55,18 @@ def trial_runs(config_path: Path, role: str | None = None) -> list:
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    # the quickstart made small (4 trials of at most 3 of 4 meta-epochs, no plots): the interruption and resume are the
-    # point; a plateau rule that no gain can satisfy (AUROC cannot rise by 1) ends every trial ASHA keeps after
-    # meta-epoch 3, one past the first it watches, so a trial stopped at its plateau also ends and resumes here
+    # the quickstart made small (two categories x 3 trials of at most 3 of 4 meta-epochs, no plots): the interruption
+    # and resume of the one experiment that searches both categories are the point; a plateau rule that no gain can
+    # satisfy (AUROC cannot rise by 1) ends every trial ASHA keeps after meta-epoch 3, one past the first it watches,
+    # so a trial stopped at its plateau also ends and resumes here
     plateau = {"patience": 1, "min_delta": 1.0}
     config_path = quickstart_in(tmp_path, tune={"max_concurrent_trials": 1, "plateau": plateau},
-                                train={"meta_epochs": 4}, search={"compare_paper_default": False, "num_samples": 4},
+                                train={"meta_epochs": 4}, search={"compare_paper_default": False, "num_samples": 3},
                                 mlflow={"log_plots": False})
+    raw = yaml.safe_load(config_path.read_text())
+    [tiles] = raw["datasets"]
+    raw["datasets"].append({"synthetic": {**tiles["synthetic"], "name": "other-tiles", "seed": 1}})
+    config_path.write_text(yaml.safe_dump(raw))
     config = load_config(config_path)
     env = token_env(tmp_path)
     env.pop("RAY_AUTH_MODE")
@@ -88,14 +93,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert parent.info.status == "KILLED" and parent.data.tags[tracking.INTERRUPTED_TAG] == "stopped by SIGINT"
     assert "summary.json" not in {a.path for a in MlflowClient(config.mlflow.tracking_uri).list_artifacts(parent.info.run_id)}
     assert all(r.info.status != "RUNNING" for r in trial_runs(config_path))
-    study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
-    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+    for category in CATEGORIES:
+        study = optuna.load_study(study_name=f"{sweep_id(config)}/{category}", storage=config.tune.optuna_storage)
+        assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
 
     client = MlflowClient(config.mlflow.tracking_uri)
     runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags}
     steps_before = {t: len(client.get_metric_history(runs[t].info.run_id, "val_aupro")) for t in ended}
 
-    folder = Path(config.tune.storage_path) / sweep_id(config) / "synthetic-tiles"
+    folder = Path(config.tune.storage_path) / sweep_id(config) / "search"
     saved = newest_state(folder)  # a driver SIGKILLed inside Tune's save leaves it cut off: resume from the copy
     assert saved.with_name(saved.name + BACKUP_SUFFIX).read_bytes() == saved.read_bytes()
     saved.write_bytes(saved.read_bytes()[:100])
@@ -110,20 +116,27 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert f"| {trial_id} epoch" not in log
         assert len(client.get_metric_history(runs[trial_id].info.run_id, "val_aupro")) == steps_before[trial_id]
     after = [r for r in trial_runs(config_path) if tracking.TRIAL_TAG in r.data.tags]
-    assert len(after) == config.search.num_samples
+    assert sorted(r.data.tags[tracking.CATEGORY_TAG] for r in after) == sorted(CATEGORIES * config.search.num_samples)
     assert all(r.data.tags.get("bgad.outcome") in ("finished", "pruned") for r in after)
     ran = {r.data.tags[tracking.TRIAL_TAG]: int(r.data.tags["bgad.meta_epochs_run"]) for r in after}
     assert 3 in ran.values() and max(ran.values()) == 3, ran  # no trial trained past its plateau
     assert all(r.data.tags["bgad.outcome"] == "finished" for r in after if ran[r.data.tags[tracking.TRIAL_TAG]] == 3)
     assert parent.info.run_id == trial_runs(config_path, role="sweep")[0].info.run_id
-    study = optuna.load_study(study_name=f"{sweep_id(config)}/synthetic-tiles", storage=config.tune.optuna_storage)
-    ended = [t for t in study.trials if not t.user_attrs.get("bgad.interrupted")]  # an interrupted one ran again
-    assert len(ended) == config.search.num_samples
-    assert {t.state for t in ended} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ended if ran[t.user_attrs["tune_trial_id"]] == 3)
-    assert all(t.user_attrs.get("mlflow_run_id") and t.user_attrs.get("tune_trial_id") for t in ended)
+    category_of = {r.info.run_id: r.data.tags[tracking.CATEGORY_TAG] for r in after}
+    for category in CATEGORIES:  # each category's study holds its own trials, and all of them
+        study = optuna.load_study(study_name=f"{sweep_id(config)}/{category}", storage=config.tune.optuna_storage)
+        ended = [t for t in study.trials if not t.user_attrs.get("bgad.interrupted")]  # an interrupted one ran again
+        assert len(ended) == config.search.num_samples
+        assert {category_of[t.user_attrs["mlflow_run_id"]] for t in ended} == {category}
+        assert {t.state for t in ended} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ended
+                   if ran[t.user_attrs["tune_trial_id"]] == 3)
+        assert all(t.user_attrs.get("tune_trial_id") for t in ended)
+    assert {re.search(r"\| (\S+) \|", line).group(1) for line in log.splitlines()
+            if re.match(r"\| \S+ \| \d+/\d+/\d+ \| best trial", line)} == set(CATEGORIES)  # both tested
 
 
+CATEGORIES = ["synthetic-tiles", "other-tiles"]
 ENDED = re.compile(r"\| (\w+) (?:finished|pruned) after ")
 # Ray's C++ actor warning (every Ray Data actor pool), its token-auth notice, MLflow's store set-up lines
 FOREIGN_LINES = ("core_worker.cc", "Token authentication", "mlflow.store.db.utils")

@@ -365,9 +365,10 @@ class SelectionSpec(Section):
 
     A few dozen validation images leave the best validation figure among many trials as much the luckiest as the
     best. ``reseed`` re-scores the top ``max_candidates`` trials on validation, keeps those the paired 95 % bootstrap
-    interval cannot tell from the best, trains each of them again with ``seeds`` more seeds, and deploys a fresh
-    run of the configuration whose runs average highest; ``argmax`` (the default: ``reseed`` bought no test
-    accuracy over 10 measured sweeps, for 43-97 % more trial-time) takes the best validation figure as it is.
+    interval cannot tell from the best, trains each of them again with ``seeds`` more seeds, chooses the
+    configuration whose runs average highest (all but its last re-seeded run) and deploys that last run, whose
+    validation figure took no part in the choice; ``argmax`` (the default: ``reseed`` bought no test accuracy over
+    10 measured sweeps, for 43-97 % more trial-time) takes the best validation figure as it is.
 
     Attributes:
         rule: ``argmax`` or ``reseed``.

@@ -1,6 +1,9 @@
 """One console line per event that matters: trials ended of the total, best so far, elapsed time and an ETA.
 
-    [synthetic-tiles]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro 0.9687 (f69d176c) | ETA <= 52s | 4e1075a2 epoch 2 val_aupro=0.9539
+    [search]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro 0.9687 (f69d176c) in synthetic-tiles | ETA <= 52s | 4e1075a2 epoch 2 val_aupro=0.9539
+
+Where the experiment's trials train different categories (``per_category`` mode), the best so far is that of the
+reporting trial's category.
 
 The ETA is an upper bound: it assumes every trial still to run or running goes the full ``max_t`` meta-epochs at the
 rate measured so far (ASHA and the plateau rule stop most of them earlier).
@@ -16,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from sweeper.job.interrupt import STOP
-from sweeper.tuning.trainable import FAILED_KEY, ran_its_course
+from sweeper.tuning.trainable import CATEGORY_KEY, FAILED_KEY, ran_its_course
 
 
 class SweepProgress(tune.Callback):
@@ -33,7 +36,7 @@ class SweepProgress(tune.Callback):
         self.total = total
         self.started = time.monotonic()
         self.reports = 0
-        self.best: tuple[float, str] | None = None
+        self.best: dict[str | None, tuple[float, str]] = {}  # per category where trials name theirs, else under None
 
     def setup(self, **info: Any) -> None:
         self.started = time.monotonic()  # elapsed time of this run of the experiment, also after a resume
@@ -44,29 +47,33 @@ class SweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(FAILED_KEY):
-            self._print(trials, f"{trial.trial_id} FAILED in meta-epoch {result.get('training_iteration')}: "
-                                f"{result.get('failure')}", ending={trial.trial_id: "failed"})  # it returns right after
+            self._print(trials, trial, f"{trial.trial_id} FAILED in meta-epoch {result.get('training_iteration')}: "
+                                       f"{result.get('failure')}", ending={trial.trial_id: "failed"})  # it returns next
             return
         self.reports += 1
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and not math.isnan(value) and (self.best is None or value > self.best[0]):
-            self.best = (float(value), trial.trial_id)
-        self._print(trials, f"{trial.trial_id} epoch {result.get('training_iteration')} {self.metric}={value:.4f}"
+        category = trial.config.get(CATEGORY_KEY)
+        best = self.best.get(category)
+        if isinstance(value, (int, float)) and not math.isnan(value) and (best is None or value > best[0]):
+            self.best[category] = (float(value), trial.trial_id)
+        epoch = result.get("training_iteration")
+        self._print(trials, trial, f"{trial.trial_id} epoch {epoch} {self.metric}={value:.4f}"
                     if isinstance(value, (int, float)) else f"{trial.trial_id} reported")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(FAILED_KEY):  # a diverged trial was announced with its reason by on_trial_result
             outcome = self._outcome(trial, "TERMINATED")  # Tune sets the status after calling back
-            self._print(trials, f"{trial.trial_id} {outcome} after {last.get('training_iteration', 0)} meta-epoch(s)",
-                        ending={trial.trial_id: outcome})
+            event = f"{trial.trial_id} {outcome} after {last.get('training_iteration', 0)} meta-epoch(s)"
+            self._print(trials, trial, event, ending={trial.trial_id: outcome})
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, f"{trial.trial_id} failed ({_last_error(trial)}); retrying from its last checkpoint "
-                            f"(retry {trial.num_failures} of tune.max_failures={trial.max_failures})")
+        self._print(trials, trial, f"{trial.trial_id} failed ({_last_error(trial)}); retrying from its last "
+                                   f"checkpoint (retry {trial.num_failures} of tune.max_failures={trial.max_failures})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, f"{trial.trial_id} FAILED: {_last_error(trial)} (full error: error.txt in {trial.path})")
+        self._print(trials, trial, f"{trial.trial_id} FAILED: {_last_error(trial)} (full error: error.txt in "
+                                   f"{trial.path})")
 
     def _outcome(self, trial: Any, status: str | None = None) -> str | None:
         """finished / pruned / failed for an ended trial, None while it runs or waits."""
@@ -78,13 +85,16 @@ class SweepProgress(tune.Callback):
             return "finished" if ran_its_course(last, self.max_t) else "pruned"
         return None
 
-    def _print(self, trials: list, event: str, ending: dict[str, str | None] | None = None) -> None:
-        """``ending``: outcome of trials ending with this event, whose status Tune has not updated yet."""
+    def _print(self, trials: list, trial: Any, event: str, ending: dict[str, str | None] | None = None) -> None:
+        """``event`` of ``trial``; ``ending``: outcome of trials ending with this event, whose status Tune has not
+        updated yet. The best so far is that of the trial's category where trials name theirs."""
+        category = trial.config.get(CATEGORY_KEY)
         ending = ending or {}
         outcomes = [ending.get(t.trial_id) or self._outcome(t) for t in trials]
         running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in ending)
         ended = sum(o is not None for o in outcomes)
-        best = "-" if self.best is None else f"{self.best[0]:.4f} ({self.best[1]})"
+        best = self.best.get(category)
+        best = ("-" if best is None else f"{best[0]:.4f} ({best[1]})") + ("" if category is None else f" in {category}")
         elapsed = time.monotonic() - self.started
         print(
             f"[{self.experiment}] {elapsed:6.0f}s | {ended}/{self.total} trials ended (running {running}, "

@@ -1,9 +1,11 @@
-"""A sweep: one Tune experiment per category (or one over all categories), then one honest test evaluation.
+"""A sweep: one Tune experiment searches every category, then one honest test evaluation per category.
 
-Categories run one after another, each experiment using the whole cluster (``max_concurrent_trials`` at a time).
-That is equivalent in throughput to concurrent experiments while trials outnumber free slots, and it keeps each
-experiment independently restorable: an interrupted sweep resumes exactly the experiment it was in, and a
-finished category is never touched again.
+In ``per_category`` mode each trial trains one category, and each category keeps its own Optuna study and its own
+ASHA (``sweeper.tuning.categories``), while all categories' trials share the cluster's ``max_concurrent_trials``
+slots: no slot waits for a category's last trials. In ``shared`` mode each trial trains every category with one
+configuration. The paper default, where compared, is a second experiment (one trial per category, side by side).
+Each experiment is restorable: an interrupted sweep resumes the experiment it was in, and a finished one is never
+run again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import numpy as np
 import optuna
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
@@ -43,15 +46,18 @@ from sweeper.job.config import FAMILY_KEY, ParamSpec, SweepConfig
 from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.job.interrupt import STOP
 from sweeper.tuning.progress import SweepProgress
-from sweeper.tuning.selection import MODE, best_selectable, reseed_applies, reseeded_choice
-from sweeper.tuning.trainable import (DATA_KEYS, FAILED_KEY, FAILURE_TAG, PLATEAU_KEY, SELECTION_KEY, TrialContext,
-                                      ran_its_course, saved_model, train_detector)
+from sweeper.tuning.categories import CategoryScheduler, CategorySearch
+from sweeper.tuning.selection import MODE, best_selectable, ranked, reseed_applies, reseeded_choice
+from sweeper.tuning.trainable import (CATEGORY_KEY, DATA_KEYS, FAILED_KEY, FAILURE_TAG, PLATEAU_KEY, SELECTION_KEY,
+                                      UNSELECTABLE, TrialContext, ran_its_course, saved_model, train_detector)
 
 log = logging.getLogger(__name__)
 
 PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "num_anomalies": 10, "racp_depth": 3}
+SEARCH_EXPERIMENT = "search"  # the experiment of a per_category sweep's search (``shared`` mode: "shared")
+PAPER_DEFAULT_EXPERIMENT = "paper-default"
 FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.tuning.fit_store``)
 
 
@@ -207,12 +213,30 @@ def searcher(config: SweepConfig, metric: str, study_name: str, max_t: int) -> O
     )
 
 
-def scheduler(config: SweepConfig, metric: str, max_t: int) -> ASHAScheduler | FIFOScheduler:
-    """ASHA over meta-epochs (``training_iteration``), or FIFO (every trial runs its full schedule)."""
+class SelectableASHA(ASHAScheduler):
+    """ASHA that sees a trial only at the meta-epochs its family may select (``SELECTION_KEY`` not ``UNSELECTABLE``).
+
+    A family with a warm-up (BGAD's phase 1, normal-only training) reports objectives that selection will never
+    use; plain ASHA ranked them against other families' selectable results at the same rung. Measured in the
+    cross-family quickstart: every BGAD trial was pruned after meta-epoch 1 (phase 1, val PRO 0.937) against
+    PatchCore's final fit (0.967), so no BGAD trial reached an epoch it could be chosen at and PatchCore won by
+    default. Here a trial's first report to ASHA is its first selectable epoch; ASHA records it at the highest rung
+    not above that epoch, among the trials that reached that rung.
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get(SELECTION_KEY) == UNSELECTABLE:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def scheduler(config: SweepConfig, metric: str, max_t: int) -> SelectableASHA | FIFOScheduler:
+    """ASHA over meta-epochs (``training_iteration``) at selectable epochs, or FIFO (every trial runs its full
+    schedule)."""
     spec = config.tune.scheduler
     if spec.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return SelectableASHA(
         metric=metric, mode=MODE, max_t=max_t, grace_period=min(spec.grace_period, max_t),
         reduction_factor=spec.reduction_factor,
     )
@@ -273,18 +297,33 @@ class PlateauStopper(Stopper):
         return False
 
 
-@dataclass
-class Experiment:
-    """One Tune experiment of the sweep and its outcome."""
+def run_search(config: SweepConfig, sid: str, name: str, context: TrialContext, metric: str,
+               categories: Sequence[str] | None) -> tune.ResultGrid:
+    """The sweep's search as one experiment: Optuna or the grid, under ASHA or FIFO.
 
-    name: str
-    categories: tuple[str, ...]
-    results: tune.ResultGrid | None = None
+    Over ``categories``, each trial trains one of them, with a study and a scheduler per category
+    (``sweeper.tuning.categories``); with None (``shared`` mode), each trains all of ``context.categories``.
+    """
+    max_t = schedule_length(config, context.fixed)
+    optuna_search = config.search.algorithm == "optuna"
+    if categories is None:
+        return run_experiment(config, sid, name, context, metric, {} if optuna_search else grid_space(config),
+                              searcher(config, metric, f"{sid}/{name}", max_t), config.search.num_samples,
+                              scheduler(config, metric, max_t))
+    trial_scheduler = FIFOScheduler() if config.tune.scheduler.type == "fifo" else CategoryScheduler(
+        {category: scheduler(config, metric, max_t) for category in categories})
+    if optuna_search:
+        search = CategorySearch({category: searcher(config, metric, f"{sid}/{category}", max_t)
+                                 for category in categories}, config.search.num_samples, metric, MODE)
+        return run_experiment(config, sid, name, context, metric, {}, search,
+                              config.search.num_samples * len(categories), trial_scheduler)
+    space = {**grid_space(config), CATEGORY_KEY: tune.grid_search(list(categories))}
+    return run_experiment(config, sid, name, context, metric, space, None, config.search.num_samples, trial_scheduler)
 
 
 def run_experiment(
     config: SweepConfig, sid: str, name: str, context: TrialContext, metric: str, param_space: dict[str, Any],
-    search: OptunaSearch | None, num_samples: int, use_scheduler: bool,
+    search: Searcher | None, num_samples: int, trial_scheduler: TrialScheduler,
 ) -> tune.ResultGrid:
     """Run (or resume) one experiment under ``<storage_path>/<sweep id>/<name>``."""
     storage = f"{config.tune.storage_path.rstrip('/')}/{sid}"
@@ -308,7 +347,7 @@ def run_experiment(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search,
-            scheduler=scheduler(config, metric, max_t) if use_scheduler else FIFOScheduler(),
+            scheduler=trial_scheduler,
             num_samples=num_samples,
             max_concurrent_trials=config.tune.max_concurrent_trials,
             # a finished trial's worker takes the next trial: no new process importing torch, timm and MLflow
@@ -492,18 +531,29 @@ class SweepFailed(RuntimeError):
     """Every trial of an experiment failed or diverged: there is no configuration to evaluate."""
 
 
-def best_result(results: tune.ResultGrid, metric: str) -> tune.Result:
-    """The trial whose best selectable meta-epoch has the highest validation objective (test is never looked at)."""
-    try:
-        return results.get_best_result(metric=SELECTION_KEY, mode=MODE, scope="all", filter_nan_and_inf=True)
-    except RuntimeError as error:  # Tune's "No best trial found": no finite value of the metric anywhere
+def best_result(results: Sequence[tune.Result], group: str, metric: str) -> tune.Result:
+    """The trial whose best selectable meta-epoch has the highest validation objective (test is never looked at).
+
+    Where no trial reached a selectable epoch (every one failed during BGAD's phase 1, e.g. on a full disk), the first
+    one that reported a finite objective: the sweep completes on what it has, and says so in the trial counts.
+    """
+    best = ranked(results, 1) or [result for result in results if _reported_finite(result)][:1]
+    if not best:
+        errored = sum(result.error is not None for result in results)
         raise SweepFailed(
-            f"no trial of {results.experiment_path} reported a finite {metric} ({len(results)} trials, "
-            f"{len(results.errors)} errored; their MLflow runs carry the reason in tag {FAILURE_TAG})"
-        ) from error
+            f"no trial of {group} reported a finite {metric} ({len(results)} trials, "
+            f"{errored} errored; their MLflow runs carry the reason in tag {FAILURE_TAG})"
+        )
+    return best[0]
 
 
-def family_bests(results: tune.ResultGrid, fixed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _reported_finite(result: tune.Result) -> bool:
+    """Whether the trial reported a finite ``selection_score`` (``UNSELECTABLE`` included) at some meta-epoch."""
+    history = result.metrics_dataframe
+    return history is not None and SELECTION_KEY in history and bool(np.isfinite(history[SELECTION_KEY]).any())
+
+
+def family_bests(results: Iterable[tune.Result], fixed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each family's best trial on validation (``selection_score``, its best selectable epoch) and its trial
     count: the summary shows them beside the overall winner, which alone is evaluated on test."""
     bests: dict[str, dict[str, Any]] = {}
@@ -517,7 +567,8 @@ def family_bests(results: tune.ResultGrid, fixed: Mapping[str, Any]) -> dict[str
     return bests
 
 
-def close_child_runs(results: tune.ResultGrid, tracking_info: tracking.Tracking, sid: str, max_t: int) -> dict[str, int]:
+def close_child_runs(results: Iterable[tune.Result], tracking_info: tracking.Tracking, sid: str,
+                     max_t: int) -> dict[str, int]:
     """Mark each trial's MLflow run with how it ended; ASHA kills pruned trials before they can do it themselves."""
     client = tracking_info.client()
     counts = {"finished": 0, "pruned": 0, "failed": 0}
@@ -589,40 +640,45 @@ def _search_groups(
     config: SweepConfig, sid: str, metric: str, manifest: Mapping[str, Any], info: tracking.Tracking, cache_uri: str,
     groups: list[tuple[str, tuple[str, ...]]], summary: dict[str, Any],
 ) -> None:
-    """Run each group's experiments (search, then the paper default) and evaluate its winner into ``summary``."""
+    """Search every group in one experiment (``per_category``: a group per category, each trial training one;
+    ``shared``: one group whose trials train every category), run the paper default likewise, and evaluate each
+    group's winner into ``summary``."""
     fixed = fixed_params(config)
     max_t = int(fixed["meta_epochs"])
     device = "cuda" if config.tune.gpus_per_trial > 0 else "cpu"
     threads = max(1, int(config.tune.cpus_per_trial))
+    shared = config.mode == "shared"
+    names = [name for name, _ in groups]
+    context = TrialContext(sid, cache_uri, tuple(c for _, members in groups for c in members), fixed, metric, info,
+                           config.mlflow.log_plots, threads, device, config.tune.plateau.rule())
+    results = run_search(config, sid, "shared" if shared else SEARCH_EXPERIMENT, context, metric,
+                         None if shared else names)
+    references: dict[str, tune.Result] = {}
+    if config.search.compare_paper_default and PAPER_DEFAULT[FAMILY_KEY] in config.families():
+        space = paper_default_params(config) if shared else {**paper_default_params(config),
+                                                             CATEGORY_KEY: tune.grid_search(names)}
+        reference = run_experiment(config, sid, PAPER_DEFAULT_EXPERIMENT, context, metric, space, None, 1,
+                                   FIFOScheduler())
+        close_child_runs(reference, info, sid, max_t)
+        references = {name: _of_group(reference, name, shared)[0] for name in names}
     for name, members in groups:
-        context = TrialContext(sid, cache_uri, members, fixed, metric, info, config.mlflow.log_plots, threads, device,
-                               config.tune.plateau.rule())
-        if config.search.algorithm == "optuna":
-            results = run_experiment(config, sid, name, context, metric, {},
-                                     searcher(config, metric, f"{sid}/{name}", max_t), config.search.num_samples, True)
-        else:
-            results = run_experiment(config, sid, name, context, metric, grid_space(config), None,
-                                     config.search.num_samples, True)
-        counts = close_child_runs(results, info, sid, max_t)
-        reference = None
-        if config.search.compare_paper_default and PAPER_DEFAULT[FAMILY_KEY] in config.families():
-            reference = run_experiment(config, sid, f"{name}-paper-default", context, metric,
-                                       paper_default_params(config), None, 1, False)
-            close_child_runs(reference, info, sid, max_t)
-        best = best_result(results, metric)
+        own = _of_group(results, name, shared)
+        counts = close_child_runs(own, info, sid, max_t)
+        best = best_result(own, name, metric)
         selection = {"rule": "argmax", "chosen": best.metrics.get("trial_id")}
         if reseed_applies(config.tune.selection, metric, len(members)):
             def train_again(param_space: dict[str, Any]) -> tune.ResultGrid:
-                rerun = run_experiment(config, sid, f"{name}-reseed", context, metric, param_space, None, 1, False)
+                rerun = run_experiment(config, sid, f"{name}-reseed", replace(context, categories=members), metric,
+                                       param_space, None, 1, FIFOScheduler())
                 close_child_runs(rerun, info, sid, max_t)
                 return rerun
-            best, selection = reseeded_choice(results, config.tune.selection, manifest, members[0], metric, train_again)
-        per_family = family_bests(results, context.fixed)
+            best, selection = reseeded_choice(own, config.tune.selection, manifest, members[0], metric, train_again)
+        per_family = family_bests(own, context.fixed)
         for category in members:
             winner = test_evaluation(best, manifest, category)
             others = {}
-            if reference is not None:
-                others["paper_default"] = test_evaluation(reference[0], manifest, category)
+            if name in references:
+                others["paper_default"] = test_evaluation(references[name], manifest, category)
             if config.baseline.enabled:
                 others["baseline"] = baseline_evaluation(config, manifest, category)
             summary["categories"][category] = {
@@ -630,6 +686,11 @@ def _search_groups(
                 **{arm: evaluated.entry for arm, evaluated in others.items()},
                 "verdicts": verdicts(winner, others, metric.removeprefix("val_")),
             }
+
+
+def _of_group(results: tune.ResultGrid, name: str, shared: bool) -> list[tune.Result]:
+    """The trials of one group: all of them in ``shared`` mode, else those of the category ``name``."""
+    return [result for result in results if shared or result.config.get(CATEGORY_KEY) == name]
 
 
 TEST_COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "PRO"}
@@ -684,8 +745,9 @@ def selection_line(category: str, record: Mapping[str, Any]) -> str:
     if "runs" not in record:
         return f"{head}; the best stands"
     means = ", ".join(f"{trial} {sum(v) / len(v):.3f}" for trial, v in record["runs"].items())
-    return (f"{head}; each trained again, mean validation over {len(next(iter(record['runs'].values())))} runs: "
-            f"{means}; deployed {record['deployed']}, a fresh run of {record['chosen']}")
+    return (f"{head}; each trained again, mean validation over {len(next(iter(record['runs'].values())))} run(s): "
+            f"{means}; deployed {record['deployed']}, a held-out run of {record['chosen']} (validation "
+            f"{record['deployed_val']:.3f}, not used for the choice)")
 
 
 def verdict_line(category: str, compared: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str],

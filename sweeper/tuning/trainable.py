@@ -3,8 +3,8 @@
 Thin by design: data comes from ``sweeper.cache.reader`` (no backbone here, ever), the family, its training and
 scoring from ``bgad_core`` (``models.registry``: the trial's ``family`` parameter names it); this module only wires
 them to ``ray.tune.report`` checkpoints and the trial's MLflow child run.
-A trial trains one category (``per_category`` mode) or every category of the sweep with one configuration
-(``shared`` mode, objective = mean over categories).
+A trial trains one category (``per_category`` mode: the one its ``category`` parameter names) or every category
+of the sweep with one configuration (``shared`` mode, objective = mean over categories).
 
 Faults. A trial killed mid-way (worker process, node, driver) restarts from its last checkpoint: trainer state
 (weights, optimizer, epoch, sampling stream) and its MLflow run id, so it continues the same run and never logs a
@@ -21,7 +21,7 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DATA_KEYS = ("num_anomalies", "racp_depth")  # searched like hyperparameters, but select cached rows
 FAMILY_KEY = "family"  # the trial's detector family (``bgad_core.models.registry``)
+CATEGORY_KEY = "category"  # the one category a trial trains where its experiment searches several (``categories``)
 SCHEDULE_END_KEY = "schedule_end"  # 1.0 in the result of the family's last meta-epoch (PatchCore: its first)
 # The objective where the epoch may be selected, -1 where it may not (BGAD's phase 1): every objective lies in [0, 1].
 # Tune keeps each trial's checkpoint by it and the sweep picks the best trial by it, the rule ``bgad_core.train``
@@ -69,7 +70,8 @@ class TrialContext:
     Attributes:
         sweep_id: id of the sweep (MLflow tag, study name prefix).
         cache_uri: the feature cache (any pyarrow URI reachable from the trial's node).
-        categories: the categories one trial trains (one, or all in ``shared`` mode).
+        categories: the categories one trial trains (all of them in ``shared`` mode); a trial whose params name its
+            ``category`` trains that one.
         fixed: training values not searched (``family``, fields of any family's config, ``num_anomalies`` and
             ``racp_depth``); each trial keeps those of its family.
         objective: reported metric the sweep maximises (e.g. ``val_aupro``).
@@ -133,6 +135,8 @@ class _CategoryRun:
 
 def train_detector(params: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable: ``params`` are the searched values, everything else comes from ``context``."""
+    if CATEGORY_KEY in params:  # one of several categories searched in the same experiment
+        context = replace(context, categories=(str(params[CATEGORY_KEY]),))
     torch.set_num_threads(max(1, context.threads))
     chosen, config, data = split_params({**context.fixed, **params})
     seed_everything(config.seed)

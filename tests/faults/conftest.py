@@ -184,9 +184,9 @@ def run_job(config_path: Path, env: dict[str, str], *args: str, timeout_s: float
 
 
 def experiment_dir(config_path: Path) -> Path:
-    """Where Tune keeps the (per-category) experiment of the sweep."""
+    """Where Tune keeps the search experiment of the sweep (all its categories)."""
     config = load_config(config_path)
-    return Path(config.tune.storage_path) / sweep_id(config) / CATEGORY
+    return Path(config.tune.storage_path) / sweep_id(config) / "search"
 
 
 def trial_dirs(config_path: Path) -> dict[str, Path]:
