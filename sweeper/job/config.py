@@ -368,7 +368,7 @@ class SelectionSpec(Section):
     interval cannot tell from the best, trains each of them again with ``seeds`` more seeds, chooses the
     configuration whose runs average highest (all but its last re-seeded run) and deploys that last run, whose
     validation figure took no part in the choice; ``argmax`` (the default: ``reseed`` bought no test accuracy over
-    10 measured sweeps, for 43-97 % more trial-time) takes the best validation figure as it is.
+    10 measured sweeps, for 63-72 % more trial-time) takes the best validation figure as it is.
 
     Attributes:
         rule: ``argmax`` or ``reseed``.
