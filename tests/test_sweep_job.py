@@ -22,6 +22,8 @@ from sweeper.tracking import mlflow_runs as tracking
 from sweeper.job.config import load_config
 from sweeper.tuning.experiment_state import BACKUP_SUFFIX, newest_state
 from sweeper.job.names import match
+from sweeper.promote import find_sweep_run, read_summary
+from sweeper.run import main as run_sweep
 from sweeper.tuning.sweep import sweep_id
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,27 @@ CATEGORIES = ["synthetic-tiles", "other-tiles"]
 ENDED = re.compile(r"\| (\w+) (?:finished|pruned) after ")
 # Ray's C++ actor warning (every Ray Data actor pool), its token-auth notice, MLflow's store set-up lines
 FOREIGN_LINES = ("core_worker.cc", "Token authentication", "mlflow.store.db.utils")
+
+
+def test_a_shared_mode_sweep_trains_every_category_in_each_trial(tmp_path):
+    """``mode: shared``: one configuration for all categories, so each trial trains both, one study ranks the trials
+    on the mean objective, and the winner is tested on each category; the paper default trains both too."""
+    config_path = quickstart_in(tmp_path, train={"meta_epochs": 2}, search={"num_samples": 2},
+                                mlflow={"log_plots": False}, tune={"max_concurrent_trials": 1})
+    raw = yaml.safe_load(config_path.read_text())
+    [tiles] = raw["datasets"]
+    raw["datasets"].append({"synthetic": {**tiles["synthetic"], "name": "other-tiles", "seed": 1}})
+    raw["mode"] = "shared"
+    config_path.write_text(yaml.safe_dump(raw))
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    config = load_config(config_path)
+    runs = trial_runs(config_path, "trial")
+    assert len(runs) == config.search.num_samples + 1  # the search's trials and the paper default's
+    assert all(set(run.data.tags[tracking.CATEGORY_TAG].split(",")) == set(CATEGORIES) for run in runs)
+    study = optuna.load_study(study_name=f"{sweep_id(config)}/shared", storage=config.tune.optuna_storage)
+    assert len(study.trials) == config.search.num_samples
+    client = MlflowClient(config.mlflow.tracking_uri)
+    summary = read_summary(client, find_sweep_run(client, sweep_id(config)))
+    assert set(summary["categories"]) == set(CATEGORIES)
+    assert len({entry["best"]["trial_id"] for entry in summary["categories"].values()}) == 1  # one winner for all
+    assert all("paper_default" in entry for entry in summary["categories"].values())
