@@ -105,3 +105,13 @@ def test_asha_ranks_a_trial_only_among_its_own_categorys():
     assert asha.on_trial_result(None, b0, result(1, 0.60, True)) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, a1, result(1, 0.70, True)) == TrialScheduler.STOP
     assert asha.on_trial_result(None, b1, result(1, 0.50, True)) == TrialScheduler.STOP
+
+
+def test_a_category_whose_searcher_has_no_more_leaves_the_others_going():
+    class Exhausted(Searcher):
+        def suggest(self, trial_id: str) -> str:
+            return Searcher.FINISHED
+
+    search = CategorySearch({"a": Exhausted(), "b": study_search()}, num_samples=2, metric=METRIC, mode="max")
+    assert [search.suggest(f"t{i}")[CATEGORY_KEY] for i in range(2)] == ["b", "b"]
+    assert search.suggest("t2") == Searcher.FINISHED

@@ -53,16 +53,19 @@ class CategorySearch(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """The next trial of the category with the fewest so far; ``FINISHED`` when every category has all of its."""
-        waiting = [name for name, count in self.suggested.items() if count < self.num_samples]
-        if not waiting:
-            return Searcher.FINISHED
-        category = min(waiting, key=lambda name: self.suggested[name])
-        config = self.searchers[category].suggest(trial_id)
-        if not isinstance(config, dict):  # None: the searcher waits for results; FINISHED: it has no more
-            return config
-        self.suggested[category] += 1
-        self.category_of[trial_id] = category
-        return {**config, CATEGORY_KEY: category}
+        waiting = sorted((name for name, count in self.suggested.items() if count < self.num_samples),
+                         key=lambda name: self.suggested[name])
+        for category in waiting:
+            config = self.searchers[category].suggest(trial_id)
+            if config == Searcher.FINISHED:  # this category's searcher has nothing more: the others go on
+                self.suggested[category] = self.num_samples
+                continue
+            if config is None:  # it waits for results before suggesting again
+                return None
+            self.suggested[category] += 1
+            self.category_of[trial_id] = category
+            return {**config, CATEGORY_KEY: category}
+        return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.category_of:
