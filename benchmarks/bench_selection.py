@@ -30,7 +30,7 @@ from benchmarks.machine import cpu_description
 from sweeper.cache.build import build_cache
 from sweeper.cache.reader import open_cache
 from sweeper.tuning.selection import RERUN_KEY, choose
-from sweeper.tuning.sweep import SEARCH_EXPERIMENT, run_sweep
+from sweeper.tuning.sweep import SEARCH_EXPERIMENT, reseed_experiment, run_sweep
 
 SPACE = ROOT / "search_spaces" / "mtd_benchmark.yaml"
 ARMS = ("argmax", "first", "rule")  # plain argmax, the reseed rule's first version, the rule as it deploys
@@ -51,7 +51,7 @@ def picks(config: Any, summary: dict[str, Any], manifest: dict[str, Any]) -> lis
         selection = entry["selection"]
         argmax = (selection.get("candidates") or [selection["chosen"]])[0]
         deployed = entry["best"]
-        reseed = f"{category}-reseed"
+        reseed = reseed_experiment(category)
         first_version = argmax
         if "runs" in selection:
             everything = {trial: [*runs, selection["held_out"][trial]] for trial, runs in selection["runs"].items()}

@@ -297,6 +297,11 @@ class PlateauStopper(Stopper):
         return False
 
 
+def reseed_experiment(group: str) -> str:
+    """The experiment that holds a group's re-seeded runs (``tune.selection.rule: reseed``)."""
+    return f"{group}-reseed"
+
+
 def run_search(config: SweepConfig, sid: str, name: str, context: TrialContext, metric: str,
                categories: Sequence[str] | None) -> tune.ResultGrid:
     """The sweep's search as one experiment: Optuna or the grid, under ASHA or FIFO.
@@ -668,7 +673,7 @@ def _search_groups(
         selection = {"rule": "argmax", "chosen": best.metrics.get("trial_id")}
         if reseed_applies(config.tune.selection, metric, len(members)):
             def train_again(param_space: dict[str, Any]) -> tune.ResultGrid:
-                rerun = run_experiment(config, sid, f"{name}-reseed", replace(context, categories=members), metric,
+                rerun = run_experiment(config, sid, reseed_experiment(name), replace(context, categories=members), metric,
                                        param_space, None, 1, FIFOScheduler())
                 close_child_runs(rerun, info, sid, max_t)
                 return rerun
