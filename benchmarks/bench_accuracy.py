@@ -60,6 +60,7 @@ from bgad_core.engine.selection import seed_everything, train_and_select
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.scoring import NEAREST_NORMAL_WEIGHTS
 from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
@@ -79,12 +80,14 @@ PROTOCOLS = {
     "deeppcb-b": dict(path="deeppcb/board_b", num_anomalies=1, per_defect_type=False, max_train_normals=None),
 }
 STRESS = ("shift-rotate",)
-# (calibration, coarse_level_weight, image_score) of each scoring policy --compare-scoring reports
+# (calibration, coarse_level_weight, image_score, candidate nearest-normal weights) of each policy --compare-scoring
+# reports: each config value as scoring_candidates reads it, the nearest-normal weights as validation's candidates
 SCORING_POLICIES = {
-    "auto (default)": ("auto", "auto", "auto"),
-    "auto, max": ("auto", "auto", "max"),
-    "position, weight auto, max (previous default)": ("position", "auto", "max"),
-    "level, weight auto, max": ("level", "auto", "max"),
+    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS),
+    "auto, likelihoods alone (previous default)": ("auto", "auto", "auto", (0.0,)),
+    "auto, nearest-normal weight 0.5": ("auto", "auto", "auto", (0.5,)),
+    "auto, nearest-normal weight auto among 0, 0.5, 1": ("auto", "auto", "auto", (0.0, 0.5, 1.0)),
+    "distances alone, max": ("level", 1.0, "max", (1.0,)),
 }
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
@@ -179,6 +182,7 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
     seed_everything(config.seed)
     started = time.perf_counter()
     training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    val_distances, test_distances = (training.nearest_normal.predict(split) for split in (val, test))
     best: dict[str, dict] = {}
     first_epoch = training.first_selectable_epoch
     for _ in range(config.meta_epochs):
@@ -186,14 +190,16 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
         fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
         val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
         for name, policy in SCORING_POLICIES.items():
-            calibrations, weights, reductions = scoring_candidates(*policy)
+            calibrations, weights, reductions, _ = scoring_candidates(*policy[:3])
+            nearest = policy[3]
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
-                                    config.blur_sigma, objective)
+                                    config.blur_sigma, objective, nearest, val_distances)
             score = chosen.metrics.get(objective, float("nan"))
             log.info("meta-epoch %d, %s: val %s %.4f (%s)", training.epoch, name, objective, score,
                      chosen.normalization.describe())
             if training.epoch >= first_epoch and (name not in best or score > best[name]["score"]):
-                test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma)
+                test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma,
+                                          test_distances)
                 best[name] = {"score": score, "epoch": training.epoch, "val": chosen.metrics,
                               "test": test_result.metrics, "scoring": chosen.normalization.describe()}
     seconds = round(time.perf_counter() - started, 1)
@@ -270,7 +276,8 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
             rows.append((label, family_arm("bgad", config, rows_of, val, test, strides, objective, size,
                                            args.curves, seen)))
     if "paper" in args.arms:
-        paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0)
+        paper = replace(base, local_aggregation=1, image_score="max", calibration="level", coarse_level_weight=1.0,
+                        nearest_normal_weight=0.0)
         rows.append(("paper BGAD-FAS (strides 4/8/16, per cell)",
                      family_arm("bgad", paper, train_all, val_all, test_all, EXTRACTED_STRIDES, objective, size,
                                 args.curves, seen)))

@@ -91,7 +91,8 @@ def test_a_version_1_checkpoint_scores_as_the_version_2_checkpoint_of_the_same_m
                                                                                        predates_choices):
     # "auto" scoring in the current format; the older version-1 files held the fixed choice in their config
     choices = {"coarse_level_weight": 2.0, "image_score": "top1pct_mean"} if predates_choices else {}
-    config = BGADConfig(coupling_blocks=2, cond_dim=16, blur_sigma=2.0, **choices)
+    # version 1 predates nearest-normal distances: its models scored with the likelihoods alone
+    config = BGADConfig(coupling_blocks=2, cond_dim=16, blur_sigma=2.0, nearest_normal_weight=0.0, **choices)
     detector = trained_like_detector(extractor, config)
     backbone, metrics = backbone_info(extractor), {"val_image_auroc": 0.9, "val_aupro": 0.7}
     v2_path = save_checkpoint(make_checkpoint(detector, {**backbone, "channels": list(extractor.channels)}, 3.5,
@@ -105,7 +106,8 @@ def test_a_version_1_checkpoint_scores_as_the_version_2_checkpoint_of_the_same_m
     assert old["backbone"] == new["backbone"]  # the channels moved into the backbone's description
     assert (old["image_size"], old["threshold"], old["metrics"], old["epoch"]) == (
         new["image_size"], new["threshold"], new["metrics"], new["epoch"])
-    assert checkpoint_config(old) == checkpoint_config(new) == {"family": "bgad", **config.to_dict()}
+    assert checkpoint_config(new) == {"family": "bgad", **config.to_dict()}
+    assert checkpoint_config(old) == {"family": "bgad", **{key: getattr(config, key) for key in V1_TRAIN_CONFIG_KEYS}}
     restored = detector_from_checkpoint(old)
     assert restored.normalization.describe() == detector.normalization.describe()
     assert restored.config == config

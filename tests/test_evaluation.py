@@ -12,7 +12,7 @@ from bgad_core.models.bgad.scoring import Normalization
 
 def candidate(rank: int, value: float) -> Candidate:
     evaluation = ScoredSplit({"image_auroc": value}, torch.zeros(1), torch.zeros(1, 1, 1), Normalization((0.0,), (1.0,)))
-    return Candidate(rank, (rank, 0), 0, evaluation)
+    return Candidate(rank, (rank, 0, 0), 0, evaluation)
 
 
 def test_a_more_elaborate_scoring_wins_only_by_more_than_the_margin():
@@ -25,8 +25,9 @@ def test_a_more_elaborate_scoring_wins_only_by_more_than_the_margin():
 
 
 def test_auto_lets_validation_try_every_candidate_and_a_fixed_value_only_itself():
-    assert scoring_candidates("auto", "auto", "auto") == (("level", "position"), (1.0, 2.0), ("max", "top1pct_mean"))
-    assert scoring_candidates("level", 2, "max") == (("level",), (2.0,), ("max",))
+    assert scoring_candidates("auto", "auto", "auto", "auto") == (("level", "position"), (1.0, 2.0),
+                                                                  ("max", "top1pct_mean"), (0.0, 0.5))
+    assert scoring_candidates("level", 2, "max", 0.5) == (("level",), (2.0,), ("max",), (0.5,))
 
 
 def place_dependent_split(n_normal: int = 8, n_abnormal: int = 8) -> tuple[list[torch.Tensor], FeatureSet, list]:

@@ -7,9 +7,10 @@ import torch
 
 from bgad_core.errors import ConfigError
 from bgad_core.data.features import FeatureSet
-from bgad_core.models.patchcore import torch_model
+from bgad_core.models.components import memory_bank
 from bgad_core.models.components.cells import patch_embeddings
-from bgad_core.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances
+from bgad_core.models.components.memory_bank import greedy_coreset, nearest_distances
+from bgad_core.models.patchcore.torch_model import PatchCore
 
 
 def feature_set(features: list[torch.Tensor], labels: list[int] | None = None) -> FeatureSet:
@@ -47,7 +48,7 @@ def test_nearest_distances_match_brute_force():
 def test_nearest_distances_in_blocks_match_one_block(monkeypatch):
     queries, bank = torch.randn(50, 7), torch.randn(20, 7)
     whole = nearest_distances(queries, bank, k=2)
-    monkeypatch.setattr(torch_model, "DISTANCE_CHUNK", 7)  # 8 blocks, the last one short
+    monkeypatch.setattr(memory_bank, "DISTANCE_CHUNK", 7)  # 8 blocks, the last one short
     blocked = nearest_distances(queries, bank, k=2)
     torch.testing.assert_close(blocked[0], whole[0])
     assert torch.equal(blocked[1], whole[1])

@@ -15,7 +15,7 @@ from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
 from bgad_core.models.base import ONE_CLASS, Evaluation, split_metrics
 from bgad_core.models.patchcore import FAMILY, PatchCore, PatchCoreConfig, PatchCoreDetector, PatchCoreTraining
-from bgad_core.models.patchcore import torch_model
+from bgad_core.models.components import memory_bank
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
 
@@ -179,13 +179,13 @@ def exported() -> tuple[PatchCoreDetector, onnxruntime.InferenceSession]:
     that an eager call of that batch would be split (the traced call must not be)."""
     detector = fitted().validate(feature_set(2, 1, labels=[0, 1]), SIZE, "").detector
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_model, "DISTANCE_CHUNK", SMALL_CHUNK)
+        patch.setattr(memory_bank, "DISTANCE_CHUNK", SMALL_CHUNK)
         return detector, exported_session(detector, feature_set(2, 7).features)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnxruntime_scores_like_pytorch(exported, batch, monkeypatch):
     detector, session = exported
-    monkeypatch.setattr(torch_model, "DISTANCE_CHUNK", SMALL_CHUNK)  # PyTorch scores in blocks, the graph in one
+    monkeypatch.setattr(memory_bank, "DISTANCE_CHUNK", SMALL_CHUNK)  # PyTorch scores in blocks, the graph in one
     assert [i.shape for i in session.get_inputs()] == [["batch", 8, 8, 8], ["batch", 16, 4, 4]]
     assert_onnx_scores_like_pytorch(session, detector, feature_set(batch, 10 + batch).features, (1, 2), SIZE)

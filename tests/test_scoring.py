@@ -2,8 +2,10 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
+from bgad_core.errors import ConfigError
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores
 from bgad_core.models.components.postprocess import gaussian_blur
@@ -67,3 +69,21 @@ def test_coarse_level_weight_shifts_the_map_towards_the_coarser_level():
     torch.testing.assert_close(equal, (fine_only + coarse_only) / 2)
     weighted = anomaly_maps([fine, coarse], replace(norm, coarse_level_weight=2.0), (8, 8), blur_sigma=0.0)
     torch.testing.assert_close(weighted, (fine_only + 2 * coarse_only) / 3)
+
+
+def test_the_nearest_normal_weight_averages_standardised_distances_into_the_map():
+    norm = Normalization(mean=(0.0,), std=(1.0,))
+    logps, distances = -torch.rand(2, 4, 4), torch.rand(2, 2, 2)
+    likelihoods = anomaly_maps([logps], norm, (8, 8), blur_sigma=0.0)
+    alone = anomaly_maps([logps], replace(norm, nearest_normal_weight=1.0), (8, 8), 0.0, distances)
+    torch.testing.assert_close(alone, anomaly_maps([], replace(norm, nearest_normal_weight=1.0), (8, 8), 0.0,
+                                                   distances))  # distances alone read no likelihood
+    half = anomaly_maps([logps], replace(norm, nearest_normal_weight=0.5), (8, 8), 0.0, distances)
+    torch.testing.assert_close(half, (likelihoods + alone) / 2)
+    restored = Normalization.from_dict(replace(norm, nearest_normal_weight=0.5).to_dict())
+    assert restored.nearest_normal_weight == 0.5
+    assert Normalization.from_dict({"mean": [0.0], "std": [1.0]}).nearest_normal_weight == 0.0  # an old checkpoint
+    with pytest.raises(ConfigError, match="nearest_normal_weight 0.5 needs the nearest-normal distances"):
+        anomaly_maps([logps], replace(norm, nearest_normal_weight=0.5), (8, 8))
+    with pytest.raises(ConfigError, match=r"nearest_normal_weight must lie in \[0, 1\], got 1.5"):
+        replace(norm, nearest_normal_weight=1.5)

@@ -137,23 +137,29 @@ def two_level_split(n: int, seed: int) -> FeatureSet:
 
 
 @pytest.mark.parametrize("fixed", [{}, {"calibration": "position", "coarse_level_weight": 2.0,
-                                          "image_score": "top1pct_mean"}])
+                                          "image_score": "top1pct_mean", "nearest_normal_weight": 0.5}])
 def test_validate_keeps_the_simplest_scoring_within_the_margin_of_the_best_or_the_configured_one(fixed):
-    """Every "auto" choice (calibration, coarse-level weight, reduction) is made on validation by the stated rule."""
+    """Every "auto" choice (calibration, coarse-level weight, reduction, nearest-normal weight) is made on
+    validation by the stated rule."""
     config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, **fixed)
     training = BGADTraining(BGADFlows.from_config([8, 8], config), config, normals_only_two_levels())
     val = two_level_split(16, seed=1)
     chosen = training.validate(val, (24, 24), "image_auroc")  # the objective of a split without pixel masks
-    calibrations, weights, reductions = scoring_candidates(config.calibration, config.coarse_level_weight,
-                                                           config.image_score)
+    calibrations, weights, reductions, nearest = scoring_candidates(
+        config.calibration, config.coarse_level_weight, config.image_score, config.nearest_normal_weight)
     candidates = []  # (how many choices are not the simplest, evaluation), in the order the rule reads them
     for c, fit in enumerate(training.fit_normalizations(calibrations)):
         for w, weight in enumerate(weights):
-            for r, reduction in enumerate(reductions):
-                scoring = replace(fit, coarse_level_weight=weight, image_score=reduction)
-                detector = BGADDetector(training.model, scoring, config.blur_sigma, (24, 24), config)
-                candidates.append((c + w + r, evaluate(detector, val)))
-    assert len(candidates) == (1 if fixed else 8)
+            for d, share in enumerate(nearest):
+                if share == 1 and c + w:  # distances alone: one map, whatever the likelihoods' scoring
+                    continue
+                for r, reduction in enumerate(reductions):
+                    scoring = replace(fit, coarse_level_weight=weight, image_score=reduction,
+                                      nearest_normal_weight=share)
+                    detector = BGADDetector(training.model, scoring, config.blur_sigma, (24, 24), config,
+                                            training.nearest_normal)
+                    candidates.append((c + w + d + r, evaluate(detector, val)))
+    assert len(candidates) == (1 if fixed else 16)
     best = max(e.metrics["image_auroc"] for _, e in candidates)
     expected = next(e for _, e in sorted(candidates, key=lambda c: c[0])
                     if e.metrics["image_auroc"] >= best - SCORING_MARGIN)
@@ -162,7 +168,8 @@ def test_validate_keeps_the_simplest_scoring_within_the_margin_of_the_best_or_th
     assert chosen.metrics == expected.metrics
     assert chosen.choices == chosen.detector.normalization.choice_metrics()  # what the meta-epoch log shows
     if fixed:
-        assert described == "calibration position, coarse level weight 2, image score top1pct_mean"
+        assert described == ("calibration position, coarse level weight 2, image score top1pct_mean, "
+                             "nearest-normal weight 0.5")
     # the test split is scored the way validation chose (train_and_select passes its detector on)
     test = evaluate(chosen.detector, two_level_split(16, seed=2))
     assert test.detector.normalization.describe() == described

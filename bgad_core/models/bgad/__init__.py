@@ -10,10 +10,11 @@ what its defects look like without fitting a decision boundary to them. BGAD-FAS
 asymmetric focal weights. Without anomalies the same training is plain one-class BGAD.
 
 Here the flows train on cached backbone features (no backbone in the loop), their likelihoods are scored with
-constants fixed on training normals (a score does not depend on the batch), and three scoring choices
-(calibration, coarse-level weight, image-score reduction) are made on validation at no training cost
-(``scoring_choice``). Parts: ``config`` (what a sweep varies, by concern), ``torch_model`` (the flows, a plain
-``nn.Module``), ``training`` (the two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
+constants fixed on training normals (a score does not depend on the batch), and four scoring choices
+(calibration, coarse-level weight, image-score reduction, and how much each cell's distance to the nearest normal
+patch counts beside the likelihoods) are made on validation at no training cost (``scoring_choice``). Parts:
+``config`` (what a sweep varies, by concern), ``torch_model`` (the flows, a plain ``nn.Module``), ``training`` (the
+two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
 
     >>> import torch
     >>> from bgad_core.data.features import FeatureSet
@@ -26,8 +27,10 @@ constants fixed on training normals (a score does not depend on the batch), and 
     >>> training = FAMILY.training(config, rows(6, [0] * 6), (8, 16), "cpu")
     >>> _ = training.train_meta_epoch()
     >>> evaluation = training.validate(rows(4, [0, 0, 1, 1]), (32, 32), "image_auroc")
-    >>> evaluation.maps.shape, sorted(evaluation.choices)
-    (torch.Size([4, 32, 32]), ['calibration_position', 'coarse_level_weight', 'image_score_top1pct_mean'])
+    >>> evaluation.maps.shape
+    torch.Size([4, 32, 32])
+    >>> sorted(evaluation.choices)
+    ['calibration_position', 'coarse_level_weight', 'image_score_top1pct_mean', 'nearest_normal_weight']
 """
 
 from bgad_core.models.base import FEW_SHOT, Family

@@ -127,15 +127,23 @@ class ScoringChoices:
             ``evaluation.COARSE_LEVEL_WEIGHTS`` (2 helped MTD-200, 1 KolektorSDD, BENCHMARKS.md).
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score: "max", "top1pct_mean" (the mean of its top 1 %
-            pixels) or "auto" (default: chosen on validation image AUROC). Every "auto" choice costs no training:
-            the flows run once per validation and only the scoring is repeated; the choices are stored with the
-            scoring constants (``Normalization``), used for test and serving, and logged per meta-epoch.
+            pixels) or "auto" (default: chosen on validation image AUROC).
+        nearest_normal_weight: the share, in the anomaly map, of each cell's standardised distance to the nearest
+            training-normal patch (PatchCore's evidence on the same features, ``components.memory_bank``) against
+            the flows' standardised likelihoods: 0 (likelihoods alone, the paper's), up to 1 (distances alone), or
+            "auto" (default: 0 or 0.5, chosen on validation, ``scoring.NEAREST_NORMAL_WEIGHTS``; BENCHMARKS.md,
+            issue 21). The memory bank is filled once per training and stored with the model only where it is used.
+
+    Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the
+    choices are stored with the scoring constants (``Normalization``), used for test and serving, and logged per
+    meta-epoch.
     """
 
     calibration: str = "auto"
     coarse_level_weight: float | str = "auto"
     blur_sigma: float = 4.0
     image_score: str = "auto"
+    nearest_normal_weight: float | str = "auto"
 
     def check_scoring(self) -> None:
         if self.blur_sigma < 0:
@@ -146,6 +154,12 @@ class ScoringChoices:
             raise ConfigError(f"calibration must be one of {['auto', *CALIBRATIONS]}, got {self.calibration!r}")
         if self.image_score not in ("auto", *IMAGE_SCORE_REDUCTIONS):
             raise ConfigError(f"image_score must be one of {['auto', *IMAGE_SCORE_REDUCTIONS]}, got {self.image_score!r}")
+        if self.nearest_normal_weight != "auto":
+            number = _number(self.nearest_normal_weight)
+            if not 0.0 <= number <= 1.0:
+                raise ConfigError(f"nearest_normal_weight must be 'auto' or a number in [0, 1], "
+                                  f"got {self.nearest_normal_weight!r}")
+            self.nearest_normal_weight = number
 
 
 @dataclass
@@ -169,10 +183,17 @@ class BGADConfig(ScoringChoices, FlowArchitecture, Optimisation, DetectorConfig)
 
 def _weight(value: object) -> float:
     """A fixed ``coarse_level_weight`` as a float > 0 (a number, or its text from a command line)."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not number > 0 or math.isinf(number):
+    number = _number(value)
+    if not number > 0 or math.isinf(number):
         raise ConfigError(f"coarse_level_weight must be 'auto' or a number > 0, got {value!r}")
     return number
+
+
+def _number(value: object) -> float:
+    """A number, or its text from a command line, as a float; NaN for anything else (a bool included)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,9 +1,10 @@
-"""A trained BGAD model as a ``Detector``: the flows, the scoring constants and choices validation made, the blur.
+"""A trained BGAD model as a ``Detector``: the flows, the scoring constants and choices validation made, the blur,
+and the memory bank of normal patches where validation chose to weigh nearest-normal distances in.
 
 The flows give each level's per-dim log-likelihood map; ``scoring.anomaly_maps`` standardises them with the
-constants measured on training normals (``Normalization``), upsamples, weights the levels and blurs; the
-image score is the map's reduction that validation chose. For export the flows' condition terms (which depend only
-on the parameters and the grid) become constant tables (``exportable``).
+constants measured on training normals (``Normalization``), upsamples, weights the levels (and the distances)
+and blurs; the image score is the map's reduction that validation chose. For export the flows' condition terms
+(which depend only on the parameters and the grid) become constant tables (``exportable``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from bgad_core.errors import ExportError
+from bgad_core.errors import ConfigError, ExportError
 from bgad_core.models.base import Detector
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.fast_flow import check_supported
 from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores
 from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.components.memory_bank import NearestNormal
 
 # options a checkpoint predates take the value its model was trained and scored with, not today's default
 PREDATES = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0, "condition_on_position": True,
-            "image_score": "max"}
+            "image_score": "max", "nearest_normal_weight": 0.0}
 
 
 class BGADDetector(Detector):
@@ -35,32 +37,43 @@ class BGADDetector(Detector):
         blur_sigma: Gaussian smoothing of the maps, in pixels.
         image_size: ``(H, W)`` of the maps.
         config: the config the flows were trained with (kept for the checkpoint).
+        nearest: the memory bank of training-normal patches; needed (and kept) only where
+            ``normalization.nearest_normal_weight`` is above 0.
     """
 
     family = "bgad"
 
     def __init__(self, flows: BGADFlows, normalization: Normalization, blur_sigma: float,
-                 image_size: tuple[int, int], config: BGADConfig) -> None:
+                 image_size: tuple[int, int], config: BGADConfig, nearest: NearestNormal | None = None) -> None:
         super().__init__()
+        if normalization.nearest_normal_weight > 0 and nearest is None:
+            raise ConfigError(f"nearest_normal_weight {normalization.nearest_normal_weight:g} needs the memory bank "
+                              "of normal patches (nearest), none was given")
         self.flows = flows
         self.normalization = normalization
         self.blur_sigma = float(blur_sigma)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.config = config
+        self.nearest = nearest if normalization.nearest_normal_weight > 0 else None
 
     def forward(self, features: Sequence[torch.Tensor],
                 tables: Sequence[Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``tables``: the flows' ``condition_tables`` at the features' grids, when the caller holds them."""
-        maps = anomaly_maps(self.flows(features, tables), self.normalization, self.image_size, self.blur_sigma)
+        distances = None if self.nearest is None else self.nearest(features)
+        logps = self.flows(features, tables) if self.normalization.nearest_normal_weight < 1 else []
+        maps = anomaly_maps(logps, self.normalization, self.image_size, self.blur_sigma, distances)
         return image_scores(maps, self.normalization.image_score), maps
 
     def exportable(self, grids: Sequence[tuple[int, int]]) -> nn.Module:
         return _WithConditionTables(self, grids)
 
     def to_checkpoint(self) -> dict[str, Any]:
-        return {"flows": {k: v.detach().cpu() for k, v in self.flows.state_dict().items()},
-                "channels": list(self.flows.channels), "config": self.config.to_dict(),
-                "normalization": self.normalization.to_dict()}
+        entry = {"flows": {k: v.detach().cpu() for k, v in self.flows.state_dict().items()},
+                 "channels": list(self.flows.channels), "config": self.config.to_dict(),
+                 "normalization": self.normalization.to_dict()}
+        if self.nearest is not None:
+            entry["nearest_normal"] = self.nearest.to_dict()
+        return entry
 
     @classmethod
     def from_checkpoint(cls, entry: Mapping[str, Any], image_size: tuple[int, int]) -> BGADDetector:
@@ -71,7 +84,8 @@ class BGADDetector(Detector):
         weight, reduction = config.coarse_level_weight, config.image_score
         normalization = Normalization.from_dict(entry["normalization"], 1.0 if weight == "auto" else float(weight),
                                                 "max" if reduction == "auto" else reduction)
-        return cls(flows, normalization, config.blur_sigma, image_size, config).eval()
+        nearest = NearestNormal.from_dict(entry["nearest_normal"]) if "nearest_normal" in entry else None
+        return cls(flows, normalization, config.blur_sigma, image_size, config, nearest).eval()
 
 
 class _WithConditionTables(nn.Module):

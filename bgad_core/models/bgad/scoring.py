@@ -4,6 +4,10 @@ The official code subtracts the maximum log-likelihood of the whole evaluated se
 other images were evaluated with it. Here each level is standardised with constants measured once on training
 normals (mean and standard deviation of their per-dim log-likelihoods, per cell or per level) and stored with the
 model: the same image always gets the same score, in a batch of one or of a thousand.
+
+The map may also average in each cell's standardised distance to the nearest training-normal patch
+(``components.memory_bank.NearestNormal``, PatchCore's evidence on the same features), by
+``Normalization.nearest_normal_weight``: flows and distances fail on different data, and validation chooses.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")  # the simpler (the paper's) first
 CALIBRATIONS = ("level", "position")  # the simpler (one constant per level, the paper's kind) first
+# "auto" weighs distances in by half at most: a map of distances alone would not depend on the flows' training, so
+# every trial of a sweep would score the same on it, and an epoch-independent candidate wins epoch selection on
+# validation noise (unaligned KolektorSDD: chosen by 0.004 of validation PRO, -0.021 test PRO; BENCHMARKS.md, issue
+# 21). Distances alone are PatchCore's, a family of its own in a cross-family sweep.
+NEAREST_NORMAL_WEIGHTS = (0.0, 0.5)  # likelihoods alone (the paper's, the simpler) first
 
 
 @dataclass(frozen=True)
@@ -29,21 +38,26 @@ class Normalization:
     of an object): a per-position mean and deviation, measured on training normals, turns each cell's
     log-likelihood into "how unusual for this place" instead of "how unusual for this level".
     ``coarse_level_weight``: how much more each level weighs in the map than the next finer one (1 = equal);
-    ``image_score``: how a map becomes an image score (``image_scores``). Each of the three (calibration,
-    weight, reduction) is chosen on validation by ``Trainer.validate`` when the training config says "auto", and
-    lives here so that test, checkpoints, serving and export score with the choice.
+    ``image_score``: how a map becomes an image score (``image_scores``); ``nearest_normal_weight``: the share of
+    the standardised nearest-normal distance in the map (0 = likelihoods alone, 1 = distances alone). Each of the
+    four (calibration, weight, reduction, nearest-normal weight) is chosen on validation by
+    ``BGADTraining.validate`` when the training config says "auto", and lives here so that test, checkpoints,
+    serving and export score with the choice.
     """
 
     mean: tuple[torch.Tensor, ...]
     std: tuple[torch.Tensor, ...]
     coarse_level_weight: float = 1.0
     image_score: str = "max"
+    nearest_normal_weight: float = 0.0
 
     def __post_init__(self) -> None:  # plain floats (checkpoints before per-position calibration) become tensors
         object.__setattr__(self, "mean", tuple(torch.as_tensor(m, dtype=torch.float32) for m in self.mean))
         object.__setattr__(self, "std", tuple(torch.as_tensor(s, dtype=torch.float32) for s in self.std))
         if self.image_score not in IMAGE_SCORE_REDUCTIONS:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
+        if isinstance(self.nearest_normal_weight, bool) or not 0.0 <= self.nearest_normal_weight <= 1.0:
+            raise ConfigError(f"nearest_normal_weight must lie in [0, 1], got {self.nearest_normal_weight!r}")
 
     @property
     def calibration(self) -> str:
@@ -72,31 +86,36 @@ class Normalization:
         return Normalization(tuple(means), tuple(stds))
 
     def choice_metrics(self) -> dict[str, float]:
-        """The scoring choices as numbers, for a metrics log: the coarse-level weight, and 1 or 0 for whether the
-        calibration is per cell ("position") and the image score the mean of the top 1 % ("top1pct_mean")."""
+        """The scoring choices as numbers, for a metrics log: the coarse-level and nearest-normal weights, and 1 or 0
+        for whether the calibration is per cell ("position") and the image score the mean of the top 1 %
+        ("top1pct_mean")."""
         return {"coarse_level_weight": float(self.coarse_level_weight),
                 "calibration_position": float(self.calibration == "position"),
-                "image_score_top1pct_mean": float(self.image_score == "top1pct_mean")}
+                "image_score_top1pct_mean": float(self.image_score == "top1pct_mean"),
+                "nearest_normal_weight": float(self.nearest_normal_weight)}
 
     def describe(self) -> str:
-        """The choices in words, for a log line: ``calibration position, coarse level weight 2, image score max``."""
+        """The choices in words, for a log line: ``calibration position, coarse level weight 2, image score max,
+        nearest-normal weight 0``."""
         return (f"calibration {self.calibration}, coarse level weight {self.coarse_level_weight:g}, "
-                f"image score {self.image_score}")
+                f"image score {self.image_score}, nearest-normal weight {self.nearest_normal_weight:g}")
 
     def to_dict(self) -> dict[str, list | float | str]:
-        """Plain (nested) lists, a float and a string, for a ``weights_only`` checkpoint."""
+        """Plain (nested) lists, floats and a string, for a ``weights_only`` checkpoint."""
         return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std],
-                "coarse_level_weight": float(self.coarse_level_weight), "image_score": self.image_score}
+                "coarse_level_weight": float(self.coarse_level_weight), "image_score": self.image_score,
+                "nearest_normal_weight": float(self.nearest_normal_weight)}
 
     @staticmethod
     def from_dict(
         values: dict[str, list | float | str], coarse_level_weight: float = 1.0, image_score: str = "max"
     ) -> Normalization:
         """The inverse of ``to_dict``; ``coarse_level_weight`` and ``image_score`` are the values of a checkpoint
-        that predates storing them (its training config's)."""
+        that predates storing them (its training config's); one that predates nearest-normal distances has none."""
         return Normalization(tuple(values["mean"]), tuple(values["std"]),
                              float(values.get("coarse_level_weight", coarse_level_weight)),
-                             str(values.get("image_score", image_score)))
+                             str(values.get("image_score", image_score)),
+                             float(values.get("nearest_normal_weight", 0.0)))
 
 
 def anomaly_maps(
@@ -104,20 +123,30 @@ def anomaly_maps(
     normalization: Normalization,
     image_size: tuple[int, int],
     blur_sigma: float = 4.0,
+    distances: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Anomaly map ``(B, H, W)`` at image resolution: weighted mean over levels of standardised negative log-likelihood.
+    """Anomaly map ``(B, H, W)`` at image resolution: weighted mean over levels of standardised negative log-likelihood,
+    with the standardised nearest-normal distances averaged in where ``normalization`` says.
 
     Each level's ``(B, H_l, W_l)`` map becomes (mean - logp) / std (higher = more anomalous; the constants are
     scalars or per-cell maps, see ``Normalization``), is upsampled bilinearly, and the levels (finest first) are
-    averaged with weights growing by ``normalization.coarse_level_weight`` per level (1 = equal, the paper's), then
-    smoothed as in the paper (Gaussian, sigma 4).
+    averaged with weights growing by ``normalization.coarse_level_weight`` per level (1 = equal, the paper's).
+    ``distances`` (``(B, h, w)``, ``NearestNormal``'s) are upsampled likewise and weigh
+    ``normalization.nearest_normal_weight`` against the likelihoods' 1 minus it. The sum is smoothed as in the
+    paper (Gaussian, sigma 4).
     """
+    share = normalization.nearest_normal_weight
+    if share > 0 and distances is None:
+        raise ConfigError(f"nearest_normal_weight {share:g} needs the nearest-normal distances, none were given")
     weights = [normalization.coarse_level_weight**level for level in range(len(logp_maps))]
     total = None
-    for level, logps in enumerate(logp_maps):
+    for level, logps in enumerate(logp_maps if share < 1 else ()):
         score = (normalization.mean[level] - logps.float()) / normalization.std[level]
-        score = upsample(score, image_size) * (weights[level] / sum(weights))
+        score = upsample(score, image_size) * ((1 - share) * weights[level] / sum(weights))
         total = score if total is None else total + score
+    if share > 0:
+        nearest = upsample(distances.float(), image_size) * share
+        total = nearest if total is None else total + nearest
     return gaussian_blur(total, blur_sigma)
 
 

@@ -1,18 +1,21 @@
 """Scoring an evaluation split, and the scoring choices validation makes at no training cost.
 
-Three cheap choices turn the flows' per-level log-likelihood maps into anomaly maps and image scores
+Four cheap choices turn the flows' per-level log-likelihood maps into anomaly maps and image scores
 (``bgad_core.models.bgad.scoring``): one scoring constant per level or per cell (``calibration``), how much more the coarser
-level weighs (``coarse_level_weight``) and how a map becomes an image score (``image_score``). The best of each
+level weighs (``coarse_level_weight``), how much the distance to the nearest normal patch counts beside the
+likelihoods (``nearest_normal_weight``) and how a map becomes an image score (``image_score``). The best of each
 depends on the data, and a wrong one can cost more than any hyperparameter: per-cell constants raised KolektorSDD's
 test PRO by 0.05, where the commutator sits at the same place in every image, and collapsed on a held-out set of
 unaligned tyres (PRO 0.19 against 0.80 per level; DeepPCB boards, every image a different region, fall the same
-way); a coarse-level weight of 2 helped magnetic tiles and hurt KolektorSDD. None of them needs retraining: the
-flows run once over the split and only the scoring is repeated, so validation chooses (``choose_scoring``) per
-dataset, at every meta-epoch, when the training config says "auto".
+way); a coarse-level weight of 2 helped magnetic tiles and hurt KolektorSDD; on held-out solar cells a no-label
+PatchCore's distances beat BGAD-FAS's flows by 0.08 image AUROC. None of them needs retraining: the flows run once
+over the split (the distances once per training) and only the scoring is repeated, so validation chooses
+(``choose_scoring``) per dataset, at every meta-epoch, when the training config says "auto".
 
-Against fitting validation noise: few candidates (at most 2 x 2 x 2), ordered from the simplest (the paper's
-choices: per level, equal weights, the map's maximum) on, and a more elaborate candidate replaces a simpler one
-only when it scores more than ``SCORING_MARGIN`` higher on validation.
+Against fitting validation noise: few candidates (at most 2 x 2 x 2 maps x 2 reductions; a map of distances alone,
+which does not depend on the likelihoods' calibration or weight, is one map), ordered from the simplest (the
+paper's choices: per level, equal weights, likelihoods alone, the map's maximum) on, and a more elaborate candidate
+replaces a simpler one only when it scores more than ``SCORING_MARGIN`` higher on validation.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.evaluation.metrics import compute_metrics
-from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, Normalization, anomaly_maps, image_scores
+from bgad_core.models.bgad.scoring import (CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, NEAREST_NORMAL_WEIGHTS, Normalization,
+                                           anomaly_maps, image_scores)
 
 COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", equal weights (the simpler) first
 SCORING_MARGIN = 0.005  # how much better on validation a more elaborate scoring must be to replace a simpler one
@@ -45,11 +49,12 @@ class ScoredSplit:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way of scoring a split: how elaborate it is (0 = every choice the simplest), which map (calibration and
-    weight, by their places in the candidate lists) and which reduction, and its evaluation."""
+    """One way of scoring a split: how elaborate it is (0 = every choice the simplest), which map (calibration,
+    coarse-level weight and nearest-normal weight, by their places in the candidate lists) and which reduction, and
+    its evaluation."""
 
     rank: int
-    map: tuple[int, int]
+    map: tuple[int, int, int]
     reduction: int
     evaluation: ScoredSplit
 
@@ -60,10 +65,12 @@ def score_split(
     normalization: Normalization,
     image_size: tuple[int, int],
     blur_sigma: float,
+    distances: torch.Tensor | None = None,
 ) -> ScoredSplit:
     """Anomaly maps, image scores and metrics (pixel metrics where the split has masks) from the split's per-level
-    log-likelihood maps, scored as ``normalization`` says."""
-    maps = anomaly_maps(logps, normalization, image_size, blur_sigma)
+    log-likelihood maps (and nearest-normal distances, where ``normalization`` weighs them), scored as
+    ``normalization`` says."""
+    maps = anomaly_maps(logps, normalization, image_size, blur_sigma, distances)
     scores = image_scores(maps, normalization.image_score)
     masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
     metrics = compute_metrics(split.labels.numpy(), scores.numpy(), masks, maps.numpy() if masks is not None else None)
@@ -79,6 +86,8 @@ def choose_scoring(
     image_size: tuple[int, int],
     blur_sigma: float,
     objective: str,
+    nearest_weights: Sequence[float] = (0.0,),
+    distances: torch.Tensor | None = None,
 ) -> ScoredSplit:
     """Score a validation split every candidate way and return the evaluation of the chosen one.
 
@@ -86,9 +95,12 @@ def choose_scoring(
         logps: the split's per-level log-likelihood maps (the flows ran once).
         fits: the candidate scoring constants (``Normalization.fit``), the simpler calibration first.
         weights, reductions: the candidate coarse-level weights and image-score reductions, the simpler first.
-        objective: the metric to maximise. A pixel metric (PRO, pixel AUROC) chooses the calibration and weight,
+        objective: the metric to maximise. A pixel metric (PRO, pixel AUROC) chooses the calibration and weights,
             which make the map; the reduction, which changes no pixel, is then chosen on image AUROC. An image
-            metric chooses all three together.
+            metric chooses all of them together.
+        nearest_weights: the candidate nearest-normal weights, the simpler (0: likelihoods alone) first.
+        distances: the split's standardised nearest-normal distances (``NearestNormal``), needed when a candidate
+            weight is above 0.
 
     Each choice is ``simplest_within_margin``: the first candidate, in order of how many of its choices are not the
     simplest, whose value is within ``SCORING_MARGIN`` of the best.
@@ -98,19 +110,22 @@ def choose_scoring(
     candidates: list[Candidate] = []
     for fit_rank, fit in enumerate(fits):
         for weight_rank, weight in enumerate(weights):
-            normalization = replace(fit, coarse_level_weight=float(weight))
-            maps = anomaly_maps(logps, normalization, image_size, blur_sigma)
-            pixel: dict[str, float] = {}
-            for reduction_rank, reduction in enumerate(reductions):
-                scores = image_scores(maps, reduction)
-                if masks is not None and not pixel:  # the pixel metrics of a map, computed once
-                    metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy())
-                    pixel = {k: v for k, v in metrics.items() if not k.startswith("image_")}
-                else:
-                    metrics = {**compute_metrics(labels, scores.numpy()), **pixel}
-                evaluation = ScoredSplit(metrics, scores, maps, replace(normalization, image_score=reduction))
-                candidates.append(Candidate(fit_rank + weight_rank + reduction_rank, (fit_rank, weight_rank),
-                                            reduction_rank, evaluation))
+            for nearest_rank, nearest in enumerate(nearest_weights):
+                if nearest >= 1 and fit_rank + weight_rank:  # distances alone: the same map for every fit and weight
+                    continue
+                normalization = replace(fit, coarse_level_weight=float(weight), nearest_normal_weight=float(nearest))
+                maps = anomaly_maps(logps, normalization, image_size, blur_sigma, distances)
+                pixel: dict[str, float] = {}
+                for reduction_rank, reduction in enumerate(reductions):
+                    scores = image_scores(maps, reduction)
+                    if masks is not None and not pixel:  # the pixel metrics of a map, computed once
+                        metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy())
+                        pixel = {k: v for k, v in metrics.items() if not k.startswith("image_")}
+                    else:
+                        metrics = {**compute_metrics(labels, scores.numpy()), **pixel}
+                    evaluation = ScoredSplit(metrics, scores, maps, replace(normalization, image_score=reduction))
+                    candidates.append(Candidate(fit_rank + weight_rank + nearest_rank + reduction_rank,
+                                                (fit_rank, weight_rank, nearest_rank), reduction_rank, evaluation))
     if objective not in candidates[0].evaluation.metrics:  # a metric this split has not (PRO without masks)
         objective = IMAGE_OBJECTIVE
     if objective.startswith("image_"):
@@ -133,12 +148,13 @@ def simplest_within_margin(candidates: Sequence[Candidate], objective: str) -> C
 
 
 def scoring_candidates(
-    calibration: str, coarse_level_weight: float | str, image_score: str
-) -> tuple[tuple[str, ...], tuple[float, ...], tuple[str, ...]]:
-    """The calibrations, coarse-level weights and image-score reductions a training config lets validation try:
-    every candidate of an "auto" choice, the configured value otherwise."""
+    calibration: str, coarse_level_weight: float | str, image_score: str, nearest_normal_weight: float | str = 0.0
+) -> tuple[tuple[str, ...], tuple[float, ...], tuple[str, ...], tuple[float, ...]]:
+    """The calibrations, coarse-level weights, image-score reductions and nearest-normal weights a training config
+    lets validation try: every candidate of an "auto" choice, the configured value otherwise."""
     return (
         CALIBRATIONS if calibration == "auto" else (calibration,),
         COARSE_LEVEL_WEIGHTS if coarse_level_weight == "auto" else (float(coarse_level_weight),),
         IMAGE_SCORE_REDUCTIONS if image_score == "auto" else (image_score,),
+        NEAREST_NORMAL_WEIGHTS if nearest_normal_weight == "auto" else (float(nearest_normal_weight),),
     )

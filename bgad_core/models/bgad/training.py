@@ -26,7 +26,11 @@ from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
+from bgad_core.models.components.memory_bank import NearestNormal
 from bgad_core.precision import resolve_precision
+
+NEAREST_NORMAL_CORESET = 0.01  # the memory bank keeps 1 % of the training normals' patches (PatchCore's default)
+
 
 def least_likely_abnormal(logps: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keep-mask: every normal vector and the ``fraction`` of abnormal vectors with the lowest log-likelihood.
@@ -88,6 +92,8 @@ class BGADTraining(OptimizerTraining):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           fused=self.device.type in ("cpu", "cuda"))
         self.epoch = 0
+        self._nearest: NearestNormal | None = None
+        self._distances: tuple[FeatureSet, torch.Tensor] | None = None
 
     def learning_rate(self, sub_epoch: int) -> float:
         """Linear warm-up over ``warmup_epochs`` meta-epochs, then cosine decay to 1e-3 of ``lr``."""
@@ -221,25 +227,45 @@ class BGADTraining(OptimizerTraining):
         model that BG-SPP never touched (at the last meta-epoch at the latest)."""
         return first_watched_epoch(self.config.normal_epochs, self.config.meta_epochs)
 
+    @property
+    def nearest_normal(self) -> NearestNormal:
+        """The memory bank of training-normal patches, filled at first use (the features never change, so once per
+        training; about a PatchCore fit's time)."""
+        if self._nearest is None:
+            normals = self.train_set.select(self.normal_rows)
+            self._nearest = NearestNormal().fit([f.to(self.device) for f in normals.features], NEAREST_NORMAL_CORESET,
+                                                self.config.seed)
+        return self._nearest
+
+    def nearest_distances(self, split: FeatureSet) -> torch.Tensor:
+        """``split``'s standardised nearest-normal distances (``NearestNormal``), on the CPU. The last split's are
+        kept: validation asks for the same split's every meta-epoch, and they never change."""
+        if self._distances is None or self._distances[0] is not split:
+            self._distances = (split, self.nearest_normal.predict(split, self.device))
+        return self._distances[1]
+
     def validate(self, val: FeatureSet, image_size: tuple[int, int], objective: str) -> Evaluation:
         """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalizations``).
 
-        Every scoring choice the config leaves "auto" (calibration, coarse-level weight, image-score reduction) is
-        made here on ``objective`` by ``scoring_choice.choose_scoring``; the returned evaluation's detector holds
-        the choices. The flows run once over the normals and once over validation, whatever the number of
-        candidates.
+        Every scoring choice the config leaves "auto" (calibration, coarse-level weight, image-score reduction,
+        nearest-normal weight) is made here on ``objective`` by ``scoring_choice.choose_scoring``; the returned
+        evaluation's detector holds the choices. The flows run once over the normals and once over validation,
+        whatever the number of candidates; the nearest-normal distances once per training.
         """
         cfg = self.config
-        calibrations, weights, reductions = scoring_candidates(cfg.calibration, cfg.coarse_level_weight,
-                                                               cfg.image_score)
+        calibrations, weights, reductions, nearest = scoring_candidates(
+            cfg.calibration, cfg.coarse_level_weight, cfg.image_score, cfg.nearest_normal_weight)
         fits = self.fit_normalizations(calibrations)
         logps = logp_maps(self.model, val, self.device)
+        distances = self.nearest_distances(val) if max(nearest) > 0 else None
         return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
-                                              objective), image_size)
+                                              objective, nearest, distances), image_size)
 
     def evaluation(self, scored: ScoredSplit, image_size: tuple[int, int]) -> Evaluation:
         """The contract's ``Evaluation`` of a scoring of the current flows."""
-        detector = BGADDetector(self.model, scored.normalization, self.config.blur_sigma, image_size, self.config)
+        nearest = self.nearest_normal if scored.normalization.nearest_normal_weight > 0 else None
+        detector = BGADDetector(self.model, scored.normalization, self.config.blur_sigma, image_size, self.config,
+                                nearest)
         return Evaluation(scored.metrics, scored.scores, scored.maps, detector, scored.normalization.choice_metrics())
 
 

@@ -1,5 +1,6 @@
-"""Parts every detector family shares: feature cells (embeddings, defect labels), levels by stride, and the way from
-a coarse score grid to an anomaly map at image resolution.
+"""Parts every detector family shares: feature cells (embeddings, defect labels), levels by stride, memory banks of
+normal patches (coreset, nearest-normal distances), and the way from a coarse score grid to an anomaly map at image
+resolution.
 
     >>> import torch
     >>> from bgad_core.models.components import fiber_labels, gaussian_blur, patch_embeddings, upsample
@@ -13,6 +14,8 @@ a coarse score grid to an anomaly map at image resolution.
 
 from bgad_core.models.components.cells import IGNORED, fiber_labels, patch_embeddings
 from bgad_core.models.components.levels import level_indices
+from bgad_core.models.components.memory_bank import NearestNormal, greedy_coreset, nearest_distances
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
-__all__ = ["IGNORED", "fiber_labels", "gaussian_blur", "level_indices", "patch_embeddings", "upsample"]
+__all__ = ["IGNORED", "NearestNormal", "fiber_labels", "gaussian_blur", "greedy_coreset", "level_indices",
+           "nearest_distances", "patch_embeddings", "upsample"]

@@ -11,7 +11,8 @@ k-center selection on a random projection, and the image score re-weights the mo
 how isolated its nearest bank entry is among its ``num_neighbors`` neighbours.
 
 Scoring is written in operations the ONNX tracer follows (matrix products, ``topk``, ``gather``; no Python branch
-on a data value), so that PyTorch and an exported graph run the same code.
+on a data value), so that PyTorch and an exported graph run the same code. The coreset and the distances are the
+shared memory-bank parts (``bgad_core.models.components.memory_bank``).
 
 Example:
     >>> import torch
@@ -36,10 +37,8 @@ from torch import nn
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
 from bgad_core.models.components.cells import patch_embeddings
+from bgad_core.models.components.memory_bank import greedy_coreset, nearest_distances
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
-
-PROJECTION_DIM = 128  # k-center distances are computed on a random projection of this width (enough to rank)
-DISTANCE_CHUNK = 8192  # query patches per distance block in eager mode: bounds memory at 8192 x bank size floats
 
 
 def check_settings(coreset_ratio: float, num_neighbors: int, blur_sigma: float) -> None:
@@ -50,56 +49,6 @@ def check_settings(coreset_ratio: float, num_neighbors: int, blur_sigma: float) 
         raise ConfigError(f"patchcore num_neighbors must be >= 1, got {num_neighbors}")
     if blur_sigma < 0:
         raise ConfigError(f"patchcore blur_sigma must be >= 0 (0: no blur), got {blur_sigma}")
-
-
-def greedy_coreset(embeddings: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-    """Indices (on the CPU) of ``count`` rows chosen by greedy k-center selection (each pick is the row farthest
-    from the set).
-
-    Distances are measured on a Gaussian random projection to ``PROJECTION_DIM`` dims (Johnson-Lindenstrauss: the
-    ranking of distances is kept), as in the PatchCore paper, which makes each pick one matrix-vector product. The
-    random draws come from a CPU generator, so a seed picks the same first row on any device.
-    """
-    total = embeddings.shape[0]
-    if count >= total:
-        return torch.arange(total)
-    generator = torch.Generator().manual_seed(seed)
-    if embeddings.shape[1] > PROJECTION_DIM:
-        projection = torch.randn(embeddings.shape[1], PROJECTION_DIM, generator=generator) / PROJECTION_DIM**0.5
-        points = embeddings @ projection.to(embeddings)
-    else:
-        points = embeddings
-    squared = (points * points).sum(dim=1)
-    chosen = torch.empty(count, dtype=torch.long)
-    chosen[0] = torch.randint(total, (1,), generator=generator)
-    nearest = torch.full((total,), float("inf"), dtype=points.dtype, device=points.device)
-    for i in range(1, count + 1):
-        center = points[chosen[i - 1]]
-        distance = squared - 2 * (points @ center) + squared[chosen[i - 1]]
-        torch.minimum(nearest, distance, out=nearest)
-        if i < count:
-            chosen[i] = torch.argmax(nearest)
-    return chosen
-
-
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distances ``(Q, k)`` (ascending) and indices of each query's ``k`` nearest bank rows.
-
-    Eager calls work in blocks of ``DISTANCE_CHUNK`` queries so that the distance matrix stays small; a traced call
-    (ONNX export) is one block, as a block count fixed at trace time would fix the batch size too.
-    """
-    if torch.jit.is_tracing() or queries.shape[0] <= DISTANCE_CHUNK:
-        return _nearest_block(queries, bank, k)
-    blocks = [_nearest_block(block, bank, k) for block in queries.split(DISTANCE_CHUNK)]
-    return torch.cat([d for d, _ in blocks]), torch.cat([i for _, i in blocks])
-
-
-def _nearest_block(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nearest_distances`` of one block: ``|q|^2 - 2 q.b + |b|^2`` by one matrix product (what ``torch.cdist``
-    does for large inputs, in operators every ONNX runtime has), clamped at 0 against rounding, then ``topk``."""
-    squared = (queries * queries).sum(dim=1, keepdim=True) - 2 * (queries @ bank.T) + (bank * bank).sum(dim=1)
-    distances, indices = squared.clamp_min(0).topk(k, dim=1, largest=False)
-    return distances.sqrt(), indices
 
 
 class PatchCore(nn.Module):
