@@ -1,0 +1,77 @@
+"""What the scoring choices validation makes cost a trial: validation with and without nearest-normal candidates.
+
+A default BGAD-FAS trial validates after every meta-epoch, scoring every candidate of its "auto" choices
+(``bgad_core.models.bgad.scoring_choice``). ``nearest_normal_weight: auto`` doubles the candidate maps (0 or 0.5 of
+the distances) and fills a memory bank once per trial (``components.memory_bank``), whose distances to the
+validation split are computed once too. This script measures both on a shared protocol's real features: it trains
+one meta-epoch at the given sub-epochs (the paper's 8 by default), then times ``BGADTraining.validate`` on the same
+flows with ``nearest_normal_weight`` "auto" and 0, alternating, and prints the trial-time ratio at the paper's 25
+meta-epochs (the one-off bank fill included).
+
+    .venv/bin/python -m benchmarks.bench_scoring_cost --dataset kolektor [--sub-epochs 8] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.bench_accuracy import PROTOCOLS, SHARED, cpu_flags, protocol_data
+from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
+from bgad_core.engine.selection import seed_everything
+from bgad_core.evaluation.metrics import objective_metric
+from bgad_core.models.bgad.config import BGADConfig
+from bgad_core.models.bgad.torch_model import BGADFlows
+from bgad_core.models.bgad.training import BGADTraining
+from bgad_core.train import build_feature_sets
+
+PAPER_META_EPOCHS = 25
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(PROTOCOLS), default="kolektor", help="which shared protocol")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
+    parser.add_argument("--sub-epochs", type=int, default=8, help="sub-epochs of the timed training meta-epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="validations timed per configuration (alternating)")
+    args = parser.parse_args()
+    data = protocol_data(args.dataset, args.data_root)
+    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=DEFAULT_STRIDES)
+    _, has_masks, train, val, _ = build_feature_sets(data, extractor)
+    objective, size = objective_metric(has_masks), (data.image_size, data.image_size)
+    config = BGADConfig(sub_epochs=args.sub_epochs, normal_epochs=0)  # phase 2 at once: a typical meta-epoch
+    seed_everything(config.seed)
+    training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
+    train_seconds = timed(training.train_meta_epoch)
+    without = replace(config, nearest_normal_weight=0.0)
+    one_off = timed(lambda: training.nearest_distances(val))  # the bank's fill and the split's distances, once
+    seconds: dict[str, list[float]] = {"auto": [], "0": []}
+    for _ in range(args.repeats):
+        for name, chosen in (("auto", config), ("0", without)):
+            training.config = chosen
+            seconds[name].append(timed(lambda: training.validate(val, size, objective)))
+    training.config = config
+    new, old = min(seconds["auto"]), min(seconds["0"])
+    ratio = (one_off + PAPER_META_EPOCHS * (train_seconds + new)) / (PAPER_META_EPOCHS * (train_seconds + old))
+    print(f"machine: {cpu_flags()}")
+    print(f"{args.dataset}: {len(train)} training rows, val {len(val)} images; one meta-epoch of {args.sub_epochs} "
+          f"sub-epochs, validation on {objective}")
+    print("| part | wall s |")
+    print("|---|---|")
+    print(f"| training, one meta-epoch | {train_seconds:.1f} |")
+    print(f"| validation, nearest_normal_weight 0 (8 candidates; min of {args.repeats}) | {old:.1f} |")
+    print(f"| validation, nearest_normal_weight auto (16 candidates; min of {args.repeats}) | {new:.1f} |")
+    print(f"| once per trial: memory bank and the validation split's distances | {one_off:.1f} |")
+    print(f"trial time at {PAPER_META_EPOCHS} meta-epochs, auto against 0: {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
