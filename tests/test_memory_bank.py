@@ -38,7 +38,9 @@ def test_a_bank_scores_a_split_in_batches_and_survives_its_checkpoint():
     torch.testing.assert_close(restored(features), nearest(features))
 
 
-def test_a_single_normal_calibrates_on_itself_and_an_empty_bank_says_so():
+def test_few_normals_keep_the_last_one_out_a_single_one_calibrates_on_itself_and_an_empty_bank_says_so():
+    few = NearestNormal().fit(normal_features(3, seed=0), coreset_ratio=1.0)
+    assert few.bank.shape == (2 * 64, 12) and float(few.mean) > 0.5  # the third image's cells are new to the bank
     one = NearestNormal().fit(normal_features(1, seed=0), coreset_ratio=1.0)
     assert float(one.mean) == pytest.approx(0.0, abs=1e-2)  # its own cells are in the bank
     with pytest.raises(ConfigError, match="fit\\(\\) the memory bank before scoring"):

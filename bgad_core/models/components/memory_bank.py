@@ -95,10 +95,10 @@ class NearestNormal(nn.Module):
     """Each cell's distance to the nearest training-normal patch, standardised: ``(d - mean) / std``.
 
     ``bank``: a greedy coreset (``coreset_ratio`` of the patches, PatchCore's 1 % by default) of the patch
-    embeddings of the training normals, every ``CALIBRATION_EVERY``-th image excepted. ``mean`` and ``std``: of
-    the distances of the excepted images' cells, which the bank has not seen: a training normal's distance to a
-    bank that holds it is zero and would say nothing about a new normal image. (With a single training normal it
-    calibrates on itself.) The standardised distance reads like BGAD's standardised log-likelihoods, "how many
+    embeddings of the training normals, every ``CALIBRATION_EVERY``-th image excepted (the last one where there
+    are fewer). ``mean`` and ``std``: of the distances of the excepted images' cells, which the bank has not seen:
+    a training normal's distance to a bank that holds it is zero and would say nothing about a new normal image.
+    (A single training normal calibrates on itself.) The standardised distance reads like BGAD's standardised log-likelihoods, "how many
     normal deviations above a normal cell", so the two can be averaged.
     """
 
@@ -122,9 +122,9 @@ class NearestNormal(nn.Module):
         if images == 0:
             raise ConfigError("nearest-normal distances need at least one training normal")
         held_out = torch.arange(images) % CALIBRATION_EVERY == CALIBRATION_EVERY - 1
-        if held_out.all() or not held_out.any():
-            held_out = torch.ones(images, dtype=torch.bool)  # one image: it calibrates on itself
-        in_bank = ~held_out if (~held_out).any() else held_out
+        if not held_out.any():  # fewer normals than CALIBRATION_EVERY: the last one calibrates
+            held_out[-1] = True
+        in_bank = ~held_out if (~held_out).any() else held_out  # a single normal calibrates on itself
         patches = self._patches(normals, torch.nonzero(in_bank).flatten())
         count = max(1, round(patches.shape[0] * coreset_ratio))
         self.bank = patches[greedy_coreset(patches, count, seed).to(patches.device)].contiguous()
@@ -145,7 +145,7 @@ class NearestNormal(nn.Module):
         embedding = patch_embeddings(features)
         batch, channels, height, width = embedding.shape
         distance = nearest_distances(embedding.permute(0, 2, 3, 1).reshape(-1, channels), self.bank)[0]
-        return ((distance.reshape(batch, height, width) - self.mean) / self.std).float()
+        return (distance.reshape(batch, height, width) - self.mean) / self.std
 
     @torch.no_grad()
     def predict(self, split: FeatureSet, device: torch.device | str = "cpu", batch_size: int = 32) -> torch.Tensor:
