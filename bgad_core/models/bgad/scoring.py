@@ -24,8 +24,8 @@ IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")  # the simpler (the paper's) fi
 CALIBRATIONS = ("level", "position")  # the simpler (one constant per level, the paper's kind) first
 # "auto" weighs distances in by half at most: a map of distances alone would not depend on the flows' training, so
 # every trial of a sweep would score the same on it, and an epoch-independent candidate wins epoch selection on
-# validation noise (unaligned KolektorSDD: chosen by 0.004 of validation PRO, -0.021 test PRO; BENCHMARKS.md, issue
-# 21). Distances alone are PatchCore's, a family of its own in a cross-family sweep.
+# validation noise (unaligned KolektorSDD: it beat the 0.5 mix by 0.004 of validation PRO and lost 0.047 of test
+# PRO to it; BENCHMARKS.md, issue 21). Distances alone are PatchCore's, a family of its own in a cross-family sweep.
 NEAREST_NORMAL_WEIGHTS = (0.0, 0.5)  # likelihoods alone (the paper's, the simpler) first
 
 
