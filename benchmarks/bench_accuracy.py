@@ -23,6 +23,9 @@ total. ``--stress shift-rotate`` runs the protocol on an unaligned twin of its c
 and shifted by its own seeded draw, masks moved with it (``benchmarks.stress_data``). Epochs are selected on
 validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the learning curves
 only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
+``--image-level-labels`` keeps the protocol's images but gives the labelled training anomalies (and their RACP rows)
+image-level labels only, every cell of them abnormal, as a dataset without masks does (held-out solar cells);
+validation and test keep their masks, so pixel figures stay measurable.
 ``--train-defect-types blowhole`` runs the unseen-defect protocol (``bgad_core.data.splits``): labelled anomalies of
 those types only, validation without the other types, and a second table of each arm's test figures on the seen and
 on the unseen types.
@@ -143,6 +146,12 @@ def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
     return train.select(rows)
 
 
+def image_level_labels(train: FeatureSet) -> FeatureSet:
+    """``train`` with every cell of its anomalous rows marked abnormal: what the losses see of an image-level label."""
+    abnormal = (train.labels == 1).view(-1, 1, 1)
+    return replace(train, masks=[torch.where(abnormal, torch.ones_like(m), m) for m in train.masks])
+
+
 def family_arm(family_name: str, config: DetectorConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet,
                strides: Sequence[int], objective: str, size: tuple[int, int], curves: bool = False,
                seen_types: Sequence[str] | None = None) -> dict:
@@ -229,6 +238,9 @@ def main() -> None:
     parser.add_argument("--train-defect-types", nargs="+", default=None, metavar="TYPE",
                         help="unseen-defect protocol: labelled anomalies of these types only; validation holds no "
                              "other type, test reports seen and unseen types apart")
+    parser.add_argument("--image-level-labels", action="store_true",
+                        help="the labelled training anomalies carry image-level labels only (every cell abnormal); "
+                             "validation and test keep their masks")
     parser.add_argument("--compare-scoring", action="store_true",
                         help="score the bgad and bgad-fas arms under every scoring policy (one training each)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
@@ -250,6 +262,8 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     objective, size = objective_metric(has_masks), (256, 256)
     strides = sorted(args.strides)
     levels = [EXTRACTED_STRIDES.index(s) for s in strides]
+    if args.image_level_labels:
+        train_all = image_level_labels(train_all)
     train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
     normals = train.select(torch.nonzero(train.labels == 0).flatten())
     seen = data.train_defect_types
@@ -286,7 +300,8 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
         config = base if n else replace(base, focal_weighting=False)
         rows.append((f"BGAD-FAS, n = {n}", family_arm("bgad", config, subset, val, test, strides, objective, size,
                                                       args.curves, seen)))
-    print(f"\n{args.dataset}{'' if args.stress is None else ' (' + args.stress + ')'}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
+    variant = ", ".join(([] if args.stress is None else [args.stress]) + (["image-level labels"] if args.image_level_labels else []))
+    print(f"\n{args.dataset}{f' ({variant})' if variant else ''}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
           f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
     print(f"machine: {cpu_flags()}")
     print(f"| arm | epoch | val {objective} | test image AUROC | test pixel AUROC | test PRO | wall s "
@@ -312,7 +327,8 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
                 print(f"curve | {label} | {h['epoch']} | val {h['val'].get(objective, float('nan')):.3f} | "
                       f"test image {t.get('image_auroc', float('nan')):.3f} | test PRO {t.get('aupro', float('nan')):.3f}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"dataset": args.dataset, "stress": args.stress, "machine": cpu_flags(),
+        args.json.write_text(json.dumps({"dataset": args.dataset, "stress": args.stress,
+                                         "image_level_labels": args.image_level_labels, "machine": cpu_flags(),
                                          "rows": [{"arm": label, **row} for label, row in rows]}, indent=1))
 
 
