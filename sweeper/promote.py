@@ -418,9 +418,10 @@ def version_tags(source: Source, checkpoint: Mapping[str, Any], summary: Mapping
 def summary_test_metrics(
     summary: Mapping[str, Any] | None, category: str, trial_id: str, epoch: int
 ) -> dict[str, float] | None:
-    """Test metrics the sweep measured for exactly this trial and meta-epoch (best or paper default), if any."""
+    """Test metrics the sweep measured for exactly this trial and meta-epoch (the best trial or another tested trial:
+    the paper default, the label-free twin or the labelled run it replaced), if any."""
     entries = (summary or {}).get("categories", {}).get(category, {})
-    for entry in (entries.get("best"), entries.get("paper_default")):
+    for entry in (entries.get(arm) for arm in ("best", "paper_default", "label_free_twin", "labelled")):
         if entry and entry.get("trial_id") == trial_id and entry.get("epoch") == epoch:
             return dict(entry["test"])
     return None

@@ -142,7 +142,8 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     split, each trains again with two more seeds, the better mean of the original and the first re-run wins and its
     second re-run is deployed), promote that run, score its cached test rows."""
     config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False},
-                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 2}})
+                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 2,
+                                                    "label_free_twin": False}})
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
     uri, sid = config.mlflow.tracking_uri, sweep_id(config)

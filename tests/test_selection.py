@@ -1,9 +1,14 @@
 """The final choice among trials (``sweeper.tuning.selection``): which runners-up count as tied with the best on
-validation, and which tied configuration wins once trained again. The rule end to end: ``test_promote.py``."""
+validation, which tied configuration wins once trained again, and when a label-free twin replaces the chosen run.
+The rules end to end: ``test_promote.py`` (reseed), ``test_sweep_job.py`` (label-free twin)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from bgad_core.evaluation.intervals import bootstrap_distribution
@@ -67,3 +72,65 @@ def test_one_experiment_reruns_every_tied_configuration_under_every_seed():
             assert config.beta == 0.02 and data == {"num_anomalies": 3, "racp_depth": 1}
         else:
             assert config.num_neighbors == 1 and data["num_anomalies"] == 0
+
+
+@dataclass
+class Finished:
+    """What the selection reads of a Tune result: its params, last metrics and every reported selection score."""
+
+    config: dict[str, Any]
+    scores: list[float]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame({"selection_score": self.scores})
+
+
+FIXED = {"family": "bgad", "num_anomalies": 10, "racp_depth": 3, "meta_epochs": 4}
+
+
+def test_a_twin_repeats_the_configuration_and_seed_without_any_labelled_anomaly():
+    """Also inside a family's own sub-space, which overrides the top level; a re-run's own key is not carried."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from sweeper.tuning.selection import RERUN_KEY, TWIN_KEY, label_free_twins
+    from sweeper.tuning.trainable import merged_params, split_params
+
+    chosen = {"a": Finished({"family": "bgad", "bgad": {"beta": 0.02, "num_anomalies": 3, "racp_depth": 1},
+                             "category": "a"}, [0.7], {"trial_id": "t1"}),
+              "b": Finished({"beta": 0.05, "seed": 2, RERUN_KEY: "t0", "category": "b"}, [0.6], {"trial_id": "t2"}),
+              "c": Finished({"family": "patchcore", "patchcore": {"num_neighbors": 1}}, [0.9], {"trial_id": "t3"}),
+              "d": Finished({"num_anomalies": 0, "category": "d"}, [0.5], {"trial_id": "t4"})}
+    spaces = []
+
+    def train_twins(space):
+        spaces.append(space)
+        return [Finished(config, [0.1], {"trial_id": f"twin-{config[TWIN_KEY]}"})
+                for _, config in generate_variants(space)]
+
+    twins = label_free_twins(chosen, FIXED, train_twins)
+    assert len(spaces) == 1 and set(twins) == {"a", "b"}  # one experiment; no labels read by c (one-class) or d
+    for group, twin in twins.items():
+        assert twin.metrics["trial_id"] == f"twin-{chosen[group].metrics['trial_id']}" and RERUN_KEY not in twin.config
+        _, config, data = split_params(merged_params(FIXED, twin.config))
+        _, original, original_data = split_params(merged_params(FIXED, chosen[group].config))
+        assert data == {**original_data, "num_anomalies": 0} and original_data["num_anomalies"] > 0
+        assert config == original and twin.config["category"] == group
+    assert label_free_twins({"c": chosen["c"]}, FIXED, train_twins) == {} and len(spaces) == 1
+
+
+@pytest.mark.parametrize(("labelled", "twin", "deployed"), [
+    ([-1.0, 0.80, 0.84], [-1.0, 0.83], False),  # the labelled run's best epoch counts, not its last
+    ([0.80], [0.80], False),  # a tie keeps the labelled run
+    ([0.80], [0.81], True),
+    ([0.80], [float("nan")], False),  # the twin failed
+    ([-1.0], [0.55], True),  # the labelled run never reached a selectable epoch
+])
+def test_the_twin_is_deployed_only_when_its_best_validation_figure_is_higher(labelled, twin, deployed):
+    from sweeper.tuning.selection import label_free_choice
+
+    run, twin_run = Finished({}, labelled, {"trial_id": "t1"}), Finished({}, twin, {"trial_id": "t2"})
+    chosen, record = label_free_choice(run, twin_run)
+    assert (chosen is twin_run) is deployed and record["deployed"] is deployed
+    assert record["trial_id"] == "t2" and record["labelled_trial_id"] == "t1"

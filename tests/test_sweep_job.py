@@ -5,6 +5,7 @@ finish, and the same command resumes without re-running them, also when the save
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from sweeper.tracking import mlflow_runs as tracking
 from sweeper.job.config import load_config
 from sweeper.tuning.experiment_state import BACKUP_SUFFIX, newest_state
 from sweeper.job.names import match
-from sweeper.promote import find_sweep_run, read_summary
+from sweeper.promote import find_sweep_run, promote, read_summary
 from sweeper.run import main as run_sweep
 from sweeper.tuning.sweep import sweep_id
 
@@ -30,11 +31,16 @@ pytestmark = pytest.mark.slow
 
 
 def quickstart_in(folder: Path, **overrides) -> Path:
-    """The quickstart config with every output under ``folder`` (absolute: a job runs in its own directory)."""
+    """The quickstart config with every output under ``folder`` (absolute: a job runs in its own directory).
+
+    Without the label-free twin (one more experiment per sweep) unless ``tune.selection`` is given: the tests that
+    check it ask for it.
+    """
     raw = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
     raw["backbone"]["weights"] = "offline"
     raw["cache"]["root"] = str(folder / "cache")
-    raw["tune"].update(storage_path=str(folder / "tune"), optuna_storage=f"sqlite:///{folder / 'optuna.db'}")
+    raw["tune"].update(storage_path=str(folder / "tune"), optuna_storage=f"sqlite:///{folder / 'optuna.db'}",
+                       selection={"label_free_twin": False})
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "artifact_location": str(folder / "artifacts")}
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
@@ -166,3 +172,48 @@ def test_a_shared_mode_sweep_trains_every_category_in_each_trial(tmp_path):
     assert set(summary["categories"]) == set(CATEGORIES)
     assert len({entry["best"]["trial_id"] for entry in summary["categories"].values()}) == 1  # one winner for all
     assert all("paper_default" in entry for entry in summary["categories"].values())
+
+
+def test_each_chosen_run_is_trained_again_without_labels_and_the_better_on_validation_deployed(tmp_path, capsys):
+    """``tune.selection.label_free_twin`` (the default): the run chosen for each category trained on labelled
+    anomalies, so one more experiment trains its configuration (seed included) without them, a run per category;
+    the twin is deployed exactly when its best validation figure is higher, the other run is a tested arm, and the
+    table says which. The twins stay out of the Optuna studies."""
+    config_path = quickstart_in(tmp_path, train={"meta_epochs": 2}, search={"num_samples": 1,
+                                "compare_paper_default": False}, mlflow={"log_plots": False},
+                                tune={"selection": {"label_free_twin": True}}, baseline={"enabled": False})
+    raw = yaml.safe_load(config_path.read_text())
+    raw["search"]["space"] = raw["search"].pop("families")["bgad"]  # BGAD only: every chosen run read labels
+    [tiles] = raw["datasets"]
+    raw["datasets"].append({"synthetic": {**tiles["synthetic"], "name": "other-tiles", "seed": 1}})
+    config_path.write_text(yaml.safe_dump(raw))
+    assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
+    printed = capsys.readouterr().out
+    config = load_config(config_path)
+    client = MlflowClient(config.mlflow.tracking_uri)
+    summary = read_summary(client, find_sweep_run(client, sweep_id(config)))
+    runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in trial_runs(config_path, "trial")}
+    assert len(runs) == 2 * len(CATEGORIES)  # a search trial and its twin per category
+    for category in CATEGORIES:
+        entry = summary["categories"][category]
+        twin = entry["selection"]["label_free_twin"]
+        labelled, trained = runs[twin["labelled_trial_id"]], runs[twin["trial_id"]]
+        assert twin["labelled_trial_id"] == entry["selection"]["chosen"]
+        assert int(labelled.data.params["num_anomalies"]) > 0 and trained.data.params["num_anomalies"] == "0"
+        assert {k: v for k, v in trained.data.params.items() if k != "num_anomalies"} == \
+            {k: v for k, v in labelled.data.params.items() if k != "num_anomalies"}
+        assert trained.data.tags[tracking.CATEGORY_TAG] == category
+        for record_key, run in (("val", trained), ("labelled_val", labelled)):
+            history = client.get_metric_history(run.info.run_id, "selection_score")
+            assert twin[record_key] == pytest.approx(max(m.value for m in history))
+        assert twin["deployed"] == (twin["val"] > twin["labelled_val"])
+        deployed, other = ("trial_id", "labelled") if twin["deployed"] else ("labelled_trial_id", "label_free_twin")
+        assert entry["best"]["trial_id"] == twin[deployed]
+        assert entry[other]["test"]["aupro"] >= 0 and other in entry["verdicts"]
+        other_run = trained if other == "label_free_twin" else labelled  # promotable, with the test it was given
+        version = promote(config.mlflow.tracking_uri, sweep_id(config), f"{category}-{other}",
+                          run_id=other_run.info.run_id)
+        assert json.loads(version.tags["bgad.test_metrics"]) == pytest.approx(entry[other]["test"])
+        assert f"labels {category}: trained again without its labelled anomalies" in printed
+        study = optuna.load_study(study_name=f"{sweep_id(config)}/{category}", storage=config.tune.optuna_storage)
+        assert len(study.trials) == config.search.num_samples

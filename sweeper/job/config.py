@@ -375,11 +375,16 @@ class SelectionSpec(Section):
         max_candidates: trials (the best included) compared with the best on validation; at least 2.
         seeds: extra runs of each tied candidate, seeded 1..seeds (trials run with seed 0 unless the space searches
             ``seed``).
+        label_free_twin: after the rule has chosen, train the chosen run's configuration once more without its
+            labelled anomalies (one trial per category) and deploy that twin where validation scores it higher, so
+            that labels never make the deployed model worse on validation (issue 21); a chosen run without labels
+            (a one-class family, ``num_anomalies: 0``) has no twin.
     """
 
     rule: Literal["argmax", "reseed"] = "argmax"
     max_candidates: int = Field(3, ge=2)
     seeds: int = Field(2, ge=1)
+    label_free_twin: bool = True
 
 
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})

@@ -3,7 +3,8 @@
 In ``per_category`` mode each trial trains one category, and each category keeps its own Optuna study and its own
 ASHA (``sweeper.tuning.categories``), while all categories' trials share the cluster's ``max_concurrent_trials``
 slots: no slot waits for a category's last trials. In ``shared`` mode each trial trains every category with one
-configuration. The paper default, where compared, is a second experiment (one trial per category, side by side).
+configuration. The paper default, where compared, is a second experiment (one trial per category, side by side),
+and so are the label-free twins of the chosen runs (``sweeper.tuning.selection``).
 Each experiment is restorable: an interrupted sweep resumes the experiment it was in, and a finished one is never
 run again.
 """
@@ -47,7 +48,8 @@ from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.job.interrupt import STOP
 from sweeper.tuning.progress import SweepProgress
 from sweeper.tuning.categories import CategoryScheduler, CategorySearch
-from sweeper.tuning.selection import MODE, best_selectable, ranked, reseed_applies, reseeded_choice
+from sweeper.tuning.selection import (MODE, best_selectable, label_free_choice, label_free_twins, ranked,
+                                      reseed_applies, reseeded_choice)
 from sweeper.tuning.trainable import (CATEGORY_KEY, DATA_KEYS, FAILED_KEY, FAILURE_TAG, PLATEAU_KEY, SELECTION_KEY,
                                       UNSELECTABLE, TrialContext, ran_its_course, saved_model, train_detector)
 
@@ -58,6 +60,7 @@ PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0,
                  "image_score": "max", "nearest_normal_weight": 0.0, "num_anomalies": 10, "racp_depth": 3}
 SEARCH_EXPERIMENT = "search"  # the experiment of a per_category sweep's search (``shared`` mode: "shared")
 PAPER_DEFAULT_EXPERIMENT = "paper-default"
+LABEL_FREE_EXPERIMENT = "label-free-twins"  # every group's label-free twin (``tune.selection.label_free_twin``)
 FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.tuning.fit_store``)
 
 
@@ -646,8 +649,9 @@ def _search_groups(
     groups: list[tuple[str, tuple[str, ...]]], summary: dict[str, Any],
 ) -> None:
     """Search every group in one experiment (``per_category``: a group per category, each trial training one;
-    ``shared``: one group whose trials train every category), run the paper default likewise, and evaluate each
-    group's winner into ``summary``."""
+    ``shared``: one group whose trials train every category), run the paper default likewise, choose each group's
+    run (``tune.selection``), train the label-free twins of the chosen runs that read labels in one more experiment
+    and deploy each twin that validation scores higher, and evaluate each group's deployed run into ``summary``."""
     fixed = fixed_params(config)
     max_t = int(fixed["meta_epochs"])
     device = "cuda" if config.tune.gpus_per_trial > 0 else "cpu"
@@ -666,6 +670,7 @@ def _search_groups(
                                    FIFOScheduler())
         close_child_runs(reference, info, sid, max_t)
         references = {name: _of_group(reference, name, shared)[0] for name in names}
+    chosen: dict[str, tuple[tune.Result, dict[str, Any], dict[str, int], dict[str, Any]]] = {}
     for name, members in groups:
         own = _of_group(results, name, shared)
         counts = close_child_runs(own, info, sid, max_t)
@@ -678,7 +683,22 @@ def _search_groups(
                 close_child_runs(rerun, info, sid, max_t)
                 return rerun
             best, selection = reseeded_choice(own, config.tune.selection, manifest, members[0], metric, train_again)
-        per_family = family_bests(own, context.fixed)
+        chosen[name] = (best, selection, counts, family_bests(own, context.fixed))
+    twins: dict[str, tune.Result] = {}
+    if config.tune.selection.label_free_twin:
+        def train_twins(param_space: dict[str, Any]) -> tune.ResultGrid:
+            trained = run_experiment(config, sid, LABEL_FREE_EXPERIMENT, context, metric, param_space, None, 1,
+                                     FIFOScheduler())
+            close_child_runs(trained, info, sid, max_t)
+            return trained
+        twins = label_free_twins({name: best for name, (best, *_) in chosen.items()}, context.fixed, train_twins)
+    for name, members in groups:
+        best, selection, counts, per_family = chosen[name]
+        counterpart: tuple[str, tune.Result] | None = None
+        if name in twins:  # the labelled run or its label-free twin is deployed; the other is a tested arm
+            deployed, selection["label_free_twin"] = label_free_choice(best, twins[name])
+            counterpart = ("labelled", best) if deployed is not best else ("label_free_twin", twins[name])
+            best = deployed
         for category in members:
             winner = test_evaluation(best, manifest, category)
             others = {}
@@ -686,6 +706,8 @@ def _search_groups(
                 others["paper_default"] = test_evaluation(references[name], manifest, category)
             if config.baseline.enabled:
                 others["baseline"] = baseline_evaluation(config, manifest, category)
+            if counterpart is not None:
+                others[counterpart[0]] = test_evaluation(counterpart[1], manifest, category)
             summary["categories"][category] = {
                 "trials": counts, "families": per_family, "selection": selection, "best": winner.entry,
                 **{arm: evaluated.entry for arm, evaluated in others.items()},
@@ -712,7 +734,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     columns.setdefault(metric, metric)
     lines = [f"| category | trials (fin/pruned/failed) | arm | val {metric} | "
              + " | ".join(f"test {label}" for label in columns.values()) + " |", "|---" * (4 + len(columns)) + "|"]
-    arms = (("best", "best trial"), ("paper_default", "paper default"), ("baseline", "one-class baseline"))
+    arms = (("best", "best trial"), ("paper_default", "paper default"), ("baseline", "one-class baseline"),
+            ("label_free_twin", "label-free twin"), ("labelled", "labelled run it replaced"))
     for name, entry in summary["categories"].items():
         t = entry["trials"]
         for key, label in arms:
@@ -737,6 +760,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                          + " | ".join("-" for _ in columns) + " |")
     notes = [selection_line(name, entry["selection"]) for name, entry in summary["categories"].items()
              if entry.get("selection", {}).get("rule") == "reseed"]
+    notes += [twin_line(name, entry["selection"]["label_free_twin"]) for name, entry in summary["categories"].items()
+              if "label_free_twin" in entry.get("selection", {})]
     notes += [verdict_line(name, entry["verdicts"], dict(arms), columns)
               for name, entry in summary["categories"].items() if entry.get("verdicts")]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -753,6 +778,17 @@ def selection_line(category: str, record: Mapping[str, Any]) -> str:
     return (f"{head}; each trained again, mean validation over {len(next(iter(record['runs'].values())))} run(s): "
             f"{means}; deployed {record['deployed']}, a held-out run of {record['chosen']} (validation "
             f"{record['deployed_val']:.3f}, not used for the choice)")
+
+
+def twin_line(category: str, record: Mapping[str, Any]) -> str:
+    """What the label-free twin of a category's chosen run scored, and which of the two is deployed."""
+    def value(figure: float | None) -> str:
+        return "none (failed)" if figure is None else f"{figure:.3f}"
+    outcome = ("the twin is deployed: here the labels did not help" if record["deployed"]
+               else "the labelled run stays deployed")
+    return (f"labels {category}: trained again without its labelled anomalies, run {record['labelled_trial_id']} "
+            f"scored {value(record['val'])} on validation (twin {record['trial_id']}) against "
+            f"{value(record['labelled_val'])} with them; {outcome}")
 
 
 def verdict_line(category: str, compared: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str],
@@ -797,10 +833,9 @@ def _log_summary(client: Any, run_id: str, summary: Mapping[str, Any]) -> None:
     """Test metrics as parent-run metrics, the full summary and its table as artifacts; mark the run finished."""
     metrics = _best_trial_metrics(summary)
     for name, entry in summary["categories"].items():
-        if "paper_default" in entry:
-            metrics.update({f"{name}/paper_default_test_{k}": v for k, v in entry["paper_default"]["test"].items()})
-        if "baseline" in entry:
-            metrics.update({f"{name}/baseline_test_{k}": v for k, v in entry["baseline"]["test"].items()})
+        for arm in ("paper_default", "baseline", "label_free_twin", "labelled"):
+            if arm in entry:
+                metrics.update({f"{name}/{arm}_test_{k}": v for k, v in entry[arm]["test"].items()})
     tracking.log_metrics(client, run_id, metrics, step=0)
     tracking.set_tags(client, run_id, {f"bgad.best_trial.{name}": entry["best"]["trial_id"]
                                        for name, entry in summary["categories"].items()})

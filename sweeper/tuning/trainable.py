@@ -97,6 +97,12 @@ class TrialContext:
     fits_uri: str | None = None
 
 
+def merged_params(fixed: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's searched ``params`` over the ``fixed`` values; a None param (one that another run of a re-run's
+    or twin's experiment has and this one lacks, ``sweeper.tuning.selection.repeat_space``) leaves the fixed value."""
+    return {**fixed, **{key: value for key, value in params.items() if value is not None}}
+
+
 def split_params(params: Mapping[str, Any]) -> tuple[Family, DetectorConfig, dict[str, int]]:
     """A trial's family, its config and the data selection (n anomalies, depth S; none for a one-class family).
 
@@ -135,10 +141,10 @@ class _CategoryRun:
 
 def train_detector(params: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable: ``params`` are the searched values, everything else comes from ``context``."""
-    if CATEGORY_KEY in params:  # one of several categories searched in the same experiment
+    if params.get(CATEGORY_KEY) is not None:  # one of several categories searched in the same experiment
         context = replace(context, categories=(str(params[CATEGORY_KEY]),))
     torch.set_num_threads(max(1, context.threads))
-    chosen, config, data = split_params({**context.fixed, **params})
+    chosen, config, data = split_params(merged_params(context.fixed, params))
     seed_everything(config.seed)
     manifest = open_cache(context.cache_uri)
     image_size = (manifest["image_size"], manifest["image_size"])
