@@ -23,9 +23,10 @@ total. ``--stress shift-rotate`` runs the protocol on an unaligned twin of its c
 and shifted by its own seeded draw, masks moved with it (``benchmarks.stress_data``). Epochs are selected on
 validation, test is evaluated once; ``--curves`` also records test after every meta-epoch (for the learning curves
 only, never for selection). ``--anomalies 0 1 2 5 10`` adds a BGAD-FAS row per label count.
-``--image-level-labels`` keeps the protocol's images but gives the labelled training anomalies (and their RACP rows)
-image-level labels only, every cell of them abnormal, as a dataset without masks does (held-out solar cells);
-validation and test keep their masks, so pixel figures stay measurable.
+``--image-level-labels`` trains on the protocol's category read without its masks (``stress_data.image_level_copy``):
+the labelled anomalies mark every cell abnormal and their RACP rows paste whole images, as on a dataset without masks
+(held-out solar cells); the same images are drawn, and validation and test keep their masks, so pixel figures and
+the pixel objective stay.
 ``--train-defect-types blowhole`` runs the unseen-defect protocol (``bgad_core.data.splits``): labelled anomalies of
 those types only, validation without the other types, and a second table of each arm's test figures on the seen and
 on the unseen types.
@@ -54,7 +55,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import cpu_description
-from benchmarks.stress_data import shifted_rotated_copy
+from benchmarks.stress_data import image_level_copy, shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.data.datasets import read_category
 from bgad_core.data.features import FeatureSet
@@ -146,12 +147,6 @@ def anomaly_subset(train: FeatureSet, data: DataConfig, n: int) -> FeatureSet:
     return train.select(rows)
 
 
-def image_level_labels(train: FeatureSet) -> FeatureSet:
-    """``train`` with every cell of its anomalous rows marked abnormal: what the losses see of an image-level label."""
-    abnormal = (train.labels == 1).view(-1, 1, 1)
-    return replace(train, masks=[torch.where(abnormal, torch.ones_like(m), m) for m in train.masks])
-
-
 def family_arm(family_name: str, config: DetectorConfig, train: FeatureSet, val: FeatureSet, test: FeatureSet,
                strides: Sequence[int], objective: str, size: tuple[int, int], curves: bool = False,
                seen_types: Sequence[str] | None = None) -> dict:
@@ -239,19 +234,27 @@ def main() -> None:
                         help="unseen-defect protocol: labelled anomalies of these types only; validation holds no "
                              "other type, test reports seen and unseen types apart")
     parser.add_argument("--image-level-labels", action="store_true",
-                        help="the labelled training anomalies carry image-level labels only (every cell abnormal); "
-                             "validation and test keep their masks")
+                        help="train on the category read without its masks (labelled anomalies and their RACP rows "
+                             "whole-image abnormal); validation and test keep their masks")
+    parser.add_argument("--racp-per-anomaly", type=int, default=DataConfig.racp_per_anomaly,
+                        help="RandAugmented CutPaste rows cut from each labelled anomaly (0: none)")
     parser.add_argument("--compare-scoring", action="store_true",
                         help="score the bgad and bgad-fas arms under every scoring policy (one training each)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as scratch:
         data = protocol_data(args.dataset, args.data_root, args.stress, Path(scratch))
-        run(args, replace(data, train_defect_types=args.train_defect_types))
+        image_level = (image_level_copy(Path(data.data), Path(scratch) / "image-level") if args.image_level_labels
+                       else None)
+        run(args, replace(data, train_defect_types=args.train_defect_types, racp_per_anomaly=args.racp_per_anomaly),
+            image_level)
 
 
-def run(args: argparse.Namespace, data: DataConfig) -> None:
-    """The arms ``args`` name on the protocol's data; prints the table (and writes the JSON)."""
+def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = None) -> None:
+    """The arms ``args`` name on the protocol's data; prints the table (and writes the JSON).
+
+    ``image_level``: the category without masks (``stress_data.image_level_copy``), read for the training rows only.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = parse_overrides(args.set)
     base = BGADConfig(meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, **overrides)
@@ -262,8 +265,11 @@ def run(args: argparse.Namespace, data: DataConfig) -> None:
     objective, size = objective_metric(has_masks), (256, 256)
     strides = sorted(args.strides)
     levels = [EXTRACTED_STRIDES.index(s) for s in strides]
-    if args.image_level_labels:
-        train_all = image_level_labels(train_all)
+    if image_level is not None:  # the same training images, read without masks
+        with_masks = train_all
+        _, _, train_all, _, _ = build_feature_sets(replace(data, data=str(image_level)), extractor)
+        if train_all.ids != with_masks.ids:
+            raise SystemExit(f"{image_level}: read without masks, the category drew other training images")
     train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
     normals = train.select(torch.nonzero(train.labels == 0).flatten())
     seen = data.train_defect_types

@@ -1,4 +1,5 @@
-"""Stress variants of a shared category: the same images, each moved by its own seeded shift and rotation.
+"""Stress variants of a shared category: the same images, each moved by its own seeded shift and rotation; or the
+same category without its masks (``image_level_copy``).
 
 A lever that assumes something about the data must be checked where the assumption fails. Per-cell calibration
 and position-conditioned flows assume that a part sits at the same place in every image: true for KolektorSDD's
@@ -66,6 +67,20 @@ def shifted_rotated_copy(source: Path, target: Path, seed: int = 0, max_shift: f
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as image:
             _moved(image, _motion(key, seed, max_shift, max_angle), is_mask).save(out)
+    return target
+
+
+def image_level_copy(source: Path, target: Path) -> Path:
+    """The category ``source`` without its masks, at ``target`` (its other folders linked, not copied): an
+    image-level category, whose anomalies ``bgad_core.data.datasets.load_mask`` marks whole, so that a labelled
+    anomaly teaches what an image-level label does and its RandAugmented CutPaste rows paste whole images
+    (``bgad_core.data.racp``). Record ids are the same as ``source``'s, so the same seeds draw the same splits."""
+    if not (source / "train").is_dir():
+        raise SystemExit(f"{source}: not a category folder (no train/)")
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != "ground_truth":
+            (target / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
     return target
 
 
