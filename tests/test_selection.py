@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from bgad_core.evaluation.intervals import bootstrap_distribution
 from bgad_core.evaluation.metrics import compute_metrics
 from sweeper.job.config import SelectionSpec
 from sweeper.tuning.selection import choose, near_ties, reseed_applies
+from ray_processes import REPO
 
 
 def resampled(labels: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray]:
@@ -87,37 +89,42 @@ class Finished:
         return pd.DataFrame({"selection_score": self.scores})
 
 
-FIXED = {"family": "bgad", "num_anomalies": 10, "racp_depth": 3, "meta_epochs": 4}
-
-
-def test_a_twin_repeats_the_configuration_and_seed_without_any_labelled_anomaly():
-    """Also inside a family's own sub-space, which overrides the top level; a re-run's own key is not carried."""
+def test_the_follow_up_runs_are_each_groups_paper_default_and_the_label_free_twin_of_each_labelled_choice():
+    """A twin repeats its chosen run's configuration and seed with no labelled anomaly, also inside a family's own
+    sub-space (which overrides the top level); a chosen run that read no label (one-class, or none drawn) has none.
+    All share one param space, each run resolving to its own params."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from sweeper.tuning.selection import RERUN_KEY, TWIN_KEY, label_free_twins
+    from sweeper.job.config import SweepConfig
+    from sweeper.tuning.selection import RERUN_KEY, repeat_space
+    from sweeper.tuning.sweep import FOLLOW_UP_KEY, PAPER_DEFAULT, fixed_params, follow_up_runs
     from sweeper.tuning.trainable import merged_params, split_params
 
-    chosen = {"a": Finished({"family": "bgad", "bgad": {"beta": 0.02, "num_anomalies": 3, "racp_depth": 1},
-                             "category": "a"}, [0.7], {"trial_id": "t1"}),
-              "b": Finished({"beta": 0.05, "seed": 2, RERUN_KEY: "t0", "category": "b"}, [0.6], {"trial_id": "t2"}),
-              "c": Finished({"family": "patchcore", "patchcore": {"num_neighbors": 1}}, [0.9], {"trial_id": "t3"}),
-              "d": Finished({"num_anomalies": 0, "category": "d"}, [0.5], {"trial_id": "t4"})}
-    spaces = []
-
-    def train_twins(space):
-        spaces.append(space)
-        return [Finished(config, [0.1], {"trial_id": f"twin-{config[TWIN_KEY]}"})
-                for _, config in generate_variants(space)]
-
-    twins = label_free_twins(chosen, FIXED, train_twins)
-    assert len(spaces) == 1 and set(twins) == {"a", "b"}  # one experiment; no labels read by c (one-class) or d
-    for group, twin in twins.items():
-        assert twin.metrics["trial_id"] == f"twin-{chosen[group].metrics['trial_id']}" and RERUN_KEY not in twin.config
-        _, config, data = split_params(merged_params(FIXED, twin.config))
-        _, original, original_data = split_params(merged_params(FIXED, chosen[group].config))
-        assert data == {**original_data, "num_anomalies": 0} and original_data["num_anomalies"] > 0
-        assert config == original and twin.config["category"] == group
-    assert label_free_twins({"c": chosen["c"]}, FIXED, train_twins) == {} and len(spaces) == 1
+    config = SweepConfig.model_validate(yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text()))
+    fixed = fixed_params(config)
+    chosen = {"a": Finished({"family": "bgad", "bgad": {"beta": 0.02, "num_anomalies": 3, "racp_depth": 0},
+                             "category": "a"}, [0.7]),
+              "b": Finished({"family": "bgad", "bgad": {"beta": 0.05}, "seed": 2, RERUN_KEY: "t0", "category": "b"},
+                            [0.6]),
+              "c": Finished({"family": "patchcore", "patchcore": {"coreset_ratio": 0.1}, "category": "c"}, [0.9]),
+              "d": Finished({"family": "bgad", "bgad": {"num_anomalies": 0}, "category": "d"}, [0.5])}
+    runs = follow_up_runs(config, chosen, shared=False)
+    assert set(runs) == {f"paper_default/{g}" for g in chosen} | {"label_free_twin/a", "label_free_twin/b"}
+    resolved = {run[FOLLOW_UP_KEY]: run for _, run in generate_variants(repeat_space(runs, FOLLOW_UP_KEY))}
+    assert set(resolved) == set(runs) and all(RERUN_KEY not in run or run[RERUN_KEY] is None for run in resolved.values())
+    for group in ("a", "b"):
+        _, twin, data = split_params(merged_params(fixed, resolved[f"label_free_twin/{group}"]))
+        _, original, original_data = split_params(merged_params(fixed, chosen[group].config))
+        assert twin == original and data == {**original_data, "num_anomalies": 0} and original_data["num_anomalies"]
+        assert resolved[f"label_free_twin/{group}"]["category"] == group
+    assert split_params(merged_params(fixed, resolved["label_free_twin/b"]))[1].seed == 2
+    for group in chosen:
+        family, paper, data = split_params(merged_params(fixed, resolved[f"paper_default/{group}"]))
+        assert family.name == "bgad" and paper.beta == PAPER_DEFAULT["beta"] and paper.image_score == "max"
+        assert resolved[f"paper_default/{group}"]["category"] == group and data["num_anomalies"] > 0
+    config.tune.selection.label_free_twin = False
+    config.search.compare_paper_default = False
+    assert follow_up_runs(config, chosen, shared=False) == {}
 
 
 @pytest.mark.parametrize(("labelled", "twin", "deployed"), [

@@ -33,9 +33,10 @@ that trained on labelled anomalies is trained once more with the same configurat
 (``without_labels``), and that twin is deployed instead where its best validation figure is higher
 (``label_free_choice``). So the deployed model is never worse on validation than its own training without labels
 would have been: on held-out solar cells one image-level label lowered test image AUROC from 0.843 to 0.826
-(issue 21), while on all six shared datasets the labels raised the selected validation figure by 0.03-0.15 (BENCHMARKS.md). It costs
-one trial per category, run for all categories in one experiment. Ties keep the labelled run: it was chosen among
-many trials, the twin is one run, and the labels' help on the shared data is large where it shows.
+(issue 21), while on all six shared datasets the labels raised the selected validation figure by 0.03-0.15
+(BENCHMARKS.md). It costs one trial per category, in the sweep's follow-up experiment (``sweeper.tuning.sweep``).
+Ties keep the labelled run: it was chosen among many trials, the twin is one run, and the labels' help on the
+shared data is large where it shows.
 """
 
 from __future__ import annotations
@@ -164,15 +165,15 @@ def reseeded_choice(
                       "reason": f"best mean of up to {len(seeds)} runs among {len(tied)} tied; a held-out run deployed"}
 
 
-TWIN_KEY = "label_free_twin_of"  # a label-free twin's param naming the run whose configuration it repeats
 LABELS_KEY = "num_anomalies"  # the data selection's count of labelled anomalies (``sweeper.tuning.trainable``)
 
 
 def without_labels(params: Mapping[str, Any]) -> dict[str, Any]:
     """A run's params with no labelled anomaly: ``num_anomalies`` 0 at the top and in a family's own sub-space
-    (which overrides the top, ``trainable.split_params``); the rest, seed included, unchanged."""
+    (which overrides the top, ``trainable.split_params``); the rest, seed included, unchanged (a re-run's own key
+    left out)."""
     twin = {key: {**value, LABELS_KEY: 0} if isinstance(value, Mapping) and LABELS_KEY in value else value
-            for key, value in params.items() if key not in (RERUN_KEY, TWIN_KEY)}
+            for key, value in params.items() if key != RERUN_KEY}
     twin[LABELS_KEY] = 0
     return twin
 
@@ -181,21 +182,6 @@ def trained_on_labels(result: tune.Result, fixed: Mapping[str, Any]) -> bool:
     """Whether the run read labelled anomalies: a few-shot family with ``num_anomalies`` above 0 (``fixed``: the
     values its params were merged with)."""
     return split_params(merged_params(fixed, result.config))[2][LABELS_KEY] > 0
-
-
-def label_free_twins(chosen: Mapping[str, tune.Result], fixed: Mapping[str, Any],
-                     train_twins: Callable[[dict[str, Any]], tune.ResultGrid]) -> dict[str, tune.Result]:
-    """The label-free twin of each group's chosen run that trained on labels, by group (none for the others).
-
-    ``train_twins(param_space)`` runs (or resumes) the one experiment of every twin, a run each.
-    """
-    labelled = {group: result for group, result in chosen.items() if trained_on_labels(result, fixed)}
-    if not labelled:
-        return {}
-    ids = {group: str(result.metrics.get("trial_id")) for group, result in labelled.items()}
-    space = repeat_space({ids[group]: without_labels(result.config) for group, result in labelled.items()}, TWIN_KEY)
-    twins = {result.config.get(TWIN_KEY): result for result in train_twins(space)}
-    return {group: twins[ids[group]] for group in labelled}
 
 
 def label_free_choice(labelled: tune.Result, twin: tune.Result) -> tuple[tune.Result, dict[str, Any]]:

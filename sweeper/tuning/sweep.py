@@ -3,8 +3,9 @@
 In ``per_category`` mode each trial trains one category, and each category keeps its own Optuna study and its own
 ASHA (``sweeper.tuning.categories``), while all categories' trials share the cluster's ``max_concurrent_trials``
 slots: no slot waits for a category's last trials. In ``shared`` mode each trial trains every category with one
-configuration. The paper default, where compared, is a second experiment (one trial per category, side by side),
-and so are the label-free twins of the chosen runs (``sweeper.tuning.selection``).
+configuration. After the search one follow-up experiment trains, side by side, the paper default (a run per
+category, where compared) and the label-free twin of each chosen run that read labels (``sweeper.tuning.selection``):
+one boundary between experiments, where two experiments would leave slots idle twice.
 Each experiment is restorable: an interrupted sweep resumes the experiment it was in, and a finished one is never
 run again.
 """
@@ -48,8 +49,8 @@ from sweeper.tuning.experiment_state import StateBackup, restore_cut_off_state
 from sweeper.job.interrupt import STOP
 from sweeper.tuning.progress import SweepProgress
 from sweeper.tuning.categories import CategoryScheduler, CategorySearch
-from sweeper.tuning.selection import (MODE, best_selectable, label_free_choice, label_free_twins, ranked,
-                                      reseed_applies, reseeded_choice)
+from sweeper.tuning.selection import (MODE, best_selectable, label_free_choice, ranked, repeat_space, reseed_applies,
+                                      reseeded_choice, trained_on_labels, without_labels)
 from sweeper.tuning.trainable import (CATEGORY_KEY, DATA_KEYS, FAILED_KEY, FAILURE_TAG, PLATEAU_KEY, SELECTION_KEY,
                                       UNSELECTABLE, TrialContext, ran_its_course, saved_model, train_detector)
 
@@ -59,8 +60,8 @@ PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
                  "image_score": "max", "nearest_normal_weight": 0.0, "num_anomalies": 10, "racp_depth": 3}
 SEARCH_EXPERIMENT = "search"  # the experiment of a per_category sweep's search (``shared`` mode: "shared")
-PAPER_DEFAULT_EXPERIMENT = "paper-default"
-LABEL_FREE_EXPERIMENT = "label-free-twins"  # every group's label-free twin (``tune.selection.label_free_twin``)
+FOLLOW_UP_EXPERIMENT = "follow-up"  # after the search: the paper default's runs and the label-free twins
+FOLLOW_UP_KEY = "follow_up"  # a follow-up run's param: ``<arm>/<group>``
 FITS_FOLDER = "fits"  # under an experiment's storage: single-pass fits that trials reuse (``sweeper.tuning.fit_store``)
 
 
@@ -649,9 +650,9 @@ def _search_groups(
     groups: list[tuple[str, tuple[str, ...]]], summary: dict[str, Any],
 ) -> None:
     """Search every group in one experiment (``per_category``: a group per category, each trial training one;
-    ``shared``: one group whose trials train every category), run the paper default likewise, choose each group's
-    run (``tune.selection``), train the label-free twins of the chosen runs that read labels in one more experiment
-    and deploy each twin that validation scores higher, and evaluate each group's deployed run into ``summary``."""
+    ``shared``: one group whose trials train every category), choose each group's run (``tune.selection``), train
+    the follow-up runs (``follow_up_runs``) in one more experiment, deploy each label-free twin that validation
+    scores higher than its labelled run, and evaluate each group's deployed run and the other arms into ``summary``."""
     fixed = fixed_params(config)
     max_t = int(fixed["meta_epochs"])
     device = "cuda" if config.tune.gpus_per_trial > 0 else "cpu"
@@ -662,14 +663,6 @@ def _search_groups(
                            config.mlflow.log_plots, threads, device, config.tune.plateau.rule())
     results = run_search(config, sid, "shared" if shared else SEARCH_EXPERIMENT, context, metric,
                          None if shared else names)
-    references: dict[str, tune.Result] = {}
-    if config.search.compare_paper_default and PAPER_DEFAULT[FAMILY_KEY] in config.families():
-        space = paper_default_params(config) if shared else {**paper_default_params(config),
-                                                             CATEGORY_KEY: tune.grid_search(names)}
-        reference = run_experiment(config, sid, PAPER_DEFAULT_EXPERIMENT, context, metric, space, None, 1,
-                                   FIFOScheduler())
-        close_child_runs(reference, info, sid, max_t)
-        references = {name: _of_group(reference, name, shared)[0] for name in names}
     chosen: dict[str, tuple[tune.Result, dict[str, Any], dict[str, int], dict[str, Any]]] = {}
     for name, members in groups:
         own = _of_group(results, name, shared)
@@ -684,35 +677,48 @@ def _search_groups(
                 return rerun
             best, selection = reseeded_choice(own, config.tune.selection, manifest, members[0], metric, train_again)
         chosen[name] = (best, selection, counts, family_bests(own, context.fixed))
-    twins: dict[str, tune.Result] = {}
-    if config.tune.selection.label_free_twin:
-        def train_twins(param_space: dict[str, Any]) -> tune.ResultGrid:
-            trained = run_experiment(config, sid, LABEL_FREE_EXPERIMENT, context, metric, param_space, None, 1,
-                                     FIFOScheduler())
-            close_child_runs(trained, info, sid, max_t)
-            return trained
-        twins = label_free_twins({name: best for name, (best, *_) in chosen.items()}, context.fixed, train_twins)
+    planned = follow_up_runs(config, {name: best for name, (best, *_) in chosen.items()}, shared)
+    follow_ups: dict[str, tune.Result] = {}
+    if planned:
+        done = run_experiment(config, sid, FOLLOW_UP_EXPERIMENT, context, metric, repeat_space(planned, FOLLOW_UP_KEY),
+                              None, 1, FIFOScheduler())
+        close_child_runs(done, info, sid, max_t)
+        follow_ups = {str(result.config[FOLLOW_UP_KEY]): result for result in done}
     for name, members in groups:
         best, selection, counts, per_family = chosen[name]
-        counterpart: tuple[str, tune.Result] | None = None
-        if name in twins:  # the labelled run or its label-free twin is deployed; the other is a tested arm
-            deployed, selection["label_free_twin"] = label_free_choice(best, twins[name])
-            counterpart = ("labelled", best) if deployed is not best else ("label_free_twin", twins[name])
+        tested = {}
+        if f"paper_default/{name}" in follow_ups:
+            tested["paper_default"] = follow_ups[f"paper_default/{name}"]
+        if (twin := follow_ups.get(f"label_free_twin/{name}")) is not None:
+            # the labelled run or its label-free twin is deployed; the other is a tested arm
+            deployed, selection["label_free_twin"] = label_free_choice(best, twin)
+            tested.update({"labelled": best} if deployed is twin else {"label_free_twin": twin})
             best = deployed
         for category in members:
             winner = test_evaluation(best, manifest, category)
-            others = {}
-            if name in references:
-                others["paper_default"] = test_evaluation(references[name], manifest, category)
+            others = {arm: test_evaluation(result, manifest, category) for arm, result in tested.items()}
             if config.baseline.enabled:
                 others["baseline"] = baseline_evaluation(config, manifest, category)
-            if counterpart is not None:
-                others[counterpart[0]] = test_evaluation(counterpart[1], manifest, category)
             summary["categories"][category] = {
                 "trials": counts, "families": per_family, "selection": selection, "best": winner.entry,
                 **{arm: evaluated.entry for arm, evaluated in others.items()},
                 "verdicts": verdicts(winner, others, metric.removeprefix("val_")),
             }
+
+
+def follow_up_runs(config: SweepConfig, chosen: Mapping[str, tune.Result], shared: bool) -> dict[str, dict[str, Any]]:
+    """The params of every run of the follow-up experiment, by ``<arm>/<group>``: the paper default of each group
+    (``search.compare_paper_default``, where the paper's family is searched) and the label-free twin of each group's
+    chosen run that read labels (``tune.selection.label_free_twin``)."""
+    runs: dict[str, dict[str, Any]] = {}
+    if config.search.compare_paper_default and PAPER_DEFAULT[FAMILY_KEY] in config.families():
+        for name in chosen:
+            runs[f"paper_default/{name}"] = {**paper_default_params(config), **({} if shared else {CATEGORY_KEY: name})}
+    if config.tune.selection.label_free_twin:
+        fixed = fixed_params(config)
+        runs.update({f"label_free_twin/{name}": without_labels(best.config) for name, best in chosen.items()
+                     if trained_on_labels(best, fixed)})
+    return runs
 
 
 def _of_group(results: tune.ResultGrid, name: str, shared: bool) -> list[tune.Result]:
