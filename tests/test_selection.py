@@ -122,6 +122,10 @@ def test_the_follow_up_runs_are_each_groups_paper_default_and_the_label_free_twi
         family, paper, data = split_params(merged_params(fixed, resolved[f"paper_default/{group}"]))
         assert family.name == "bgad" and paper.beta == PAPER_DEFAULT["beta"] and paper.image_score == "max"
         assert resolved[f"paper_default/{group}"]["category"] == group and data["num_anomalies"] > 0
+    shared = follow_up_runs(config, {"shared": Finished({"family": "bgad", "bgad": {"num_anomalies": 2}}, [0.7])},
+                            shared=True)  # one group whose runs train every category: no category param
+    assert set(shared) == {"paper_default/shared", "label_free_twin/shared"}
+    assert all("category" not in run for run in shared.values())
     config.tune.selection.label_free_twin = False
     config.search.compare_paper_default = False
     assert follow_up_runs(config, chosen, shared=False) == {}
