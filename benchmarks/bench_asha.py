@@ -55,6 +55,7 @@ def arm_config(base: dict[str, Any], arm: str, trials: int, schedule: dict[str, 
     tune_spec = raw.setdefault("tune", {})
     tune_spec["scheduler"] = {**tune_spec.get("scheduler", {}), "type": scheduler}
     tune_spec["plateau"] = {**tune_spec.get("plateau", {}), "enabled": plateau}
+    tune_spec["selection"] = {**tune_spec.get("selection", {}), "label_free_twin": False}  # the search alone
     tune_spec["storage_path"] = str(workdir / "tune")
     tune_spec["optuna_storage"] = f"sqlite:///{workdir / f'optuna-{name}.db'}"
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_location": str(workdir / "mlartifacts"),

@@ -68,7 +68,8 @@ def sweep_config(dataset: str, trials: int, meta_epochs: int, sub_epochs: int, i
     raw["train"] = {"meta_epochs": meta_epochs, "sub_epochs": sub_epochs, "warmup_epochs": 1}
     raw["search"] = {**raw["search"], "num_samples": trials, "compare_paper_default": False}
     raw["tune"] = {**raw["tune"], "max_concurrent_trials": 2, "gpus_per_trial": 0, "cpus_per_trial": 1,
-                   "storage_path": str(folder / "tune"), "optuna_storage": f"sqlite:///{folder / 'optuna.db'}"}
+                   "storage_path": str(folder / "tune"), "optuna_storage": f"sqlite:///{folder / 'optuna.db'}",
+                   "selection": {"label_free_twin": False}}  # which family validation picks, not the guard
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
                      "artifact_location": str(folder / "mlartifacts"), "experiment": "bench-cross-family",
                      "log_plots": False}

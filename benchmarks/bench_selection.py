@@ -99,7 +99,7 @@ def main() -> None:
                                   args.workdir, args.data_root, SPACE, name=f"selection-{dataset}-{seed}",
                                   search={"seed": seed},
                                   tune={"selection": {"rule": "reseed", "max_candidates": args.candidates,
-                                                      "seeds": args.reseeds}})
+                                                      "seeds": args.reseeds, "label_free_twin": False}})
             report = build_cache(config)
             manifest = open_cache(report.uri)
             summary = run_sweep(config, report.uri, manifest, config.mlflow.tracking_uri)

@@ -48,7 +48,7 @@ def multi_category_config(categories: int, slots: int, trials: int, meta_epochs:
     raw["train"]["meta_epochs"] = meta_epochs
     raw["search"].update(num_samples=trials, compare_paper_default=False)
     raw["tune"].update(max_concurrent_trials=slots, cpus_per_trial=1, storage_path=str(workdir / "tune"),
-                       optuna_storage=f"sqlite:///{workdir / 'optuna.db'}")
+                       optuna_storage=f"sqlite:///{workdir / 'optuna.db'}", selection={"label_free_twin": False})
     raw["cache"]["root"] = str(workdir / "cache")
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_location": str(workdir / "art"),
                      "log_plots": False}

@@ -83,7 +83,8 @@ def quickstart_on_device(tiny: bool, work: Path) -> SweepConfig:
     raw["backbone"]["weights"] = "offline"
     raw["search"].update(compare_paper_default=False, **({"num_samples": 2} if tiny else {}))
     raw["tune"].update(max_concurrent_trials=2 if tiny else 4, gpus_per_trial=0 if tiny else 0.25,
-                       storage_path=str(work / "tune"), optuna_storage=f"sqlite:///{work / 'optuna.db'}")
+                       storage_path=str(work / "tune"), optuna_storage=f"sqlite:///{work / 'optuna.db'}",
+                       selection={"label_free_twin": False})
     if tiny:
         raw["train"]["meta_epochs"] = 1
     raw["cache"]["root"] = str(work / "cache")
