@@ -686,7 +686,7 @@ def _search_groups(
         follow_ups = {str(result.config[FOLLOW_UP_KEY]): result for result in done}
     for name, members in groups:
         best, selection, counts, per_family = chosen[name]
-        tested = {}
+        tested: dict[str, tune.Result] = {}
         if f"paper_default/{name}" in follow_ups:
             tested["paper_default"] = follow_ups[f"paper_default/{name}"]
         if (twin := follow_ups.get(f"label_free_twin/{name}")) is not None:
