@@ -58,7 +58,7 @@ from benchmarks.machine import cpu_description
 from benchmarks.stress_data import image_level_copy, shifted_rotated_copy
 from bgad_core.backbone import DEFAULT_STRIDES, FeatureExtractor
 from bgad_core.data.datasets import read_category
-from bgad_core.data.features import FeatureSet
+from bgad_core.data.features import FeatureSet, extract_feature_set
 from bgad_core.data.splits import make_splits
 from bgad_core.engine.selection import seed_everything, train_and_select
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
@@ -72,7 +72,7 @@ from bgad_core.models.base import Detector, DetectorConfig, split_metrics
 from bgad_core.models.patchcore.config import PatchCoreConfig
 from bgad_core.models.registry import family
 from bgad_core.models.simplenet.config import SimpleNetConfig
-from bgad_core.train import DataConfig, build_feature_sets
+from bgad_core.train import DataConfig, build_feature_sets, load_training_images
 
 log = logging.getLogger(__name__)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -267,7 +267,8 @@ def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = N
     levels = [EXTRACTED_STRIDES.index(s) for s in strides]
     if image_level is not None:  # the same training images, read without masks
         with_masks = train_all
-        _, _, train_all, _, _ = build_feature_sets(replace(data, data=str(image_level)), extractor)
+        images = load_training_images(replace(data, data=str(image_level)))
+        train_all = extract_feature_set(extractor, images.images, images.masks, images.labels, images.ids)
         if train_all.ids != with_masks.ids:
             raise SystemExit(f"{image_level}: read without masks, the category drew other training images")
     train, val, test = (s.with_levels(levels) for s in (train_all, val_all, test_all))
