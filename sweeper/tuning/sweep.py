@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 PAPER_DEFAULT = {"family": "bgad", "beta": 0.01, "tau": 0.1, "normalizer": 10.0, "bgspp_lambda": 1.0, "focal_weighting": True,
                  "lr": 2e-4, "local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0,
-                 "image_score": "max", "nearest_normal_weight": 0.0, "num_anomalies": 10, "racp_depth": 3}
+                 "image_score": "max", "nearest_normal_weight": 0.0, "coarse_labels": "all", "num_anomalies": 10,
+                 "racp_depth": 3}
 SEARCH_EXPERIMENT = "search"  # the experiment of a per_category sweep's search (``shared`` mode: "shared")
 FOLLOW_UP_EXPERIMENT = "follow-up"  # after the search: the paper default's runs and the label-free twins
 FOLLOW_UP_KEY = "follow_up"  # a follow-up run's param: ``<arm>/<group>``

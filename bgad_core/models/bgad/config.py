@@ -17,6 +17,8 @@ from bgad_core.models.bgad.boundary import check_beta
 from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS
 from bgad_core.precision import PRECISION_CHOICES
 
+COARSE_LABELS = ("all", "distant")  # Optimisation.coarse_labels
+
 
 @dataclass
 class FlowArchitecture:
@@ -74,6 +76,12 @@ class Optimisation:
             the paper); for image-level labels, whose masks mark whole images, see ``least_likely_abnormal``.
         abnormal_fraction: share of defect pixels from which a feature cell counts as abnormal; cells with less
             (but some) defect are left out of the losses rather than trained as normal.
+        coarse_labels: which cells of a label over most of its image (an image-level label, its RACP samples, a
+            loose box) train as abnormal: "distant" (default): those farther from every training-normal patch than
+            90 % of normal cells, the rest of the label left out of the losses
+            (``bgad_core.models.bgad.coarse_labels``), or "all" (the paper's). With image-level labels it lifted
+            validation PRO on the DeepPCB boards from 0.590 / 0.707 to 0.617 / 0.773 (plain BGAD: 0.611 / 0.735) and
+            moved MTD-200, KolektorSDD and BrainMRI by at most 0.002 (BENCHMARKS.md, "Coarse labels").
         precision: training steps in "fp32", or "bf16": bfloat16 subnet matmuls with the feature path, log-det and
             loss in float32 (1.2-2x faster on 2-core CPUs with bf16 instructions, 3-10x slower on one without
             them, no faster on an H200; BENCHMARKS.md); "auto" (default) takes bf16 only on a CPU with bf16
@@ -94,6 +102,7 @@ class Optimisation:
     abnormal_ratio: float = 0.5
     abnormal_fraction: float = 0.25
     push_fraction: float = 1.0
+    coarse_labels: str = "distant"
     precision: str = "auto"
 
     def check_optimisation(self) -> None:
@@ -108,6 +117,8 @@ class Optimisation:
             raise ConfigError(f"push_fraction must lie in (0, 1], got {self.push_fraction}")
         if not 0.0 < self.abnormal_fraction <= 1.0:
             raise ConfigError(f"abnormal_fraction must lie in (0, 1], got {self.abnormal_fraction}")
+        if self.coarse_labels not in COARSE_LABELS:
+            raise ConfigError(f"coarse_labels must be one of {list(COARSE_LABELS)}, got {self.coarse_labels!r}")
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
 

@@ -9,6 +9,7 @@ likelihood on normals, no BG-SPP and no focal weights, whatever ``focal_weightin
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -19,6 +20,7 @@ from bgad_core.engine.stopping import first_watched_epoch
 from bgad_core.errors import TrainingDivergedError
 from bgad_core.models.base import Evaluation, OptimizerTraining, ScoreDistribution
 from bgad_core.models.bgad.boundary import find_boundary
+from bgad_core.models.bgad.coarse_labels import coarse_rows, distant_threshold, narrow_coarse_labels
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
@@ -26,8 +28,10 @@ from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
-from bgad_core.models.components.memory_bank import NearestNormal
+from bgad_core.models.components.memory_bank import NearestNormal, calibration_rows
 from bgad_core.precision import resolve_precision
+
+log = logging.getLogger(__name__)
 
 NEAREST_NORMAL_CORESET = 0.01  # the memory bank keeps 1 % of the training normals' patches (PatchCore's default)
 
@@ -53,13 +57,12 @@ class _LevelData:
     """One level's training vectors (the flow's inputs, ``BGADFlows.aggregate``d) flattened to ``(N*H*W, C)`` with
     their labels and position indices."""
 
-    def __init__(self, feature: torch.Tensor, mask: torch.Tensor, abnormal_fraction: float, model: BGADFlows,
-                 device: torch.device):
+    def __init__(self, feature: torch.Tensor, labels: torch.Tensor, model: BGADFlows, device: torch.device):
         n, c, h, w = feature.shape
         self.cells = h * w
         self.grid = (h, w)
         self.vectors = model.aggregate(feature.to(device)).permute(0, 2, 3, 1).reshape(-1, c)
-        self.labels = fiber_labels(mask, abnormal_fraction).reshape(-1).to(device)
+        self.labels = labels.reshape(-1).to(device)
 
     def fibers_of(self, images: torch.Tensor) -> torch.Tensor:
         """Indices of all usable cells of the given images (repeats allowed)."""
@@ -78,12 +81,14 @@ class BGADTraining(OptimizerTraining):
         self.config = config
         self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only on bf16 hardware
         self.train_set = train
-        self.levels = [_LevelData(f, m, config.abnormal_fraction, self.model, self.device)
-                       for f, m in zip(train.features, train.masks)]
         self.normal_rows = torch.nonzero(train.labels == 0).flatten()
         self.abnormal_rows = torch.nonzero(train.labels == 1).flatten()
         if len(self.normal_rows) == 0:
             raise ValueError("the training set has no normal image")
+        self._nearest: NearestNormal | None = None
+        self._distances: tuple[FeatureSet, torch.Tensor] | None = None
+        self.levels = [_LevelData(f, labels, self.model, self.device)
+                       for f, labels in zip(train.features, self._cell_labels())]
         # Focal weighting is BGAD-FAS's, meaningful only beside anomalies: without any, phase 2 is plain BGAD's
         # maximum-likelihood training (the loss does not jump at the phase switch).
         self.focal = config.focal_weighting and len(self.abnormal_rows) > 0
@@ -92,8 +97,23 @@ class BGADTraining(OptimizerTraining):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           fused=self.device.type in ("cpu", "cuda"))
         self.epoch = 0
-        self._nearest: NearestNormal | None = None
-        self._distances: tuple[FeatureSet, torch.Tensor] | None = None
+
+    def _cell_labels(self) -> list[torch.Tensor]:
+        """Every level's cell labels (``fiber_labels``), coarse labels narrowed where ``coarse_labels`` says
+        "distant" (``coarse_labels``; the memory bank is filled only where some row has a coarse label)."""
+        labels = [fiber_labels(mask, self.config.abnormal_fraction) for mask in self.train_set.masks]
+        rows = coarse_rows(labels[0])
+        if self.config.coarse_labels == "all" or not rows.any():
+            return labels
+        normals = self.train_set.select(self.normal_rows)
+        held_out = normals.select(torch.nonzero(calibration_rows(len(normals))).flatten())
+        threshold = distant_threshold(self.nearest_normal.predict(held_out, self.device))
+        distances = self.nearest_normal.predict(self.train_set.select(torch.nonzero(rows).flatten()), self.device)
+        narrowed = narrow_coarse_labels(labels, rows, distances, threshold, self.config.abnormal_fraction)
+        log.info("coarse labels of %d training rows narrowed to their distant cells: %d of %d labelled cells kept "
+                 "(nearest-normal distance above %.2f)", int(rows.sum()), int((narrowed[0][rows] == 1).sum()),
+                 int((labels[0][rows] == 1).sum()), threshold)
+        return narrowed
 
     def learning_rate(self, sub_epoch: int) -> float:
         """Linear warm-up over ``warmup_epochs`` meta-epochs, then cosine decay to 1e-3 of ``lr``."""

@@ -91,6 +91,15 @@ def flat_patches(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
 
+def calibration_rows(images: int) -> torch.Tensor:
+    """``(images,)`` bool: which of a bank's training normals stay out of it to calibrate its distances, every
+    ``CALIBRATION_EVERY``-th one (the last one where there are fewer)."""
+    held_out = torch.arange(images) % CALIBRATION_EVERY == CALIBRATION_EVERY - 1
+    if not held_out.any():
+        held_out[-1] = True
+    return held_out
+
+
 class NearestNormal(nn.Module):
     """Each cell's distance to the nearest training-normal patch, standardised: ``(d - mean) / std``.
 
@@ -121,9 +130,7 @@ class NearestNormal(nn.Module):
         images = normals[0].shape[0]
         if images == 0:
             raise ConfigError("nearest-normal distances need at least one training normal")
-        held_out = torch.arange(images) % CALIBRATION_EVERY == CALIBRATION_EVERY - 1
-        if not held_out.any():  # fewer normals than CALIBRATION_EVERY: the last one calibrates
-            held_out[-1] = True
+        held_out = calibration_rows(images)
         in_bank = ~held_out if (~held_out).any() else held_out  # a single normal calibrates on itself
         patches = self._patches(normals, torch.nonzero(in_bank).flatten())
         count = max(1, round(patches.shape[0] * coreset_ratio))
