@@ -7,7 +7,7 @@ import torch
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
-from bgad_core.models.components.memory_bank import CALIBRATION_EVERY, NearestNormal
+from bgad_core.models.components.memory_bank import CALIBRATION_EVERY, NearestNormal, calibration_rows
 
 
 def normal_features(n: int, seed: int) -> list[torch.Tensor]:
@@ -26,6 +26,16 @@ def test_new_normals_read_about_zero_and_a_strange_patch_stands_out():
     assert abs(float(scores.mean())) < 0.5 and 0.5 < float(scores.std()) < 1.5
     new[0][3, :, 4, 4] += 6.0  # one cell of one image far from every normal
     assert float(nearest(new)[3, 4, 4]) > float(scores.max()) + 2
+
+
+def test_the_calibration_cells_distances_are_kept_as_they_score_standardised():
+    """Training sets thresholds on the held-out normals' distances: the kept ones are what scoring those images gives."""
+    features = normal_features(16, seed=0)
+    nearest = NearestNormal().fit(features, coreset_ratio=0.5)
+    held_out = torch.nonzero(calibration_rows(16)).flatten()
+    scored = nearest([level[held_out] for level in features])
+    torch.testing.assert_close(nearest.calibration_distances, scored.flatten())
+    assert abs(float(nearest.calibration_distances.mean())) < 1e-5  # standardised on themselves
 
 
 def test_a_bank_scores_a_split_in_batches_and_survives_its_checkpoint():

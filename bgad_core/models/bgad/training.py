@@ -28,7 +28,7 @@ from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
-from bgad_core.models.components.memory_bank import NearestNormal, calibration_rows
+from bgad_core.models.components.memory_bank import NearestNormal
 from bgad_core.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class BGADTraining(OptimizerTraining):
         rows = coarse_rows(labels[0])
         if self.config.coarse_labels == "all" or not rows.any():
             return labels
-        normals = self.train_set.select(self.normal_rows)
-        held_out = normals.select(torch.nonzero(calibration_rows(len(normals))).flatten())
-        threshold = distant_threshold(self.nearest_normal.predict(held_out, self.device))
+        threshold = distant_threshold(self.nearest_normal.calibration_distances)
         distances = self.nearest_normal.predict(self.train_set.select(torch.nonzero(rows).flatten()), self.device)
         narrowed = narrow_coarse_labels(labels, rows, distances, threshold, self.config.abnormal_fraction)
         log.info("coarse labels of %d training rows narrowed to their distant cells: %d of %d labelled cells kept "

@@ -108,7 +108,8 @@ class NearestNormal(nn.Module):
     are fewer). ``mean`` and ``std``: of the distances of the excepted images' cells, which the bank has not seen:
     a training normal's distance to a bank that holds it is zero and would say nothing about a new normal image.
     (A single training normal calibrates on itself.) The standardised distance reads like BGAD's standardised log-likelihoods, "how many
-    normal deviations above a normal cell", so the two can be averaged.
+    normal deviations above a normal cell", so the two can be averaged. ``calibration_distances``: after ``fit``,
+    those cells' standardised distances, flat (kept for training, which sets thresholds on them; not saved).
     """
 
     bank: torch.Tensor
@@ -120,6 +121,7 @@ class NearestNormal(nn.Module):
         self.register_buffer("bank", torch.empty(0))
         self.register_buffer("mean", torch.tensor(0.0))
         self.register_buffer("std", torch.tensor(1.0))
+        self.calibration_distances = torch.empty(0)
 
     @torch.no_grad()
     def fit(self, normals: Sequence[torch.Tensor], coreset_ratio: float = 0.01, seed: int = 0) -> NearestNormal:
@@ -138,6 +140,7 @@ class NearestNormal(nn.Module):
         distances = nearest_distances(self._patches(normals, torch.nonzero(held_out).flatten()), self.bank)[0]
         self.mean = distances.mean().reshape(())
         self.std = distances.std().clamp_min(1e-6).reshape(()) if distances.numel() > 1 else torch.ones_like(self.mean)
+        self.calibration_distances = ((distances - self.mean) / self.std).flatten().cpu()
         return self
 
     @staticmethod
