@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--sub-epochs", type=int, default=None, help="sub-epochs per meta-epoch (default: the config's)")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="which arms to run, in order")
     parser.add_argument("--within", type=float, default=0.01,
-                        help="'reached' = a validation score within this of the best over all arms")
+                        help="'reached' = a validation score within this of the best over all arms (of the same search seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="search seeds: every arm runs once per seed and the figures end with the time to reach "
                              "summed over the seeds (default: the config's seed, once)")
@@ -170,6 +170,7 @@ def main() -> None:
         for arm, row in table.iterrows():
             print(f"| {arm} | {row['runs']:.0f} | {row['never']:.0f} | {row['trial_s_to_reach']:.0f} | "
                   f"{row['to_reach_ratio']:.2f} | {row['trial_s_total']:.0f} | {row['total_ratio']:.2f} |")
+
 
 if __name__ == "__main__":
     main()
