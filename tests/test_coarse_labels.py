@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bgad_core.errors import ConfigError
 from bgad_core.data.features import FeatureSet
+from bgad_core.errors import ConfigError
 from bgad_core.models.bgad.coarse_labels import (DISTANT_QUANTILE, coarse_rows, distant_threshold,
                                                  narrow_coarse_labels)
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining
 from bgad_core.models.components.cells import IGNORED
+from sweeper.tuning.sweep import PAPER_DEFAULT
 
 NORMALS = 16
 
@@ -41,12 +42,13 @@ def training(coarse_labels: str, train: FeatureSet) -> BGADTraining:
 
 def test_an_image_level_label_trains_only_its_cells_far_from_every_normal_patch_and_leaves_out_the_rest():
     train = with_one_image_level_anomaly(defect_shift=8.0)
-    fine = training("distant", train).levels[0].labels.reshape(NORMALS + 1, 8, 8)
+    narrowed = training("distant", train)
+    fine = narrowed.levels[0].labels.reshape(NORMALS + 1, 8, 8)
     assert bool((fine[NORMALS, :2, :2] == 1).all())  # the defect
     assert bool((fine[NORMALS, 5:, 5:] == IGNORED).all())  # normal-looking cells of the labelled image
     assert set(fine[NORMALS].unique().tolist()) == {1, IGNORED}
     assert bool((fine[:NORMALS] == 0).all())
-    coarse = training("distant", train).levels[1].labels.reshape(NORMALS + 1, 4, 4)
+    coarse = narrowed.levels[1].labels.reshape(NORMALS + 1, 4, 4)
     assert coarse[NORMALS, 0, 0] == 1 and coarse[NORMALS, 3, 3] == IGNORED
     # "all", the paper's: every cell of the labelled image is abnormal
     assert bool((training("all", train).levels[0].labels.reshape(NORMALS + 1, 8, 8)[NORMALS] == 1).all())
@@ -83,7 +85,6 @@ def test_the_threshold_is_a_high_quantile_of_normal_distances():
 
 
 def test_image_level_labels_are_narrowed_by_default_and_the_paper_default_pushes_them_all():
-    from sweeper.tuning.sweep import PAPER_DEFAULT
     assert BGADConfig().coarse_labels == "distant" and PAPER_DEFAULT["coarse_labels"] == "all"
 
 
