@@ -65,7 +65,7 @@ from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring import NEAREST_NORMAL_WEIGHTS
-from bgad_core.models.bgad.scoring_choice import choose_scoring, score_split, scoring_candidates
+from bgad_core.models.bgad.scoring_choice import EpochScoring, choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
 from bgad_core.models.base import Detector, DetectorConfig, split_metrics
@@ -84,14 +84,15 @@ PROTOCOLS = {
     "deeppcb-b": dict(path="deeppcb/board_b", num_anomalies=1, per_defect_type=False, max_train_normals=None),
 }
 STRESS = ("shift-rotate",)
-# (calibration, coarse_level_weight, image_score, candidate nearest-normal weights) of each policy --compare-scoring
-# reports: each config value as scoring_candidates reads it, the nearest-normal weights as validation's candidates
+# (calibration, coarse_level_weight, image_score, candidate nearest-normal weights, whether distances alone must beat
+# the flows' best of earlier epochs too) of each policy --compare-scoring reports: each config value as
+# scoring_candidates reads it, the nearest-normal weights as validation's candidates
 SCORING_POLICIES = {
-    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS),
-    "auto, likelihoods alone (previous default)": ("auto", "auto", "auto", (0.0,)),
-    "auto, nearest-normal weight 0.5": ("auto", "auto", "auto", (0.5,)),
-    "auto, nearest-normal weight auto among 0, 0.5, 1": ("auto", "auto", "auto", (0.0, 0.5, 1.0)),
-    "distances alone, max": ("level", 1.0, "max", (1.0,)),
+    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True),
+    "auto, nearest-normal weight 0 or 0.5 (previous default)": ("auto", "auto", "auto", (0.0, 0.5), True),
+    "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True),
+    "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False),
+    "distances alone, max": ("level", 1.0, "max", (1.0,), True),
 }
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
@@ -189,15 +190,16 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
     val_distances, test_distances = (training.nearest_normal.predict(split) for split in (val, test))
     best: dict[str, dict] = {}
     first_epoch = training.first_selectable_epoch
+    choosers = {name: EpochScoring() for name in SCORING_POLICIES}
     for _ in range(config.meta_epochs):
         training.train_meta_epoch()
         fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
         val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
-        for name, policy in SCORING_POLICIES.items():
-            calibrations, weights, reductions, _ = scoring_candidates(*policy[:3])
-            nearest = policy[3]
+        for name, (*choices, nearest, across_epochs) in SCORING_POLICIES.items():
+            calibrations, weights, reductions, _ = scoring_candidates(*choices)
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
-                                    config.blur_sigma, objective, nearest, val_distances)
+                                    config.blur_sigma, objective, nearest, val_distances,
+                                    choosers[name] if across_epochs else None, training.epoch >= first_epoch)
             score = chosen.metrics.get(objective, float("nan"))
             log.info("meta-epoch %d, %s: val %s %.4f (%s)", training.epoch, name, objective, score,
                      chosen.normalization.describe())

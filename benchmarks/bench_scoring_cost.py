@@ -2,7 +2,7 @@
 
 A default BGAD-FAS trial validates after every meta-epoch, scoring every candidate of its "auto" choices
 (``bgad_core.models.bgad.scoring_choice``). ``nearest_normal_weight: auto`` doubles the candidate maps (0 or 0.5 of
-the distances) and fills a memory bank once per trial (``components.memory_bank``), whose distances to the
+the distances, plus one map of distances alone) and fills a memory bank once per trial (``components.memory_bank``), whose distances to the
 validation split are computed once too. This script measures both on a shared protocol's real features: it trains
 one meta-epoch at the given sub-epochs (the paper's 8 by default), then times ``BGADTraining.validate`` on the same
 flows with ``nearest_normal_weight`` "auto" and 0, alternating, and prints the trial-time ratio at the paper's 25

@@ -3,6 +3,8 @@ uses it keeps, serves and exports its memory bank."""
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import replace
 
 import pytest
@@ -11,9 +13,11 @@ import torch
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.checkpoint import detector_from_checkpoint, make_checkpoint
 from bgad_core.errors import ConfigError
+from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
-from bgad_core.models.bgad.scoring_choice import choose_scoring
+from bgad_core.models.bgad.scoring import Normalization
+from bgad_core.models.bgad.scoring_choice import SCORING_MARGIN, EpochScoring, ScoredSplit, choose_scoring
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
 
@@ -48,20 +52,96 @@ def test_validation_weighs_distances_in_where_the_likelihoods_see_nothing():
     assert training.nearest_distances(val) is training.nearest_distances(val)  # computed once per split
 
 
-@pytest.fixture(scope="module")
-def detector() -> BGADDetector:
-    config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, nearest_normal_weight=0.5)
+def test_distances_alone_must_beat_what_the_flows_reached_at_every_selectable_epoch():
+    """A map of distances alone scores the same at every epoch: it replaces the flows' choice only where it beats
+    this epoch's and every earlier selectable epoch's by more than the margin, never on one epoch's dip."""
+    config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, local_aggregation=1)
+    training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
+    val = split(8, 8, seed=1)
+    fits, distances = training.fit_normalizations(("level",)), training.nearest_distances(val)
+    noise = [torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(2)), torch.randn(16, 4, 4)]
+    sharp = [level.clone() for level in noise]  # flows that see the defect exactly where its mask is
+    sharp[0][8:, 2, 5] -= 50.0
+
+    def choose(chooser: EpochScoring, logps: list[torch.Tensor], selectable: bool = True):
+        return choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, "aupro", (0.0, 1.0), distances,
+                              chooser, selectable)
+
+    def flows_only(logps: list[torch.Tensor]) -> float:
+        return choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, "aupro").metrics["aupro"]
+
+    alone = choose_scoring(noise, val, fits[:1], (1.0,), ("max",), SIZE, 1.0, "aupro", (1.0,), distances)
+    assert alone.metrics["aupro"] > flows_only(noise) + 0.2  # the distances find what noise cannot
+    assert flows_only(sharp) >= alone.metrics["aupro"] - SCORING_MARGIN  # sharp flows are as good
+
+    assert choose(EpochScoring(), noise).normalization.nearest_normal_weight == 1.0  # nothing better so far
+    chooser = EpochScoring()
+    assert choose(chooser, sharp).normalization.nearest_normal_weight == 0.0
+    dipped = choose(chooser, noise)  # the flows dip at a later epoch: the earlier epoch stays the better one
+    assert dipped.normalization.nearest_normal_weight == 0.0 and dipped.metrics["aupro"] == flows_only(noise)
+    resumed = EpochScoring()  # a resumed training keeps the bar, though not the scoring that set it
+    resumed.load_state_dict(chooser.state_dict())
+    assert choose(resumed, noise).normalization.nearest_normal_weight == 0.0
+    unselectable = EpochScoring()  # an epoch selection cannot pick (phase 1) raises no bar
+    assert choose(unselectable, sharp, selectable=False).normalization.nearest_normal_weight == 0.0
+    assert choose(unselectable, noise).normalization.nearest_normal_weight == 1.0
+
+
+def test_a_resumed_training_keeps_the_flows_best_validation_figure():
+    config = BGADConfig(meta_epochs=2, sub_epochs=1, coupling_blocks=2, cond_dim=8)
+
+    def training() -> BGADTraining:
+        return BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
+
+    trained = training()
+    for _ in range(2):  # meta-epoch 2 is selectable
+        trained.train_meta_epoch()
+        trained.validate(split(8, 8, seed=1), SIZE, "aupro")
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = training()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert math.isfinite(resumed.state_dict()["scoring"]["flows_best_value"])
+    assert resumed.state_dict()["scoring"] == trained.state_dict()["scoring"] and resumed.epoch == 2
+
+
+def test_distances_alone_replace_the_flows_only_where_a_paired_bootstrap_tells_them_apart():
+    """Image objective, 20 validation images: distances that rank every image right against flows that swap one
+    normal with the two weakest anomalies (image AUROC 0.98, a lead of 0.02 over the margin that the resamples
+    without those images cannot see), then against flows near chance (a lead no resample hides)."""
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    val = FeatureSet([torch.zeros(20, 1, 2, 2)], [torch.zeros(20, 2, 2)], labels, [str(i) for i in range(20)])
+    ranks = torch.arange(20, dtype=torch.float32)
+
+    def scored(scores: torch.Tensor, share: float) -> ScoredSplit:
+        return ScoredSplit(compute_metrics(labels.numpy(), scores.numpy()), scores, torch.zeros(20, 4, 4),
+                           Normalization((0.0,), (1.0,), nearest_normal_weight=share))
+
+    alone = scored(ranks, 1.0)
+    close = ranks.clone()
+    close[9] = 11.5  # the last normal above the two weakest anomalies
+    near_chance = torch.tensor([float(i % 2) + 0.01 * i for i in range(20)])
+    assert alone.metrics["image_auroc"] - scored(close, 0).metrics["image_auroc"] > SCORING_MARGIN
+    assert EpochScoring().distances_alone_or_flows(scored(close, 0), alone, val, "image_auroc", True) is not alone
+    assert EpochScoring().distances_alone_or_flows(scored(near_chance, 0), alone, val, "image_auroc", True) is alone
+
+
+@pytest.fixture(scope="module", params=[0.5, 1.0], ids=["mixed", "distances-alone"])
+def detector(request: pytest.FixtureRequest) -> BGADDetector:
+    config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, nearest_normal_weight=request.param)
     training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
     training.train_meta_epoch()
     evaluation = training.validate(split(8, 8, seed=1), SIZE, "aupro")
-    assert evaluation.choices["nearest_normal_weight"] == 0.5 and evaluation.detector.nearest is not None
+    assert evaluation.choices["nearest_normal_weight"] == request.param and evaluation.detector.nearest is not None
     return evaluation.detector.eval()
 
 
 def test_a_detector_with_distances_keeps_its_bank_through_a_checkpoint(detector):
     test = split(4, 4, seed=3)
     restored = detector_from_checkpoint(make_checkpoint(detector, {}, 0.0, {}, 1))
-    assert isinstance(restored, BGADDetector) and restored.normalization.nearest_normal_weight == 0.5
+    assert isinstance(restored, BGADDetector)
+    assert restored.normalization.nearest_normal_weight == detector.normalization.nearest_normal_weight
     torch.testing.assert_close(evaluate(restored, test).maps, evaluate(detector, test).maps)
     without = replace(detector.normalization, nearest_normal_weight=0.0)
     plain = BGADDetector(detector.flows, without, detector.blur_sigma, SIZE, detector.config, detector.nearest)

@@ -142,8 +142,10 @@ class ScoringChoices:
         nearest_normal_weight: the share, in the anomaly map, of each cell's standardised distance to the nearest
             training-normal patch (PatchCore's evidence on the same features, ``components.memory_bank``) against
             the flows' standardised likelihoods: 0 (likelihoods alone, the paper's), up to 1 (distances alone), or
-            "auto" (default: 0 or 0.5, chosen on validation, ``scoring.NEAREST_NORMAL_WEIGHTS``; BENCHMARKS.md,
-            issue 21). The memory bank is filled once per training and stored with the model only where it is used.
+            "auto" (default: 0, 0.5 or 1, chosen on validation, ``scoring.NEAREST_NORMAL_WEIGHTS``; 1 only where a
+            paired bootstrap tells it apart as better than the flows' best so far, ``scoring_choice.EpochScoring``;
+            BENCHMARKS.md, issue 21). The memory bank is filled once per training and stored with the model only
+            where it is used.
 
     Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the
     choices are stored with the scoring constants (``Normalization``), used for test and serving, and logged per

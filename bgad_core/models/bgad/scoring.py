@@ -22,11 +22,10 @@ from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
 IMAGE_SCORE_REDUCTIONS = ("max", "top1pct_mean")  # the simpler (the paper's) first
 CALIBRATIONS = ("level", "position")  # the simpler (one constant per level, the paper's kind) first
-# "auto" weighs distances in by half at most: a map of distances alone would not depend on the flows' training, so
-# every trial of a sweep would score the same on it, and an epoch-independent candidate wins epoch selection on
-# validation noise (unaligned KolektorSDD: it beat the 0.5 mix by 0.004 of validation PRO and lost 0.047 of test
-# PRO to it; BENCHMARKS.md, issue 21). Distances alone are PatchCore's, a family of its own in a cross-family sweep.
-NEAREST_NORMAL_WEIGHTS = (0.0, 0.5)  # likelihoods alone (the paper's, the simpler) first
+# likelihoods alone (the paper's, the simpler) first; distances alone (1) last, chosen only where validation tells
+# them apart as better than the best the flows reached at any selectable epoch (``scoring_choice.EpochScoring``: an
+# epoch-independent figure would win epoch selection on validation noise otherwise)
+NEAREST_NORMAL_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.models.bgad.scoring import Normalization
-from bgad_core.models.bgad.scoring_choice import ScoredSplit, choose_scoring, scoring_candidates
+from bgad_core.models.bgad.scoring_choice import EpochScoring, ScoredSplit, choose_scoring, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
 from bgad_core.models.components.memory_bank import NearestNormal
@@ -87,6 +88,7 @@ class BGADTraining(OptimizerTraining):
             raise ValueError("the training set has no normal image")
         self._nearest: NearestNormal | None = None
         self._distances: tuple[FeatureSet, torch.Tensor] | None = None
+        self._scoring = EpochScoring()  # remembers the flows' best validation figure, which distances alone must beat
         self.levels = [_LevelData(f, labels, self.model, self.device)
                        for f, labels in zip(train.features, self._cell_labels())]
         # Focal weighting is BGAD-FAS's, meaningful only beside anomalies: without any, phase 2 is plain BGAD's
@@ -239,6 +241,16 @@ class BGADTraining(OptimizerTraining):
         maps = logp_maps(self.model, self.train_set.select(rows), self.device)
         return [Normalization.fit(maps, calibration) for calibration in calibrations]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's resumable state and the flows' best validation figure so far (``EpochScoring``)."""
+        return {**super().state_dict(), "scoring": self._scoring.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()`` (one saved before the scoring's state was kept resumes without it)."""
+        super().load_state_dict(state)
+        if "scoring" in state:
+            self._scoring.load_state_dict(state["scoring"])
+
     @property
     def first_selectable_epoch(self) -> int:
         """After phase 1: the phase-1 model is plain normal-only BGAD, and a short schedule must not hand back the
@@ -277,7 +289,8 @@ class BGADTraining(OptimizerTraining):
         logps = logp_maps(self.model, val, self.device)
         distances = self.nearest_distances(val) if max(nearest) > 0 else None
         return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
-                                              objective, nearest, distances), image_size)
+                                              objective, nearest, distances, self._scoring,
+                                              self.epoch >= self.first_selectable_epoch), image_size)
 
     def evaluation(self, scored: ScoredSplit, image_size: tuple[int, int]) -> Evaluation:
         """The contract's ``Evaluation`` of a scoring of the current flows."""
