@@ -106,25 +106,60 @@ def test_a_resumed_training_keeps_the_flows_best_validation_figure():
     assert resumed.state_dict()["scoring"] == trained.state_dict()["scoring"] and resumed.epoch == 2
 
 
+LABELS = torch.tensor([0] * 10 + [1] * 10)  # 20 validation images, image objective
+IMAGE_VAL = FeatureSet([torch.zeros(20, 1, 2, 2)], [torch.zeros(20, 2, 2)], LABELS, [str(i) for i in range(20)])
+RANKS = torch.arange(20, dtype=torch.float32)  # every anomaly above every normal
+NEAR_CHANCE = torch.tensor([float(i % 2) + 0.01 * i for i in range(20)])
+
+
+def scored(scores: torch.Tensor, share: float) -> ScoredSplit:
+    """A scoring of ``IMAGE_VAL`` with these image scores, from a map with this nearest-normal weight."""
+    return ScoredSplit(compute_metrics(LABELS.numpy(), scores.numpy()), scores, torch.zeros(20, 4, 4),
+                       Normalization((0.0,), (1.0,), nearest_normal_weight=share))
+
+
+def moved(normal: int, score: float) -> torch.Tensor:
+    """``RANKS`` with one normal image's score moved (above k anomalies: image AUROC 1 - k / 100)."""
+    scores = RANKS.clone()
+    scores[normal] = score
+    return scores
+
+
 def test_distances_alone_replace_the_flows_only_where_a_paired_bootstrap_tells_them_apart():
     """Image objective, 20 validation images: distances that rank every image right against flows that swap one
     normal with the two weakest anomalies (image AUROC 0.98, a lead of 0.02 over the margin that the resamples
     without those images cannot see), then against flows near chance (a lead no resample hides)."""
-    labels = torch.tensor([0] * 10 + [1] * 10)
-    val = FeatureSet([torch.zeros(20, 1, 2, 2)], [torch.zeros(20, 2, 2)], labels, [str(i) for i in range(20)])
-    ranks = torch.arange(20, dtype=torch.float32)
+    alone = scored(RANKS, 1.0)
+    close = scored(moved(9, 11.5), 0)  # the last normal above the two weakest anomalies
+    assert alone.metrics["image_auroc"] - close.metrics["image_auroc"] > SCORING_MARGIN
+    assert EpochScoring().distances_alone_or_flows(close, alone, IMAGE_VAL, "image_auroc", True) is not alone
+    assert EpochScoring().distances_alone_or_flows(scored(NEAR_CHANCE, 0), alone, IMAGE_VAL, "image_auroc",
+                                                   True) is alone
 
-    def scored(scores: torch.Tensor, share: float) -> ScoredSplit:
-        return ScoredSplit(compute_metrics(labels.numpy(), scores.numpy()), scores, torch.zeros(20, 4, 4),
-                           Normalization((0.0,), (1.0,), nearest_normal_weight=share))
 
-    alone = scored(ranks, 1.0)
-    close = ranks.clone()
-    close[9] = 11.5  # the last normal above the two weakest anomalies
-    near_chance = torch.tensor([float(i % 2) + 0.01 * i for i in range(20)])
-    assert alone.metrics["image_auroc"] - scored(close, 0).metrics["image_auroc"] > SCORING_MARGIN
-    assert EpochScoring().distances_alone_or_flows(scored(close, 0), alone, val, "image_auroc", True) is not alone
-    assert EpochScoring().distances_alone_or_flows(scored(near_chance, 0), alone, val, "image_auroc", True) is alone
+def test_once_chosen_the_distances_alone_give_way_only_to_flows_better_by_the_margin():
+    """Distances chosen at a selectable epoch (image AUROC 0.90 against flows that rank backwards) stay chosen at later
+    epochs whose flows only tie them, also after a resume; flows better by more than the margin replace them for
+    good. Chosen at an epoch selection cannot pick, they hold nothing."""
+    alone = scored(moved(9, 19.5), 1.0)  # the last normal above all ten anomalies: 0.90
+    tie, better = scored(moved(0, 19.5), 0), scored(moved(9, 18.5), 0)  # 0.90 on other images, 0.91
+    assert tie.metrics["image_auroc"] == alone.metrics["image_auroc"] == 0.9
+    assert better.metrics["image_auroc"] > alone.metrics["image_auroc"] + SCORING_MARGIN
+
+    def choose(chooser: EpochScoring, flows: ScoredSplit, selectable: bool = True) -> ScoredSplit:
+        return chooser.distances_alone_or_flows(flows, alone, IMAGE_VAL, "image_auroc", selectable)
+
+    backwards = scored(-RANKS, 0)
+    chooser = EpochScoring()
+    assert choose(chooser, backwards) is alone
+    assert choose(chooser, tie) is alone
+    resumed = EpochScoring()
+    resumed.load_state_dict(chooser.state_dict())
+    assert choose(resumed, tie) is alone
+    assert choose(chooser, better) is better and choose(chooser, tie) is tie
+    unselectable = EpochScoring()
+    assert choose(unselectable, backwards, selectable=False) is alone
+    assert choose(unselectable, tie) is tie
 
 
 @pytest.fixture(scope="module", params=[0.5, 1.0], ids=["mixed", "distances-alone"])

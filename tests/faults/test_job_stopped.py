@@ -67,7 +67,7 @@ def wait_until(condition, head: RayHead, job_id: str, what: str, timeout_s: floa
 
 def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, tiny_cache):
     with_cache(tmp_path, tiny_cache)
-    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 6})  # outlasts the twin's submission
+    config_path = tiny_sweep(tmp_path, train={"meta_epochs": 24})  # outlasts the twin's submission, also on a loaded machine
     config = load_config(config_path)
     with head_node(tmp_path) as head:
         job_id = f"stop-{int(time.time())}"
