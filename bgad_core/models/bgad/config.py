@@ -143,8 +143,8 @@ class ScoringChoices:
             training-normal patch (PatchCore's evidence on the same features, ``components.memory_bank``) against
             the flows' standardised likelihoods: 0 (likelihoods alone, the paper's), up to 1 (distances alone), or
             "auto" (default: 0, 0.5 or 1, chosen on validation, ``scoring.NEAREST_NORMAL_WEIGHTS``; 1 only where a
-            paired bootstrap tells it apart as better than the flows' best so far, ``scoring_choice.EpochScoring``;
-            BENCHMARKS.md, issue 21). The memory bank is filled once per training and stored with the model only
+            paired bootstrap tells it apart as better than the flows' best so far, and then until flows score more
+            than the margin higher, ``scoring_choice.EpochScoring``; BENCHMARKS.md, issue 21). The memory bank is filled once per training and stored with the model only
             where it is used.
 
     Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the

@@ -17,7 +17,8 @@ which does not depend on the likelihoods' calibration or weight, is one map), or
 paper's choices: per level, equal weights, likelihoods alone, the map's maximum) on, and a more elaborate candidate
 replaces a simpler one only when it scores more than ``SCORING_MARGIN`` higher on validation. A map of distances
 alone scores the same at every epoch, so it must be told apart, by a paired bootstrap, as better than the best the
-flows reached at any epoch so far (``EpochScoring``).
+flows reached at any epoch so far, and once chosen it gives way only to flows better by the margin
+(``EpochScoring``).
 """
 
 from __future__ import annotations
