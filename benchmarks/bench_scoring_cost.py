@@ -68,7 +68,7 @@ def main() -> None:
     print("|---|---|")
     print(f"| training, one meta-epoch | {train_seconds:.1f} |")
     print(f"| validation, nearest_normal_weight 0 (8 candidates; min of {args.repeats}) | {old:.1f} |")
-    print(f"| validation, nearest_normal_weight auto (16 candidates; min of {args.repeats}) | {new:.1f} |")
+    print(f"| validation, nearest_normal_weight auto (18 candidates; min of {args.repeats}) | {new:.1f} |")
     print(f"| once per trial: memory bank and the validation split's distances | {one_off:.1f} |")
     print(f"trial time at {PAPER_META_EPOCHS} meta-epochs, auto against 0: {ratio:.3f}x")
 
