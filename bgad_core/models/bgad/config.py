@@ -144,8 +144,8 @@ class ScoringChoices:
             the flows' standardised likelihoods: 0 (likelihoods alone, the paper's), up to 1 (distances alone), or
             "auto" (default: 0, 0.5 or 1, chosen on validation, ``scoring.NEAREST_NORMAL_WEIGHTS``; 1 only where a
             paired bootstrap tells it apart as better than the flows' best so far, and then until flows score more
-            than the margin higher, ``scoring_choice.EpochScoring``; BENCHMARKS.md, issue 21). The memory bank is filled once per training and stored with the model only
-            where it is used.
+            than the margin higher, ``scoring_choice.EpochScoring``; BENCHMARKS.md, issue 21). The memory bank is
+            filled once per training and stored with the model only where it is used.
 
     Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the
     choices are stored with the scoring constants (``Normalization``), used for test and serving, and logged per
