@@ -13,7 +13,7 @@ exported graph run the same code.
     >>> normals = [torch.randn(16, 8, 8, 8), torch.randn(16, 16, 4, 4)]
     >>> nearest = NearestNormal().fit(normals, coreset_ratio=0.1)
     >>> nearest(normals).shape, nearest.bank.shape
-    (torch.Size([16, 8, 8]), torch.Size([90, 24]))
+    (torch.Size([16, 8, 8]), torch.Size([102, 24]))
 """
 
 from __future__ import annotations
