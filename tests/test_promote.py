@@ -140,9 +140,11 @@ def test_tiny_sweep_then_promote_best_serves_its_own_scores(tmp_path):
     """The whole path: quickstart sweep across families (Ray, cache, MLflow, Optuna), each family's trials recorded,
     the noise-aware choice (``tune.selection: reseed``: the two best trials are tied on this small validation
     split, each trains again with two more seeds, the better mean of the original and the first re-run wins and its
-    second re-run is deployed), promote that run, score its cached test rows."""
+    second re-run is deployed), promote that run, score its cached test rows. The objective is image AUROC, which
+    every trial reaches (1.0) on these synthetic tiles, so the tie is certain; on PRO it was a matter of luck."""
     config_path = quickstart_in(tmp_path, search={"num_samples": 4, "compare_paper_default": False},
-                                tune={"selection": {"rule": "reseed", "max_candidates": 2, "seeds": 2,
+                                tune={"metric": "image_auroc",
+                                      "selection": {"rule": "reseed", "max_candidates": 2, "seeds": 2,
                                                     "label_free_twin": False}})
     assert run_sweep(["--config", str(config_path), "--num-cpus", "2"]) == 0
     config = load_config(config_path)
