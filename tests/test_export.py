@@ -20,10 +20,10 @@ from torch import nn
 from bgad_core.backbone import FeatureExtractor
 from bgad_core.engine.checkpoint import load_checkpoint
 from bgad_core.data.datasets import load_image
-from bgad_core.engine.export import ExportableScorer, ExportError, export_onnx
+from bgad_core.engine.export import Agreement, ExportableScorer, ExportError, export_onnx
 from bgad_core.engine.inference import Scorer
 from registry_fixtures import CATEGORY, SWEEP_ID
-from sweeper.export import DIGEST_TAG, ONNX_TAG, load_source, main
+from sweeper.export import DIGEST_TAG, ONNX_TAG, check_agreement, load_source, main
 from sweeper.promote import promote
 
 NAME = "bgad-tiles"
@@ -129,6 +129,18 @@ def test_a_flow_the_export_cannot_reproduce_is_refused_naming_its_block(recorded
     scorer.detector.flows.flows[1].module_list[1].subnet[1] = nn.GELU()
     with pytest.raises(ExportError, match=r"flow of level 1 \(flows\.flows\.1\).*block 1.*'GELU'"):
         ExportableScorer(scorer)
+
+
+def test_agreement_is_judged_per_unit_of_score(tmp_path):
+    # a distances-alone model scores ~13 on the generated images; float32 paths then differ by ~1e-4 (test above)
+    close = Agreement(images=3, score_error=1.1e-4, map_error=5e-3, decisions_equal=True, batch_error=1e-6,
+                      score_scale=13.0)
+    check_agreement(close, tmp_path / "model.onnx")
+    refused = r"scores differ by up to 0\.002 \(tolerance 0\.0013: 0\.0001 x scores up to 13\)"
+    with pytest.raises(ExportError, match=refused):
+        check_agreement(close._replace(score_error=2e-3), tmp_path / "model.onnx")
+    with pytest.raises(ExportError, match=r"maps differ by up to 0\.005 \(tolerance 0\.001\)"):
+        check_agreement(close._replace(score_scale=1.0, score_error=0.0), tmp_path / "model.onnx")
 
 
 def test_a_run_id_and_a_checkpoint_file_give_the_same_model(recorded, tmp_path):

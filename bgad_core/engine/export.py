@@ -99,6 +99,7 @@ class Agreement(NamedTuple):
     map_error: float  # max |map_onnx - map_torch|
     decisions_equal: bool
     batch_error: float  # max |score in one batch of all - score alone|, onnxruntime
+    score_scale: float  # max |score_torch|, at least 1: the unit the errors are judged in
 
 
 def export_onnx(model: ExportableScorer, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
@@ -187,6 +188,7 @@ def onnx_agreement(path: str | Path, scorer: Scorer, images: np.ndarray) -> Agre
         map_error=float(np.abs(maps - np.stack(expected.maps)).max()),
         decisions_equal=bool(np.array_equal(decisions, expected.decisions)),
         batch_error=float(np.abs(scores - alone).max()),
+        score_scale=max(1.0, float(np.abs(expected.scores).max())),
     )
 
 
