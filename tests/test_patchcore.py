@@ -32,6 +32,14 @@ def test_greedy_coreset_covers_every_cluster():
     assert len(set(chosen.tolist())) == 5
 
 
+def test_each_greedy_pick_is_the_point_farthest_from_the_picks_before_it():
+    points = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))  # narrower than PROJECTION_DIM
+    chosen = greedy_coreset(points, 30).tolist()
+    for i in range(1, len(chosen)):
+        farthest = torch.cdist(points, points[chosen[:i]]).min(dim=1).values.argmax()
+        assert chosen[i] == int(farthest)
+
+
 def test_greedy_coreset_of_everything_is_everything():
     assert greedy_coreset(torch.randn(10, 3), 10).tolist() == list(range(10))
 
