@@ -197,3 +197,16 @@ def test_nearest_normal_weight_is_auto_or_a_share(bad):
     assert BGADConfig(nearest_normal_weight="0.5").nearest_normal_weight == 0.5  # as a command line gives it
     with pytest.raises(ConfigError, match=r"nearest_normal_weight must be 'auto' or a number in \[0, 1\], got"):
         BGADConfig(nearest_normal_weight=bad)
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1])
+def test_the_bank_keeps_the_configured_share_of_the_training_normals_patches(ratio):
+    config = BGADConfig(meta_epochs=1, coupling_blocks=2, cond_dim=8, nearest_normal_coreset_ratio=ratio)
+    training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
+    assert training.nearest_normal.bank.shape == (round(24 * 8 * 8 * ratio), 12)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_the_bank_share_lies_in_0_1(bad):
+    with pytest.raises(ConfigError, match=r"nearest_normal_coreset_ratio must lie in \(0, 1\], got"):
+        BGADConfig(nearest_normal_coreset_ratio=bad)

@@ -34,8 +34,6 @@ from bgad_core.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
-NEAREST_NORMAL_CORESET = 0.01  # the memory bank keeps 1 % of the training normals' patches (PatchCore's default)
-
 
 def least_likely_abnormal(logps: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keep-mask: every normal vector and the ``fraction`` of abnormal vectors with the lowest log-likelihood.
@@ -263,8 +261,8 @@ class BGADTraining(OptimizerTraining):
         training; about a PatchCore fit's time)."""
         if self._nearest is None:
             normals = self.train_set.select(self.normal_rows)
-            self._nearest = NearestNormal().fit([f.to(self.device) for f in normals.features], NEAREST_NORMAL_CORESET,
-                                                self.config.seed)
+            self._nearest = NearestNormal().fit([f.to(self.device) for f in normals.features],
+                                                self.config.nearest_normal_coreset_ratio, self.config.seed)
         return self._nearest
 
     def nearest_distances(self, split: FeatureSet) -> torch.Tensor:
