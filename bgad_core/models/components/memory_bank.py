@@ -38,7 +38,7 @@ def greedy_coreset(embeddings: torch.Tensor, count: int, seed: int = 0) -> torch
     Distances are measured on a Gaussian random projection to ``PROJECTION_DIM`` dims (Johnson-Lindenstrauss: the
     ranking of distances is kept), as in the PatchCore paper, which makes each pick one vector-matrix product. The
     points are held as columns, ``(dims, rows)``: a pick then streams them once, where a matrix of rows times the
-    pick took 3.5x as long on one CPU thread (144,384 DeepPCB patches: 3.0 against 10.4 ms a pick;
+    pick took 3.2x as long on one CPU thread (144,384 DeepPCB patches: 3.0 against 9.7 ms a pick;
     ``benchmarks/bench_memory_bank.py`` measures both). The random draws come from a CPU generator, so a seed
     picks the same first row on any device.
     """
