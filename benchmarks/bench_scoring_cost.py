@@ -3,10 +3,11 @@
 A default BGAD-FAS trial validates after every meta-epoch, scoring every candidate of its "auto" choices
 (``bgad_core.models.bgad.scoring_choice``). ``nearest_normal_weight: auto`` doubles the candidate maps (0 or 0.5 of
 the distances, plus one map of distances alone) and fills a memory bank once per trial (``components.memory_bank``;
-``--coreset-ratio`` sets its share of the patches), whose distances to the validation split are computed once too. This script measures both on a shared protocol's real features: it trains
-one meta-epoch at the given sub-epochs (the paper's 8 by default), then times ``BGADTraining.validate`` on the same
-flows with ``nearest_normal_weight`` "auto" and 0, alternating, and prints the trial-time ratio at the paper's 25
-meta-epochs (the one-off bank fill included).
+``--coreset-ratio`` sets its share of the patches), whose distances to the validation split are computed once too.
+This script measures both on a shared protocol's real features: it trains one meta-epoch at the given sub-epochs
+(the paper's 8 by default), then times ``BGADTraining.validate`` on the same flows with ``nearest_normal_weight``
+"auto" and 0, alternating, and prints the trial-time ratio at the paper's 25 meta-epochs (the one-off bank fill
+included).
 
     .venv/bin/python -m benchmarks.bench_scoring_cost --dataset kolektor [--sub-epochs 8] [--repeats 3] \
         [--coreset-ratio 0.1]
