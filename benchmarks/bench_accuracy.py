@@ -187,7 +187,8 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
     seed_everything(config.seed)
     started = time.perf_counter()
     training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
-    val_distances, test_distances = (training.nearest_normal.predict(split) for split in (val, test))
+    bank = training.choose_bank(val, size, objective)  # the configured share's, or validation's choice of shares
+    val_distances, test_distances = (bank.predict(split) for split in (val, test))
     best: dict[str, dict] = {}
     first_epoch = training.first_selectable_epoch
     choosers = {name: EpochScoring() for name in SCORING_POLICIES}

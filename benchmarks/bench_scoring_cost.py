@@ -44,8 +44,9 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=SHARED, help="the shared data folder")
     parser.add_argument("--sub-epochs", type=int, default=8, help="sub-epochs of the timed training meta-epoch")
     parser.add_argument("--repeats", type=int, default=3, help="validations timed per configuration (alternating)")
-    parser.add_argument("--coreset-ratio", type=float, default=BGADConfig.nearest_normal_coreset_ratio,
-                        help="the memory bank's share of the training normals' patches (nearest_normal_coreset_ratio)")
+    parser.add_argument("--coreset-ratio", default=BGADConfig.nearest_normal_coreset_ratio,
+                        help="the memory bank's share of the training normals' patches (nearest_normal_coreset_ratio: "
+                             "a number in (0, 1], or auto: 1 %% or 10 %%, chosen on validation)")
     args = parser.parse_args()
     data = protocol_data(args.dataset, args.data_root)
     extractor = FeatureExtractor("tf_efficientnet_lite0", weights="offline", strides=DEFAULT_STRIDES)
@@ -57,7 +58,7 @@ def main() -> None:
     training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
     train_seconds = timed(training.train_meta_epoch)
     without = replace(config, nearest_normal_weight=0.0)
-    one_off = timed(lambda: training.nearest_distances(val))  # the bank's fill and the split's distances, once
+    one_off = timed(lambda: training.choose_bank(val, size, objective))  # the banks' fill and choice, once
     seconds: dict[str, list[float]] = {"auto": [], "0": []}
     for _ in range(args.repeats):
         for name, chosen in (("auto", config), ("0", without)):

@@ -8,7 +8,7 @@ import torch
 from bgad_core.data.features import FeatureSet
 from bgad_core.errors import ConfigError
 from bgad_core.models.components import memory_bank
-from bgad_core.models.components.memory_bank import NearestNormal
+from bgad_core.models.components.memory_bank import NearestNormal, fit_banks
 
 
 def normal_features(n: int, seed: int) -> list[torch.Tensor]:
@@ -77,3 +77,15 @@ def test_few_normals_calibrate_on_each_other_a_single_one_on_itself_and_an_empty
         NearestNormal()(normal_features(1, seed=0))
     with pytest.raises(ConfigError, match="coreset_ratio must lie in"):
         NearestNormal().fit(normal_features(2, seed=0), coreset_ratio=0.0)
+
+
+def test_banks_of_several_shares_from_one_greedy_run_are_the_banks_each_share_fills_alone():
+    """A smaller share's bank is the first picks of the larger one's coreset, so one run fills both: the same rows
+    and calibration as a fill of its own; a share of every row takes every row."""
+    normals = normal_features(32, seed=0)
+    ratios = (0.05, 0.25, 1.0)
+    for bank, ratio in zip(fit_banks(normals, ratios, seed=3), ratios, strict=True):
+        alone = NearestNormal().fit(normals, coreset_ratio=ratio, seed=3)
+        assert torch.equal(bank.bank, alone.bank) and bank.mean == alone.mean and bank.std == alone.std
+    with pytest.raises(ConfigError, match=r"coreset_ratio must lie in \(0, 1\], got 0"):
+        fit_banks(normals, (0.01, 0.0))

@@ -17,7 +17,9 @@ from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
 from bgad_core.models.bgad.scoring import Normalization
-from bgad_core.models.bgad.scoring_choice import SCORING_MARGIN, EpochScoring, ScoredSplit, choose_scoring
+from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, EpochScoring, ScoredSplit,
+                                                  choose_bank, choose_scoring)
+from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
 
@@ -203,10 +205,49 @@ def test_nearest_normal_weight_is_auto_or_a_share(bad):
 def test_the_bank_keeps_the_configured_share_of_the_training_normals_patches(ratio):
     config = BGADConfig(meta_epochs=1, coupling_blocks=2, cond_dim=8, nearest_normal_coreset_ratio=ratio)
     training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
-    assert training.nearest_normal.bank.shape == (round(24 * 8 * 8 * ratio), 12)
+    assert [bank.bank.shape for bank in training.memory_banks] == [(round(24 * 8 * 8 * ratio), 12)]
+    assert training.choose_bank(split(8, 8, seed=1), SIZE, "aupro") is training.memory_banks[0]
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
-def test_the_bank_share_lies_in_0_1(bad):
-    with pytest.raises(ConfigError, match=r"nearest_normal_coreset_ratio must lie in \(0, 1\], got"):
+@pytest.mark.parametrize("bad", ["often", 0.0, -0.1, 1.5, True])
+def test_the_bank_share_is_auto_or_lies_in_0_1(bad):
+    assert BGADConfig(nearest_normal_coreset_ratio="0.1").nearest_normal_coreset_ratio == 0.1  # from a command line
+    with pytest.raises(ConfigError, match=r"nearest_normal_coreset_ratio must be 'auto' or a number in \(0, 1\], got"):
         BGADConfig(nearest_normal_coreset_ratio=bad)
+
+
+def defect_distances(val: FeatureSet, strength: float, seed: int) -> torch.Tensor:
+    """Standardised distances ``(N, 8, 8)`` of ``split``'s images: noise, plus ``strength`` at the defect's cell of
+    every anomaly."""
+    distances = torch.randn(len(val), 8, 8, generator=torch.Generator().manual_seed(seed))
+    distances[val.labels == 1, 2, 5] += strength
+    return distances
+
+
+def test_validation_takes_the_larger_bank_only_where_its_distances_alone_score_more_than_the_margin_higher():
+    val = split(8, 8, seed=1)
+    blind, sharp = defect_distances(val, 0.0, seed=2), defect_distances(val, 6.0, seed=2)
+    for objective in ("aupro", "image_auroc"):
+        assert choose_bank([blind, sharp], val, SIZE, 1.0, objective) == 1
+        assert choose_bank([sharp, blind], val, SIZE, 1.0, objective) == 0
+        assert choose_bank([sharp, sharp * 1.01], val, SIZE, 1.0, objective) == 0  # a tie keeps the smaller share
+
+
+def test_an_auto_share_fills_both_banks_once_and_validation_chooses_one_for_the_whole_training():
+    """Banks whose distances see the defect or cannot (one that holds the defect's own patch): validation takes the
+    seeing one, at 1 % or at 10 %, reports its share and deploys it; later validations keep it."""
+    config = BGADConfig(meta_epochs=2, sub_epochs=1, coupling_blocks=2, cond_dim=8, local_aggregation=1,
+                        nearest_normal_weight=1.0)
+    assert config.nearest_normal_coreset_ratio == "auto"
+    val = split(8, 8, seed=1)
+    for seeing in (0, 1):
+        training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
+        assert [len(bank.bank) for bank in training.memory_banks] == [round(24 * 64 * r) for r in CORESET_RATIOS]
+        blind = NearestNormal().fit(split(24, 8, seed=0).features, coreset_ratio=1.0)  # the defect is "normal"
+        training.memory_banks[1 - seeing] = blind
+        for _ in range(2):
+            training.train_meta_epoch()
+            evaluation = training.validate(val, SIZE, "aupro")
+            assert evaluation.choices["nearest_normal_coreset_ratio"] == CORESET_RATIOS[seeing]
+            assert evaluation.detector.nearest is training.memory_banks[seeing]
+            assert evaluation.metrics["aupro"] > 0.9

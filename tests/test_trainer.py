@@ -170,7 +170,9 @@ def test_validate_keeps_the_simplest_scoring_within_the_margin_of_the_best_or_th
     described = expected.detector.normalization.describe()
     assert chosen.detector.normalization.describe() == described
     assert chosen.metrics == expected.metrics
-    assert chosen.choices == chosen.detector.normalization.choice_metrics()  # what the meta-epoch log shows
+    bank = training.memory_banks.index(training.nearest_normal)  # validation's choice of bank, logged with the rest
+    assert chosen.choices == {**chosen.detector.normalization.choice_metrics(),  # what the meta-epoch log shows
+                              "nearest_normal_coreset_ratio": training.coreset_ratios[bank]}
     if fixed:
         assert described == ("calibration position, coarse level weight 2, image score top1pct_mean, "
                              "nearest-normal weight 0.5")

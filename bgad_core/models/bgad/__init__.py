@@ -10,9 +10,10 @@ what its defects look like without fitting a decision boundary to them. BGAD-FAS
 asymmetric focal weights. Without anomalies the same training is plain one-class BGAD.
 
 Here the flows train on cached backbone features (no backbone in the loop), their likelihoods are scored with
-constants fixed on training normals (a score does not depend on the batch), and four scoring choices
-(calibration, coarse-level weight, image-score reduction, and how much each cell's distance to the nearest normal
-patch counts beside the likelihoods) are made on validation at no training cost (``scoring_choice``). Parts:
+constants fixed on training normals (a score does not depend on the batch), and five scoring choices
+(calibration, coarse-level weight, image-score reduction, how much each cell's distance to the nearest normal
+patch counts beside the likelihoods, and how large the bank of normal patches is) are made on validation at no
+training cost (``scoring_choice``). Parts:
 ``config`` (what a sweep varies, by concern), ``torch_model`` (the flows, a plain ``nn.Module``), ``training`` (the
 two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
 
@@ -29,8 +30,9 @@ two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
     >>> evaluation = training.validate(rows(4, [0, 0, 1, 1]), (32, 32), "image_auroc")
     >>> evaluation.maps.shape
     torch.Size([4, 32, 32])
-    >>> sorted(evaluation.choices)
-    ['calibration_position', 'coarse_level_weight', 'image_score_top1pct_mean', 'nearest_normal_weight']
+    >>> sorted(evaluation.choices)  # doctest: +NORMALIZE_WHITESPACE
+    ['calibration_position', 'coarse_level_weight', 'image_score_top1pct_mean', 'nearest_normal_coreset_ratio',
+     'nearest_normal_weight']
 """
 
 from bgad_core.models.base import FEW_SHOT, Family

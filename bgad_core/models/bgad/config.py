@@ -147,11 +147,13 @@ class ScoringChoices:
             than the margin higher, ``scoring_choice.EpochScoring``; BENCHMARKS.md, issue 21). The memory bank is
             filled once per training and stored with the model only where it is used.
         nearest_normal_coreset_ratio: the share of the training normals' patches the memory bank keeps (greedy
-            k-center coreset; PatchCore's 1 % by default). 10 % raised the distances' validation PRO on both
-            DeepPCB boards (0.636 -> 0.728, 0.593 -> 0.738) and MTD-200 and lowered it on KolektorSDD (0.361 ->
-            0.341), at ten times the bank's fill and search time (``benchmarks/bench_memory_bank.py``,
-            BENCHMARKS.md): no share wins everywhere, so the search spaces search it.
-
+            k-center coreset), or "auto" (default): 1 % (PatchCore's) or 10 %, whichever bank's distances alone
+            score validation higher (10 % only by more than the margin; ``scoring_choice.choose_bank``), once per
+            training, both banks filled by one greedy run (``memory_bank.fit_banks``). No share wins everywhere:
+            10 % raised the distances' validation PRO on both DeepPCB boards (0.636 -> 0.728, 0.593 -> 0.738) and
+            MTD-200 and lowered it on KolektorSDD (0.361 -> 0.341), and test followed validation on all four
+            (BENCHMARKS.md, "The bank's share chosen on validation"). The 10 % bank costs ten times the 1 % bank's
+            fill (``benchmarks/bench_memory_bank.py``).
     Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the
     choices are stored with the scoring constants (``Normalization``), used for test and serving, and logged per
     meta-epoch.
@@ -162,7 +164,7 @@ class ScoringChoices:
     blur_sigma: float = 4.0
     image_score: str = "auto"
     nearest_normal_weight: float | str = "auto"
-    nearest_normal_coreset_ratio: float = 0.01
+    nearest_normal_coreset_ratio: float | str = "auto"
 
     def check_scoring(self) -> None:
         if self.blur_sigma < 0:
@@ -179,9 +181,12 @@ class ScoringChoices:
                 raise ConfigError(f"nearest_normal_weight must be 'auto' or a number in [0, 1], "
                                   f"got {self.nearest_normal_weight!r}")
             self.nearest_normal_weight = number
-        if not 0.0 < self.nearest_normal_coreset_ratio <= 1.0:
-            raise ConfigError(f"nearest_normal_coreset_ratio must lie in (0, 1], "
-                              f"got {self.nearest_normal_coreset_ratio}")
+        if self.nearest_normal_coreset_ratio != "auto":
+            number = _number(self.nearest_normal_coreset_ratio)
+            if not 0.0 < number <= 1.0:
+                raise ConfigError(f"nearest_normal_coreset_ratio must be 'auto' or a number in (0, 1], "
+                                  f"got {self.nearest_normal_coreset_ratio!r}")
+            self.nearest_normal_coreset_ratio = number
 
 
 @dataclass

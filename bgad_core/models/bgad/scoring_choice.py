@@ -38,6 +38,8 @@ from bgad_core.models.bgad.scoring import (CALIBRATIONS, IMAGE_SCORE_REDUCTIONS,
 
 DISTANCES_ALONE = 1.0  # the nearest-normal weight of a map of distances alone: the flows' training does not change it
 COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", equal weights (the simpler) first
+# the candidates of nearest_normal_coreset_ratio "auto": PatchCore's 1 % (a tenth of the fill) first
+CORESET_RATIOS = (0.01, 0.1)
 SCORING_MARGIN = 0.005  # how much better on validation a more elaborate scoring must be to replace a simpler one
 IMAGE_OBJECTIVE = "image_auroc"  # what chooses the image-score reduction when the objective is a pixel metric
 
@@ -242,10 +244,32 @@ def objective_value(metrics: dict[str, float], objective: str) -> float:
 def simplest_within_margin(candidates: Sequence[Candidate], objective: str) -> Candidate:
     """The least elaborate candidate (lowest rank; the first of equal rank) within ``SCORING_MARGIN`` of the best
     value of ``objective``; a NaN value counts as the worst."""
-    best = max(objective_value(candidate.evaluation.metrics, objective) for candidate in candidates)
     ordered = sorted(candidates, key=lambda candidate: candidate.rank)  # stable: the first of equal rank stays first
-    return next(candidate for candidate in ordered
-                if objective_value(candidate.evaluation.metrics, objective) >= best - SCORING_MARGIN)
+    return ordered[first_within_margin([objective_value(c.evaluation.metrics, objective) for c in ordered])]
+
+
+def first_within_margin(values: Sequence[float]) -> int:
+    """The index of the first of ``values`` (ordered from the simplest choice on) within ``SCORING_MARGIN`` of the
+    largest."""
+    best = max(values)
+    return next(index for index, value in enumerate(values) if value >= best - SCORING_MARGIN)
+
+
+def choose_bank(
+    distances: Sequence[torch.Tensor], split: FeatureSet, image_size: tuple[int, int], blur_sigma: float,
+    objective: str,
+) -> int:
+    """Which memory bank validation chooses: the index of the first of ``distances`` (each bank's standardised
+    nearest-normal distances over ``split``, the smallest share first) whose map of distances alone scores within
+    ``SCORING_MARGIN`` of the best on ``objective`` (image AUROC, with the maximum, where the split has no masks).
+
+    The distances do not depend on the flows, so this is one choice per training, made at its first validation: it
+    cannot follow epoch noise. The bank whose distances alone score best is the one a mix is built on too.
+    """
+    alone = Normalization((), (), nearest_normal_weight=DISTANCES_ALONE)
+    metrics = [score_split((), split, alone, image_size, blur_sigma, d).metrics for d in distances]
+    objective = objective if objective in metrics[0] else IMAGE_OBJECTIVE
+    return first_within_margin([objective_value(m, objective) for m in metrics])
 
 
 def scoring_candidates(

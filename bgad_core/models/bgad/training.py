@@ -26,10 +26,11 @@ from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.models.bgad.scoring import Normalization
-from bgad_core.models.bgad.scoring_choice import EpochScoring, ScoredSplit, choose_scoring, scoring_candidates
+from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, EpochScoring, ScoredSplit, choose_bank,
+                                                  choose_scoring, scoring_candidates)
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
-from bgad_core.models.components.memory_bank import NearestNormal
+from bgad_core.models.components.memory_bank import NearestNormal, fit_banks
 from bgad_core.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class BGADTraining(OptimizerTraining):
         self.abnormal_rows = torch.nonzero(train.labels == 1).flatten()
         if len(self.normal_rows) == 0:
             raise ValueError("the training set has no normal image")
-        self._nearest: NearestNormal | None = None
+        self._banks: list[NearestNormal] | None = None  # one per candidate share (``memory_banks``)
+        self._chosen_bank: int | None = None  # which of them validation chose (``choose_bank``)
         self._distances: tuple[FeatureSet, torch.Tensor] | None = None
         self._scoring = EpochScoring()  # remembers the flows' best validation figure, which distances alone must beat
         self.levels = [_LevelData(f, labels, self.model, self.device)
@@ -100,13 +102,15 @@ class BGADTraining(OptimizerTraining):
 
     def _cell_labels(self) -> list[torch.Tensor]:
         """Every level's cell labels (``fiber_labels``), coarse labels narrowed where ``coarse_labels`` says
-        "distant" (``coarse_labels``; the memory bank is filled only where some row has a coarse label)."""
+        "distant" (``coarse_labels``; the memory bank is filled only where some row has a coarse label). Labels are
+        set before any validation, so by the bank of the smallest candidate share."""
         labels = [fiber_labels(mask, self.config.abnormal_fraction) for mask in self.train_set.masks]
         rows = coarse_rows(labels[0])
         if self.config.coarse_labels == "all" or not rows.any():
             return labels
-        threshold = distant_threshold(self.nearest_normal.calibration_distances)
-        distances = self.nearest_normal.predict(self.train_set.select(torch.nonzero(rows).flatten()), self.device)
+        bank = self.memory_banks[0]
+        threshold = distant_threshold(bank.calibration_distances)
+        distances = bank.predict(self.train_set.select(torch.nonzero(rows).flatten()), self.device)
         narrowed = narrow_coarse_labels(labels, rows, distances, threshold, self.config.abnormal_fraction)
         log.info("coarse labels of %d training rows narrowed to their distant cells: %d of %d labelled cells kept "
                  "(nearest-normal distance above %.2f)", int(rows.sum()), int((narrowed[0][rows] == 1).sum()),
@@ -256,14 +260,43 @@ class BGADTraining(OptimizerTraining):
         return first_watched_epoch(self.config.normal_epochs, self.config.meta_epochs)
 
     @property
-    def nearest_normal(self) -> NearestNormal:
-        """The memory bank of training-normal patches, filled at first use (the features never change, so once per
-        training; about a PatchCore fit's time)."""
-        if self._nearest is None:
+    def coreset_ratios(self) -> tuple[float, ...]:
+        """The memory bank's candidate shares of the training normals' patches: ``CORESET_RATIOS`` where the config
+        says "auto", the configured share otherwise."""
+        ratio = self.config.nearest_normal_coreset_ratio
+        return CORESET_RATIOS if ratio == "auto" else (float(ratio),)
+
+    @property
+    def memory_banks(self) -> list[NearestNormal]:
+        """A memory bank of training-normal patches per candidate share, the smallest first, filled at first use
+        from one greedy run (``fit_banks``; the features never change, so once per training; about a PatchCore
+        fit's time at the largest share)."""
+        if self._banks is None:
             normals = self.train_set.select(self.normal_rows)
-            self._nearest = NearestNormal().fit([f.to(self.device) for f in normals.features],
-                                                self.config.nearest_normal_coreset_ratio, self.config.seed)
-        return self._nearest
+            self._banks = fit_banks([f.to(self.device) for f in normals.features], self.coreset_ratios,
+                                    self.config.seed)
+        return self._banks
+
+    @property
+    def nearest_normal(self) -> NearestNormal:
+        """The memory bank validation chose (``choose_bank``); before any validation, the smallest share's."""
+        return self.memory_banks[self._chosen_bank or 0]
+
+    def choose_bank(self, val: FeatureSet, image_size: tuple[int, int], objective: str) -> NearestNormal:
+        """The memory bank whose distances alone score ``val`` best on ``objective``
+        (``scoring_choice.choose_bank``: the larger share only where it scores more than the margin higher),
+        chosen at the first call, kept for the rest of the training; one candidate share is chosen as it is."""
+        if self._chosen_bank is None:
+            banks = self.memory_banks
+            distances = [bank.predict(val, self.device) for bank in banks]
+            self._chosen_bank = (choose_bank(distances, val, image_size, self.config.blur_sigma, objective)
+                                 if len(banks) > 1 else 0)
+            self._distances = (val, distances[self._chosen_bank])
+            if len(banks) > 1:
+                log.info("memory bank: %g %% of the training normals' patches, chosen on validation %s among %s",
+                         100 * self.coreset_ratios[self._chosen_bank], objective,
+                         ", ".join(f"{100 * r:g} %" for r in self.coreset_ratios))
+        return self.nearest_normal
 
     def nearest_distances(self, split: FeatureSet) -> torch.Tensor:
         """``split``'s standardised nearest-normal distances (``NearestNormal``), on the CPU. The last split's are
@@ -285,7 +318,10 @@ class BGADTraining(OptimizerTraining):
             cfg.calibration, cfg.coarse_level_weight, cfg.image_score, cfg.nearest_normal_weight)
         fits = self.fit_normalizations(calibrations)
         logps = logp_maps(self.model, val, self.device)
-        distances = self.nearest_distances(val) if max(nearest) > 0 else None
+        distances = None
+        if max(nearest) > 0:
+            self.choose_bank(val, image_size, objective)
+            distances = self.nearest_distances(val)
         return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
                                               objective, nearest, distances, self._scoring,
                                               self.epoch >= self.first_selectable_epoch), image_size)
@@ -295,7 +331,10 @@ class BGADTraining(OptimizerTraining):
         nearest = self.nearest_normal if scored.normalization.nearest_normal_weight > 0 else None
         detector = BGADDetector(self.model, scored.normalization, self.config.blur_sigma, image_size, self.config,
                                 nearest)
-        return Evaluation(scored.metrics, scored.scores, scored.maps, detector, scored.normalization.choice_metrics())
+        choices = scored.normalization.choice_metrics()
+        if self._chosen_bank is not None:  # validation chose a bank, whether or not this scoring uses it
+            choices["nearest_normal_coreset_ratio"] = self.coreset_ratios[self._chosen_bank]
+        return Evaluation(scored.metrics, scored.scores, scored.maps, detector, choices)
 
 
 def bgad_training(config: BGADConfig, train: FeatureSet, strides: Sequence[int], device: str = "cpu") -> BGADTraining:

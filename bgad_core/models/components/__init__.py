@@ -14,8 +14,8 @@ resolution.
 
 from bgad_core.models.components.cells import IGNORED, fiber_labels, patch_embeddings
 from bgad_core.models.components.levels import level_indices
-from bgad_core.models.components.memory_bank import NearestNormal, greedy_coreset, nearest_distances
+from bgad_core.models.components.memory_bank import NearestNormal, fit_banks, greedy_coreset, nearest_distances
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
-__all__ = ["IGNORED", "NearestNormal", "fiber_labels", "gaussian_blur", "greedy_coreset", "level_indices",
+__all__ = ["IGNORED", "NearestNormal", "fiber_labels", "fit_banks", "gaussian_blur", "greedy_coreset", "level_indices",
            "nearest_distances", "patch_embeddings", "upsample"]

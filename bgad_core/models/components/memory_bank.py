@@ -120,6 +120,22 @@ def flat_patches(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in embeddings])
 
 
+def bank_size(patches: torch.Tensor, coreset_ratio: float) -> int:
+    """How many of ``patches``' rows a bank keeping ``coreset_ratio`` of them holds (at least one)."""
+    return max(1, round(patches.shape[0] * coreset_ratio))
+
+
+def _normal_patches(normals: Sequence[torch.Tensor], coreset_ratios: Sequence[float]) -> tuple[torch.Tensor, int]:
+    """``flat_patches`` of the training normals and their number, once the shares are checked."""
+    for ratio in coreset_ratios:
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"nearest-normal coreset_ratio must lie in (0, 1], got {ratio}")
+    images = normals[0].shape[0]
+    if images == 0:
+        raise ConfigError("nearest-normal distances need at least one training normal")
+    return flat_patches(normals), images
+
+
 class NearestNormal(nn.Module):
     """Each cell's distance to the nearest training-normal patch, standardised: ``(d - mean) / std``.
 
@@ -156,13 +172,13 @@ class NearestNormal(nn.Module):
     def fit(self, normals: Sequence[torch.Tensor], coreset_ratio: float = 0.01, seed: int = 0) -> NearestNormal:
         """Fill the bank and measure the calibration from every level's ``(N, C_l, H_l, W_l)`` features of N
         training normals (on their device)."""
-        if not 0.0 < coreset_ratio <= 1.0:
-            raise ConfigError(f"nearest-normal coreset_ratio must lie in (0, 1], got {coreset_ratio}")
-        images = normals[0].shape[0]
-        if images == 0:
-            raise ConfigError("nearest-normal distances need at least one training normal")
-        patches = flat_patches(normals)
-        chosen = greedy_coreset(patches, max(1, round(patches.shape[0] * coreset_ratio)), seed).to(patches.device)
+        patches, images = _normal_patches(normals, (coreset_ratio,))
+        return self._fill(patches, images, greedy_coreset(patches, bank_size(patches, coreset_ratio), seed))
+
+    def _fill(self, patches: torch.Tensor, images: int, chosen: torch.Tensor) -> NearestNormal:
+        """The bank of the ``chosen`` rows of ``images`` normals' ``patches`` (``flat_patches``), and its
+        calibration."""
+        chosen = chosen.to(patches.device)
         self.bank = patches[chosen].contiguous()
         distances = left_out_distances(patches, images, self.bank, chosen // (patches.shape[0] // images))
         distances = distances[distances.isfinite()]
@@ -200,3 +216,19 @@ class NearestNormal(nn.Module):
         nearest.mean = torch.tensor(float(values["mean"]))
         nearest.std = torch.tensor(float(values["std"]))
         return nearest
+
+
+@torch.no_grad()
+def fit_banks(normals: Sequence[torch.Tensor], coreset_ratios: Sequence[float], seed: int = 0) -> list[NearestNormal]:
+    """One ``NearestNormal`` per share in ``coreset_ratios``, from one greedy run.
+
+    Greedy k-center's first k picks do not depend on how many follow, so a smaller bank is the first rows of the
+    larger one's coreset, the very rows its own run would pick: a 1 % and a 10 % bank cost the 10 % bank's fill and
+    two calibrations. (A share that keeps every row takes every row.)
+    """
+    patches, images = _normal_patches(normals, coreset_ratios)
+    sizes = [bank_size(patches, ratio) for ratio in coreset_ratios]
+    greedy = [size for size in sizes if size < patches.shape[0]]
+    picks = greedy_coreset(patches, max(greedy), seed) if greedy else torch.empty(0, dtype=torch.long)
+    return [NearestNormal()._fill(patches, images, picks[:size] if size < patches.shape[0]
+                                  else torch.arange(patches.shape[0])) for size in sizes]
