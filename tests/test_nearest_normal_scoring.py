@@ -251,3 +251,6 @@ def test_an_auto_share_fills_both_banks_once_and_validation_chooses_one_for_the_
             assert evaluation.choices["nearest_normal_coreset_ratio"] == CORESET_RATIOS[seeing]
             assert evaluation.detector.nearest is training.memory_banks[seeing]
             assert evaluation.metrics["aupro"] > 0.9
+    unused = replace(config, nearest_normal_weight=0.0, coarse_labels="distant")  # only coarse labels read a bank
+    training = BGADTraining(BGADFlows.from_config([6, 6], unused), unused, split(24, 0, seed=0))
+    assert [len(bank.bank) for bank in training.memory_banks] == [round(24 * 64 * CORESET_RATIOS[0])]

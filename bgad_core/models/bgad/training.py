@@ -262,9 +262,12 @@ class BGADTraining(OptimizerTraining):
     @property
     def coreset_ratios(self) -> tuple[float, ...]:
         """The memory bank's candidate shares of the training normals' patches: ``CORESET_RATIOS`` where the config
-        says "auto", the configured share otherwise."""
+        says "auto", the configured share otherwise. Where no map weighs the distances in (``nearest_normal_weight``
+        0), only coarse labels read a bank, the smallest share's, and only it is filled."""
         ratio = self.config.nearest_normal_coreset_ratio
-        return CORESET_RATIOS if ratio == "auto" else (float(ratio),)
+        if ratio != "auto":
+            return (float(ratio),)
+        return CORESET_RATIOS if self.config.nearest_normal_weight != 0 else CORESET_RATIOS[:1]
 
     @property
     def memory_banks(self) -> list[NearestNormal]:
