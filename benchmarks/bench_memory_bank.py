@@ -7,7 +7,8 @@ leaving every 8th normal out (BENCHMARKS.md, eleventh session). This script fill
 protocol's training normals and prints the validation and test figures of a map of distances alone (upsampled and
 blurred as BGAD's map of distances alone is, its maximum the image score) and the fill's wall time (the coreset
 selection and the calibration), with the CPU it ran on. First it times one greedy pick on the normals' projected
-patches held as rows and as columns (``greedy_coreset`` holds columns), side by side.
+patches held as rows and as columns (``greedy_coreset`` holds columns), side by side; last it fills every ratio's
+bank from one greedy run (``fit_banks``, what ``nearest_normal_coreset_ratio: auto`` fills) and times that.
 
     .venv/bin/python -m benchmarks.bench_memory_bank --dataset deeppcb-b [--ratios 0.01 0.1]
 """
@@ -26,7 +27,7 @@ from bgad_core.data.features import FeatureSet
 from bgad_core.models.base import split_metrics
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring import image_scores
-from bgad_core.models.components.memory_bank import PROJECTION_DIM, NearestNormal, flat_patches
+from bgad_core.models.components.memory_bank import PROJECTION_DIM, NearestNormal, fit_banks, flat_patches
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 from bgad_core.train import build_feature_sets
 
@@ -83,6 +84,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         print(f"| {ratio:g} | {bank.bank.shape[0]} | {distance_figures(bank, val, size)} | "
               f"{distance_figures(bank, test, size)} | {seconds:.0f} |", flush=True)
+    started = time.perf_counter()
+    fit_banks(list(normals.features), args.ratios, BGADConfig.seed)
+    print(f"every ratio's bank from one greedy run (fit_banks): {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
