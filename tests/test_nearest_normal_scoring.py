@@ -18,7 +18,7 @@ from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
 from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, EpochScoring, ScoredSplit,
-                                                  choose_bank, choose_scoring)
+                                                  choose_bank, choose_scoring, score_split)
 from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
@@ -231,6 +231,21 @@ def test_validation_takes_the_larger_bank_only_where_its_distances_alone_score_m
         assert choose_bank([blind, sharp], val, SIZE, 1.0, objective) == 1
         assert choose_bank([sharp, blind], val, SIZE, 1.0, objective) == 0
         assert choose_bank([sharp, sharp * 1.01], val, SIZE, 1.0, objective) == 0  # a tie keeps the smaller share
+
+
+def test_under_a_pixel_objective_a_larger_bank_must_not_cost_image_auroc():
+    """Distances that find the defect's cell but give the normals a bright spot elsewhere win PRO and lose image
+    AUROC: the smaller bank stays."""
+    val = split(8, 8, seed=1)
+    blind, sharp = defect_distances(val, 0.0, seed=2), defect_distances(val, 6.0, seed=2)
+    spotted = sharp.clone()
+    spotted[val.labels == 0, 6, 1] += 20.0  # far from the defect's cell: normal pixels, no anomaly's region
+    bank_metrics = [score_split((), val, Normalization((), (), nearest_normal_weight=1.0), SIZE, 1.0, d).metrics
+                    for d in (blind, spotted)]
+    assert bank_metrics[1]["aupro"] > bank_metrics[0]["aupro"] + 0.2
+    assert bank_metrics[1]["image_auroc"] < bank_metrics[0]["image_auroc"] - SCORING_MARGIN
+    assert choose_bank([blind, spotted], val, SIZE, 1.0, "aupro") == 0
+    assert choose_bank([blind, sharp], val, SIZE, 1.0, "aupro") == 1
 
 
 def test_an_auto_share_fills_both_banks_once_and_validation_chooses_one_for_the_whole_training():
