@@ -75,8 +75,10 @@ def main() -> None:
     print(f"| training, one meta-epoch | {train_seconds:.1f} |")
     print(f"| validation, nearest_normal_weight 0 (8 candidates; min of {args.repeats}) | {old:.1f} |")
     print(f"| validation, nearest_normal_weight auto (18 candidates; min of {args.repeats}) | {new:.1f} |")
-    print(f"| once per trial: memory bank ({args.coreset_ratio:g} of the patches) and the validation split's distances "
-          f"| {one_off:.1f} |")
+    shares = ", ".join(f"{100 * share:g} %" for share in training.coreset_ratios)
+    chosen = training.coreset_ratios[training.memory_banks.index(training.nearest_normal)]
+    print(f"| once per trial: memory banks ({shares} of the patches; validation chose {100 * chosen:g} %) and the "
+          f"validation split's distances | {one_off:.1f} |")
     print(f"trial time at {PAPER_META_EPOCHS} meta-epochs, auto against 0: {ratio:.3f}x")
 
 

@@ -53,6 +53,16 @@ def least_likely_abnormal(logps: torch.Tensor, labels: torch.Tensor, fraction: f
     return keep
 
 
+def bank_shares(config: BGADConfig) -> tuple[float, ...]:
+    """The memory bank's candidate shares of the training normals' patches: ``CORESET_RATIOS`` where the config says
+    "auto", the configured share otherwise. Where no map weighs the distances in (``nearest_normal_weight`` 0), only
+    coarse labels read a bank, the smallest share's, and only it is filled."""
+    ratio = config.nearest_normal_coreset_ratio
+    if ratio != "auto":
+        return (float(ratio),)
+    return CORESET_RATIOS if config.nearest_normal_weight != 0 else CORESET_RATIOS[:1]
+
+
 class _LevelData:
     """One level's training vectors (the flow's inputs, ``BGADFlows.aggregate``d) flattened to ``(N*H*W, C)`` with
     their labels and position indices."""
@@ -85,6 +95,7 @@ class BGADTraining(OptimizerTraining):
         self.abnormal_rows = torch.nonzero(train.labels == 1).flatten()
         if len(self.normal_rows) == 0:
             raise ValueError("the training set has no normal image")
+        self.coreset_ratios = bank_shares(config)
         self._banks: list[NearestNormal] | None = None  # one per candidate share (``memory_banks``)
         self._chosen_bank: int | None = None  # which of them validation chose (``choose_bank``)
         self._distances: tuple[FeatureSet, torch.Tensor] | None = None
@@ -258,16 +269,6 @@ class BGADTraining(OptimizerTraining):
         """After phase 1: the phase-1 model is plain normal-only BGAD, and a short schedule must not hand back the
         model that BG-SPP never touched (at the last meta-epoch at the latest)."""
         return first_watched_epoch(self.config.normal_epochs, self.config.meta_epochs)
-
-    @property
-    def coreset_ratios(self) -> tuple[float, ...]:
-        """The memory bank's candidate shares of the training normals' patches: ``CORESET_RATIOS`` where the config
-        says "auto", the configured share otherwise. Where no map weighs the distances in (``nearest_normal_weight``
-        0), only coarse labels read a bank, the smallest share's, and only it is filled."""
-        ratio = self.config.nearest_normal_coreset_ratio
-        if ratio != "auto":
-            return (float(ratio),)
-        return CORESET_RATIOS if self.config.nearest_normal_weight != 0 else CORESET_RATIOS[:1]
 
     @property
     def memory_banks(self) -> list[NearestNormal]:
