@@ -154,6 +154,7 @@ class ScoringChoices:
             distances' validation PRO on both DeepPCB boards and MTD-200 and lowered it on KolektorSDD, and test
             followed validation on all four (BENCHMARKS.md, "The bank's share chosen on validation"). The 10 %
             bank costs ten times the 1 % bank's fill (``benchmarks/bench_memory_bank.py``).
+
     Every "auto" choice costs no training: the flows run once per validation and only the scoring is repeated; the
     choices are stored with the scoring constants (``Normalization``), used for test and serving, and logged per
     meta-epoch.

@@ -287,9 +287,9 @@ class BGADTraining(OptimizerTraining):
         return self.memory_banks[self._chosen_bank or 0]
 
     def choose_bank(self, val: FeatureSet, image_size: tuple[int, int], objective: str) -> NearestNormal:
-        """The memory bank whose distances alone score ``val`` best on ``objective``
-        (``scoring_choice.choose_bank``: the larger share only where it scores more than the margin higher),
-        chosen at the first call, kept for the rest of the training; one candidate share is chosen as it is."""
+        """The memory bank whose distances alone score ``val`` best on ``objective`` (``scoring_choice.choose_bank``:
+        the larger share only where it scores more than the margin higher, and, under a pixel objective, keeps
+        image AUROC), chosen at the first call, kept for the rest of the training; a single candidate is taken."""
         if self._chosen_bank is None:
             banks = self.memory_banks
             distances = [bank.predict(val, self.device) for bank in banks]

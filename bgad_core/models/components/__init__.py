@@ -17,5 +17,5 @@ from bgad_core.models.components.levels import level_indices
 from bgad_core.models.components.memory_bank import NearestNormal, fit_banks, greedy_coreset, nearest_distances
 from bgad_core.models.components.postprocess import gaussian_blur, upsample
 
-__all__ = ["IGNORED", "NearestNormal", "fiber_labels", "fit_banks", "gaussian_blur", "greedy_coreset", "level_indices",
-           "nearest_distances", "patch_embeddings", "upsample"]
+__all__ = ["IGNORED", "NearestNormal", "fiber_labels", "fit_banks", "gaussian_blur", "greedy_coreset",
+           "level_indices", "nearest_distances", "patch_embeddings", "upsample"]
