@@ -188,7 +188,7 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
     started = time.perf_counter()
     training = BGADTraining(BGADFlows.from_config([f.shape[1] for f in train.features], config), config, train)
     bank = training.choose_bank(val, size, objective)  # the configured share's, or validation's choice of shares
-    val_distances, test_distances = (bank.predict(split) for split in (val, test))
+    val_distances, test_distances = training.nearest_distances(val), bank.predict(test)  # val's: kept by the choice
     best: dict[str, dict] = {}
     first_epoch = training.first_selectable_epoch
     choosers = {name: EpochScoring() for name in SCORING_POLICIES}
