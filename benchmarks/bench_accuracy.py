@@ -85,14 +85,17 @@ PROTOCOLS = {
 }
 STRESS = ("shift-rotate",)
 # (calibration, coarse_level_weight, image_score, candidate nearest-normal weights, whether distances alone must beat
-# the flows' best of earlier epochs too) of each policy --compare-scoring reports: each config value as
-# scoring_candidates reads it, the nearest-normal weights as validation's candidates
+# the flows' best of earlier epochs too, whether the image score may reduce another map) of each policy
+# --compare-scoring reports: each config value as scoring_candidates reads it, the nearest-normal weights as
+# validation's candidates
 SCORING_POLICIES = {
-    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True),
-    "auto, nearest-normal weight 0 or 0.5 (previous default)": ("auto", "auto", "auto", (0.0, 0.5), True),
-    "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True),
-    "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False),
-    "distances alone, max": ("level", 1.0, "max", (1.0,), True),
+    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
+    "auto, image score of the chosen map (previous default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True,
+                                                                False),
+    "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, False),
+    "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),
+    "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False, False),
+    "distances alone, max": ("level", 1.0, "max", (1.0,), True, False),
 }
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
@@ -196,11 +199,12 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
         training.train_meta_epoch()
         fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
         val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
-        for name, (*choices, nearest, across_epochs) in SCORING_POLICIES.items():
+        for name, (*choices, nearest, across_epochs, image_maps) in SCORING_POLICIES.items():
             calibrations, weights, reductions, _ = scoring_candidates(*choices)
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
                                     config.blur_sigma, objective, nearest, val_distances,
-                                    choosers[name] if across_epochs else None, training.epoch >= first_epoch)
+                                    choosers[name] if across_epochs else None, training.epoch >= first_epoch,
+                                    image_maps)
             score = chosen.metrics.get(objective, float("nan"))
             log.info("meta-epoch %d, %s: val %s %.4f (%s)", training.epoch, name, objective, score,
                      chosen.normalization.describe())

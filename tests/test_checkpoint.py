@@ -91,8 +91,9 @@ def test_a_version_1_checkpoint_scores_as_the_version_2_checkpoint_of_the_same_m
                                                                                        predates_choices):
     # "auto" scoring in the current format; the older version-1 files held the fixed choice in their config
     choices = {"coarse_level_weight": 2.0, "image_score": "top1pct_mean"} if predates_choices else {}
-    # version 1 predates nearest-normal distances: its models scored with the likelihoods alone
-    config = BGADConfig(coupling_blocks=2, cond_dim=16, blur_sigma=2.0, nearest_normal_weight=0.0, **choices)
+    # version 1 predates nearest-normal distances: its models scored their map, of the likelihoods alone
+    config = BGADConfig(coupling_blocks=2, cond_dim=16, blur_sigma=2.0, nearest_normal_weight=0.0,
+                        image_score_map="anomaly_map", **choices)
     detector = trained_like_detector(extractor, config)
     backbone, metrics = backbone_info(extractor), {"val_image_auroc": 0.9, "val_aupro": 0.7}
     v2_path = save_checkpoint(make_checkpoint(detector, {**backbone, "channels": list(extractor.channels)}, 3.5,

@@ -16,9 +16,9 @@ from bgad_core.errors import ConfigError
 from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
-from bgad_core.models.bgad.scoring import Normalization
+from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores, scores_and_maps
 from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, EpochScoring, ScoredSplit,
-                                                  choose_bank, choose_scoring, score_split)
+                                                  choose_bank, choose_image_map, choose_scoring, score_split)
 from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
@@ -164,23 +164,35 @@ def test_once_chosen_the_distances_alone_give_way_only_to_flows_better_by_the_ma
     assert choose(unselectable, tie) is tie
 
 
-@pytest.fixture(scope="module", params=[0.5, 1.0], ids=["mixed", "distances-alone"])
+@pytest.fixture(scope="module", params=[(0.5, None), (1.0, None), (0.0, 1.0)],
+                ids=["mixed", "distances-alone", "likelihoods-scored-by-distances"])
 def detector(request: pytest.FixtureRequest) -> BGADDetector:
-    config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8, nearest_normal_weight=request.param)
+    """A trained detector whose map weighs the distances in, or whose map is the likelihoods' and whose image score
+    the distances alone's maximum (built from the mixed one: validation makes that choice on real data only)."""
+    share, image_share = request.param
+    config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8,
+                        nearest_normal_weight=share if image_share is None else 0.5)
     training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
     training.train_meta_epoch()
     evaluation = training.validate(split(8, 8, seed=1), SIZE, "aupro")
-    assert evaluation.choices["nearest_normal_weight"] == request.param and evaluation.detector.nearest is not None
-    return evaluation.detector.eval()
+    assert evaluation.choices["nearest_normal_weight"] == config.nearest_normal_weight
+    detector = evaluation.detector
+    assert detector.nearest is not None
+    if image_share is not None:
+        normalization = replace(detector.normalization, nearest_normal_weight=share,
+                                image_nearest_normal_weight=image_share)
+        detector = BGADDetector(detector.flows, normalization, detector.blur_sigma, SIZE, config, detector.nearest)
+    return detector.eval()
 
 
 def test_a_detector_with_distances_keeps_its_bank_through_a_checkpoint(detector):
     test = split(4, 4, seed=3)
     restored = detector_from_checkpoint(make_checkpoint(detector, {}, 0.0, {}, 1))
     assert isinstance(restored, BGADDetector)
-    assert restored.normalization.nearest_normal_weight == detector.normalization.nearest_normal_weight
+    assert restored.normalization.describe() == detector.normalization.describe()
     torch.testing.assert_close(evaluate(restored, test).maps, evaluate(detector, test).maps)
-    without = replace(detector.normalization, nearest_normal_weight=0.0)
+    torch.testing.assert_close(evaluate(restored, test).scores, evaluate(detector, test).scores)
+    without = replace(detector.normalization, nearest_normal_weight=0.0, image_nearest_normal_weight=None)
     plain = BGADDetector(detector.flows, without, detector.blur_sigma, SIZE, detector.config, detector.nearest)
     assert plain.nearest is None and "nearest_normal" not in plain.to_checkpoint()  # kept only where it is used
     with pytest.raises(ConfigError, match="needs the memory bank"):
@@ -199,6 +211,11 @@ def test_nearest_normal_weight_is_auto_or_a_share(bad):
     assert BGADConfig(nearest_normal_weight="0.5").nearest_normal_weight == 0.5  # as a command line gives it
     with pytest.raises(ConfigError, match=r"nearest_normal_weight must be 'auto' or a number in \[0, 1\], got"):
         BGADConfig(nearest_normal_weight=bad)
+
+
+def test_the_image_score_map_is_auto_or_the_anomaly_map():
+    with pytest.raises(ConfigError, match=r"image_score_map must be one of \['auto', 'anomaly_map'\], got 'other'"):
+        BGADConfig(image_score_map="other")
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
@@ -269,3 +286,49 @@ def test_an_auto_share_fills_both_banks_once_and_validation_chooses_one_for_the_
     unused = replace(config, nearest_normal_weight=0.0, coarse_labels="distant")  # only coarse labels read a bank
     training = BGADTraining(BGADFlows.from_config([6, 6], unused), unused, split(24, 0, seed=0))
     assert [len(bank.bank) for bank in training.memory_banks] == [round(24 * 64 * CORESET_RATIOS[0])]
+
+
+def test_the_image_score_may_reduce_another_map_than_the_anomaly_map():
+    """A map of the likelihoods alone, scored by the maximum of the distances alone: the map is the likelihoods',
+    the score the other map's; a checkpoint from before the choice reduces its own map."""
+    val = split(8, 8, seed=1)
+    distances = defect_distances(val, 6.0, seed=2)
+    logps = [torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.randn(16, 4, 4)]
+    flows = Normalization((0.0, 0.0), (1.0, 1.0))
+    scores, maps = scores_and_maps(logps, replace(flows, image_nearest_normal_weight=1.0), SIZE, 1.0, distances)
+    torch.testing.assert_close(maps, anomaly_maps(logps, flows, SIZE, 1.0, distances))
+    alone = anomaly_maps((), replace(flows, nearest_normal_weight=1.0), SIZE, 1.0, distances)
+    torch.testing.assert_close(scores, image_scores(alone))
+    stored = replace(flows, image_nearest_normal_weight=1.0).to_dict()
+    assert Normalization.from_dict(stored).image_weight == 1.0
+    del stored["image_nearest_normal_weight"]
+    assert Normalization.from_dict(stored).image_nearest_normal_weight is None
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ConfigError, match="image_nearest_normal_weight must be None or lie in"):
+            replace(flows, image_nearest_normal_weight=bad)
+
+
+def test_under_a_pixel_objective_the_image_score_reduces_another_map_only_where_a_paired_bootstrap_tells_it_apart():
+    """The map chosen on PRO keeps its pixels; its image score gives way to the distances alone's maximum where
+    that ranks validation's 16 images clearly better (the chosen map ranks them backwards), not where it leads by
+    one normal image above the two weakest anomalies (a lead over the margin the resamples without it cannot see)."""
+    val = split(8, 8, seed=1)
+    distances = defect_distances(val, 6.0, seed=2)
+    alone = score_split((), val, Normalization((), (), nearest_normal_weight=1.0), SIZE, 1.0, distances)
+    assert alone.metrics["image_auroc"] == 1.0
+
+    def chosen_with(scores: torch.Tensor) -> ScoredSplit:  # the likelihoods' map (here: the same pixels)
+        image = compute_metrics(val.labels.numpy(), scores.numpy())
+        return ScoredSplit({**alone.metrics, **image}, scores, alone.maps, Normalization((0.0,), (1.0,)))
+
+    backwards = chosen_with(-alone.scores)
+    taken = choose_image_map(backwards, [], val, (0.0, 1.0), ("max",), SIZE, 1.0, distances)
+    assert taken.normalization.nearest_normal_weight == 0.0 and taken.normalization.image_nearest_normal_weight == 1.0
+    assert taken.maps is backwards.maps and taken.metrics["aupro"] == backwards.metrics["aupro"]
+    assert taken.metrics["image_auroc"] == 1.0 and torch.equal(taken.scores, alone.scores)
+    weakest = alone.scores[8:].sort().values
+    close = alone.scores.clone()
+    close[0] = (weakest[1] + weakest[2]) / 2  # one normal above the two weakest anomalies: 1 - 2 / 64
+    near = chosen_with(close)
+    assert alone.metrics["image_auroc"] - near.metrics["image_auroc"] > SCORING_MARGIN
+    assert choose_image_map(near, [], val, (0.0, 1.0), ("max",), SIZE, 1.0, distances) is near

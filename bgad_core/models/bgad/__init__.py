@@ -10,10 +10,10 @@ what its defects look like without fitting a decision boundary to them. BGAD-FAS
 asymmetric focal weights. Without anomalies the same training is plain one-class BGAD.
 
 Here the flows train on cached backbone features (no backbone in the loop), their likelihoods are scored with
-constants fixed on training normals (a score does not depend on the batch), and five scoring choices
+constants fixed on training normals (a score does not depend on the batch), and the scoring choices
 (calibration, coarse-level weight, image-score reduction, how much each cell's distance to the nearest normal
-patch counts beside the likelihoods, and how large the bank of normal patches is) are made on validation at no
-training cost (``scoring_choice``). Parts:
+patch counts beside the likelihoods, in the map and in the image score, and how large the bank of normal patches
+is) are made on validation at no training cost (``scoring_choice``). Parts:
 ``config`` (what a sweep varies, by concern), ``torch_model`` (the flows, a plain ``nn.Module``), ``training`` (the
 two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
 
@@ -31,8 +31,8 @@ two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
     >>> evaluation.maps.shape
     torch.Size([4, 32, 32])
     >>> sorted(evaluation.choices)  # doctest: +NORMALIZE_WHITESPACE
-    ['calibration_position', 'coarse_level_weight', 'image_score_top1pct_mean', 'nearest_normal_coreset_ratio',
-     'nearest_normal_weight']
+    ['calibration_position', 'coarse_level_weight', 'image_score_nearest_normal_weight', 'image_score_top1pct_mean',
+     'nearest_normal_coreset_ratio', 'nearest_normal_weight']
 """
 
 from bgad_core.models.base import FEW_SHOT, Family

@@ -18,6 +18,7 @@ from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS
 from bgad_core.precision import PRECISION_CHOICES
 
 COARSE_LABELS = ("all", "distant")  # Optimisation.coarse_labels
+IMAGE_SCORE_MAPS = ("auto", "anomaly_map")  # ScoringChoices.image_score_map
 
 
 @dataclass
@@ -146,6 +147,12 @@ class ScoringChoices:
             paired bootstrap tells it apart as better than the flows' best so far, and then until flows score more
             than the margin higher, ``scoring_choice.EpochScoring``; BENCHMARKS.md, issue 21). The memory bank is
             filled once per training and stored with the model only where it is used.
+        image_score_map: which map the image score reduces: "anomaly_map" (the map the model outputs, the paper's)
+            or "auto" (default): under a pixel objective, where ``nearest_normal_weight`` is "auto", validation may
+            take it from a map that weighs the distances otherwise, where its image AUROC is told apart as better
+            by a paired bootstrap (``scoring_choice.choose_image_map``): the map is chosen on the pixel metric, and
+            the evidence that outlines a defect best need not rank images best. The map, and so every pixel
+            figure, stays the chosen one's; the image score is then not its maximum.
         nearest_normal_coreset_ratio: the share of the training normals' patches the memory bank keeps (greedy
             k-center coreset), or "auto" (default): 1 % (PatchCore's) or 10 %, whichever bank's distances alone
             score validation higher (10 % only by more than the margin, and under a pixel objective only where it
@@ -165,6 +172,7 @@ class ScoringChoices:
     blur_sigma: float = 4.0
     image_score: str = "auto"
     nearest_normal_weight: float | str = "auto"
+    image_score_map: str = "auto"
     nearest_normal_coreset_ratio: float | str = "auto"
 
     def check_scoring(self) -> None:
@@ -182,6 +190,8 @@ class ScoringChoices:
                 raise ConfigError(f"nearest_normal_weight must be 'auto' or a number in [0, 1], "
                                   f"got {self.nearest_normal_weight!r}")
             self.nearest_normal_weight = number
+        if self.image_score_map not in IMAGE_SCORE_MAPS:
+            raise ConfigError(f"image_score_map must be one of {list(IMAGE_SCORE_MAPS)}, got {self.image_score_map!r}")
         if self.nearest_normal_coreset_ratio != "auto":
             number = _number(self.nearest_normal_coreset_ratio)
             if not 0.0 < number <= 1.0:

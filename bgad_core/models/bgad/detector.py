@@ -3,7 +3,8 @@ and the memory bank of normal patches where validation chose to weigh nearest-no
 
 The flows give each level's per-dim log-likelihood map; ``scoring.anomaly_maps`` standardises them with the
 constants measured on training normals (``Normalization``), upsamples, weights the levels (and the distances)
-and blurs; the image score is the map's reduction that validation chose. For export the flows' condition terms
+and blurs; the image score is the reduction validation chose, of that map or of one that weighs the distances
+otherwise (``Normalization.image_nearest_normal_weight``). For export the flows' condition terms
 (which depend only on the parameters and the grid) become constant tables (``exportable``).
 """
 
@@ -19,13 +20,13 @@ from bgad_core.errors import ConfigError, ExportError
 from bgad_core.models.base import Detector
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.fast_flow import check_supported
-from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores
+from bgad_core.models.bgad.scoring import Normalization, scores_and_maps
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.memory_bank import NearestNormal
 
 # options a checkpoint predates take the value its model was trained and scored with, not today's default
 PREDATES = {"local_aggregation": 1, "calibration": "level", "coarse_level_weight": 1.0, "condition_on_position": True,
-            "image_score": "max", "nearest_normal_weight": 0.0}
+            "image_score": "max", "nearest_normal_weight": 0.0, "image_score_map": "anomaly_map"}
 
 
 class BGADDetector(Detector):
@@ -37,8 +38,8 @@ class BGADDetector(Detector):
         blur_sigma: Gaussian smoothing of the maps, in pixels.
         image_size: ``(H, W)`` of the maps.
         config: the config the flows were trained with (kept for the checkpoint).
-        nearest: the memory bank of training-normal patches; needed (and kept) only where
-            ``normalization.nearest_normal_weight`` is above 0.
+        nearest: the memory bank of training-normal patches; needed (and kept) only where the map or the image score
+            weighs the distances in (``normalization.uses_distances``).
     """
 
     family = "bgad"
@@ -46,23 +47,23 @@ class BGADDetector(Detector):
     def __init__(self, flows: BGADFlows, normalization: Normalization, blur_sigma: float,
                  image_size: tuple[int, int], config: BGADConfig, nearest: NearestNormal | None = None) -> None:
         super().__init__()
-        if normalization.nearest_normal_weight > 0 and nearest is None:
-            raise ConfigError(f"nearest_normal_weight {normalization.nearest_normal_weight:g} needs the memory bank "
-                              "of normal patches (nearest), none was given")
+        if normalization.uses_distances and nearest is None:
+            weight = max(normalization.nearest_normal_weight, normalization.image_weight)
+            raise ConfigError(f"nearest-normal weight {weight:g} needs the memory bank of normal patches (nearest), "
+                              "none was given")
         self.flows = flows
         self.normalization = normalization
         self.blur_sigma = float(blur_sigma)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.config = config
-        self.nearest = nearest if normalization.nearest_normal_weight > 0 else None
+        self.nearest = nearest if normalization.uses_distances else None
 
     def forward(self, features: Sequence[torch.Tensor],
                 tables: Sequence[Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``tables``: the flows' ``condition_tables`` at the features' grids, when the caller holds them."""
         distances = None if self.nearest is None else self.nearest(features)
-        logps = self.flows(features, tables) if self.normalization.nearest_normal_weight < 1 else []
-        maps = anomaly_maps(logps, self.normalization, self.image_size, self.blur_sigma, distances)
-        return image_scores(maps, self.normalization.image_score), maps
+        logps = self.flows(features, tables) if self.normalization.uses_likelihoods else []
+        return scores_and_maps(logps, self.normalization, self.image_size, self.blur_sigma, distances)
 
     def exportable(self, grids: Sequence[tuple[int, int]]) -> nn.Module:
         return _WithConditionTables(self, grids)

@@ -13,7 +13,7 @@ The map may also average in each cell's standardised distance to the nearest tra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,10 +38,12 @@ class Normalization:
     log-likelihood into "how unusual for this place" instead of "how unusual for this level".
     ``coarse_level_weight``: how much more each level weighs in the map than the next finer one (1 = equal);
     ``image_score``: how a map becomes an image score (``image_scores``); ``nearest_normal_weight``: the share of
-    the standardised nearest-normal distance in the map (0 = likelihoods alone, 1 = distances alone). Each of the
-    four (calibration, weight, reduction, nearest-normal weight) is chosen on validation by
-    ``BGADTraining.validate`` when the training config says "auto", and lives here so that test, checkpoints,
-    serving and export score with the choice.
+    the standardised nearest-normal distance in the map (0 = likelihoods alone, 1 = distances alone);
+    ``image_nearest_normal_weight``: where the image score reduces a map that weighs the distances otherwise than
+    the anomaly map does, that map's share (None: the anomaly map's own). Under a pixel objective validation
+    chooses the map on the pixel metric and the image score on image AUROC, and the two need not agree
+    (``scoring_choice.choose_image_map``). Each choice is made on validation by ``BGADTraining.validate`` when the
+    training config says "auto", and lives here so that test, checkpoints, serving and export score with it.
     """
 
     mean: tuple[torch.Tensor, ...]
@@ -49,6 +51,7 @@ class Normalization:
     coarse_level_weight: float = 1.0
     image_score: str = "max"
     nearest_normal_weight: float = 0.0
+    image_nearest_normal_weight: float | None = None
 
     def __post_init__(self) -> None:  # plain floats (checkpoints before per-position calibration) become tensors
         object.__setattr__(self, "mean", tuple(torch.as_tensor(m, dtype=torch.float32) for m in self.mean))
@@ -57,6 +60,25 @@ class Normalization:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORE_REDUCTIONS}, got {self.image_score!r}")
         if isinstance(self.nearest_normal_weight, bool) or not 0.0 <= self.nearest_normal_weight <= 1.0:
             raise ConfigError(f"nearest_normal_weight must lie in [0, 1], got {self.nearest_normal_weight!r}")
+        image_weight = self.image_nearest_normal_weight
+        if image_weight is not None and (isinstance(image_weight, bool) or not 0.0 <= image_weight <= 1.0):
+            raise ConfigError(f"image_nearest_normal_weight must be None or lie in [0, 1], got {image_weight!r}")
+
+    @property
+    def image_weight(self) -> float:
+        """The nearest-normal weight of the map the image score reduces."""
+        own = self.image_nearest_normal_weight
+        return self.nearest_normal_weight if own is None else own
+
+    @property
+    def uses_distances(self) -> bool:
+        """Whether the map or the image score reads the nearest-normal distances (a memory bank)."""
+        return max(self.nearest_normal_weight, self.image_weight) > 0
+
+    @property
+    def uses_likelihoods(self) -> bool:
+        """Whether the map or the image score reads the flows' likelihoods."""
+        return min(self.nearest_normal_weight, self.image_weight) < 1
 
     @property
     def calibration(self) -> str:
@@ -85,36 +107,46 @@ class Normalization:
         return Normalization(tuple(means), tuple(stds))
 
     def choice_metrics(self) -> dict[str, float]:
-        """The scoring choices as numbers, for a metrics log: the coarse-level and nearest-normal weights, and 1 or 0
-        for whether the calibration is per cell ("position") and the image score the mean of the top 1 %
-        ("top1pct_mean")."""
+        """The scoring choices as numbers, for a metrics log: the coarse-level and nearest-normal weights (the
+        anomaly map's and the image score's map's), and 1 or 0 for whether the calibration is per cell ("position")
+        and the image score the mean of the top 1 % ("top1pct_mean")."""
         return {"coarse_level_weight": float(self.coarse_level_weight),
                 "calibration_position": float(self.calibration == "position"),
                 "image_score_top1pct_mean": float(self.image_score == "top1pct_mean"),
-                "nearest_normal_weight": float(self.nearest_normal_weight)}
+                "nearest_normal_weight": float(self.nearest_normal_weight),
+                "image_score_nearest_normal_weight": float(self.image_weight)}
 
     def describe(self) -> str:
         """The choices in words, for a log line: ``calibration position, coarse level weight 2, image score max,
-        nearest-normal weight 0``."""
+        nearest-normal weight 0`` (and ``, image score of the map of nearest-normal weight 1`` where the image score
+        reduces another map)."""
+        other = ("" if self.image_nearest_normal_weight is None
+                 else f", image score of the map of nearest-normal weight {self.image_nearest_normal_weight:g}")
         return (f"calibration {self.calibration}, coarse level weight {self.coarse_level_weight:g}, "
-                f"image score {self.image_score}, nearest-normal weight {self.nearest_normal_weight:g}")
+                f"image score {self.image_score}, nearest-normal weight {self.nearest_normal_weight:g}{other}")
 
     def to_dict(self) -> dict[str, list | float | str]:
         """Plain (nested) lists, floats and a string, for a ``weights_only`` checkpoint."""
-        return {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std],
-                "coarse_level_weight": float(self.coarse_level_weight), "image_score": self.image_score,
-                "nearest_normal_weight": float(self.nearest_normal_weight)}
+        values = {"mean": [m.tolist() for m in self.mean], "std": [s.tolist() for s in self.std],
+                  "coarse_level_weight": float(self.coarse_level_weight), "image_score": self.image_score,
+                  "nearest_normal_weight": float(self.nearest_normal_weight)}
+        if self.image_nearest_normal_weight is not None:
+            values["image_nearest_normal_weight"] = float(self.image_nearest_normal_weight)
+        return values
 
     @staticmethod
     def from_dict(
         values: dict[str, list | float | str], coarse_level_weight: float = 1.0, image_score: str = "max"
     ) -> Normalization:
         """The inverse of ``to_dict``; ``coarse_level_weight`` and ``image_score`` are the values of a checkpoint
-        that predates storing them (its training config's); one that predates nearest-normal distances has none."""
+        that predates storing them (its training config's); one that predates nearest-normal distances has none, and
+        one without ``image_nearest_normal_weight`` reduces its anomaly map."""
+        image_weight = values.get("image_nearest_normal_weight")
         return Normalization(tuple(values["mean"]), tuple(values["std"]),
                              float(values.get("coarse_level_weight", coarse_level_weight)),
                              str(values.get("image_score", image_score)),
-                             float(values.get("nearest_normal_weight", 0.0)))
+                             float(values.get("nearest_normal_weight", 0.0)),
+                             None if image_weight is None else float(image_weight))
 
 
 def anomaly_maps(
@@ -147,6 +179,24 @@ def anomaly_maps(
         nearest = upsample(distances.float(), image_size) * share
         total = nearest if total is None else total + nearest
     return gaussian_blur(total, blur_sigma)
+
+
+def scores_and_maps(
+    logp_maps: Sequence[torch.Tensor],
+    normalization: Normalization,
+    image_size: tuple[int, int],
+    blur_sigma: float = 4.0,
+    distances: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` as ``normalization`` says: the maps of
+    ``anomaly_maps``, the scores their reduction, or, where ``normalization.image_nearest_normal_weight`` is set,
+    the reduction of the map that weighs the distances by that share instead."""
+    maps = anomaly_maps(logp_maps, normalization, image_size, blur_sigma, distances)
+    scored = maps
+    if normalization.image_nearest_normal_weight is not None:
+        scored = anomaly_maps(logp_maps, replace(normalization, nearest_normal_weight=normalization.image_weight),
+                              image_size, blur_sigma, distances)
+    return image_scores(scored, normalization.image_score), maps
 
 
 def image_scores(maps: torch.Tensor, reduction: str = "max") -> torch.Tensor:

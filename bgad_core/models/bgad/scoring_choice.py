@@ -8,9 +8,11 @@ depends on the data, and a wrong one can cost more than any hyperparameter: per-
 test PRO by 0.05, where the commutator sits at the same place in every image, and collapsed on a held-out set of
 unaligned tyres (PRO 0.19 against 0.80 per level; DeepPCB boards, every image a different region, fall the same
 way); a coarse-level weight of 2 helped magnetic tiles and hurt KolektorSDD; on held-out solar cells a no-label
-PatchCore's distances beat BGAD-FAS's flows by 0.08 image AUROC. None of them needs retraining: the flows run once
-over the split (the distances once per training) and only the scoring is repeated, so validation chooses
-(``choose_scoring``) per dataset, at every meta-epoch, when the training config says "auto".
+PatchCore's distances beat BGAD-FAS's flows by 0.08 image AUROC. Under a pixel objective one more: which map the
+image score reduces (``choose_image_map``), since the evidence that outlines defects best need not rank images
+best. None of them needs retraining: the flows run once over the split (the distances once per training) and only
+the scoring is repeated, so validation chooses (``choose_scoring``) per dataset, at every meta-epoch, when the
+training config says "auto".
 
 Against fitting validation noise: few candidates (at most 2 x 2 x 2 maps x 2 reductions; a map of distances alone,
 which does not depend on the likelihoods' calibration or weight, is one map), ordered from the simplest (the
@@ -18,7 +20,8 @@ paper's choices: per level, equal weights, likelihoods alone, the map's maximum)
 replaces a simpler one only when it scores more than ``SCORING_MARGIN`` higher on validation. A map of distances
 alone scores the same at every epoch, so it must be told apart, by a paired bootstrap, as better than the best the
 flows reached at any epoch so far, and once chosen it gives way only to flows better by the margin
-(``EpochScoring``).
+(``EpochScoring``); an image score of another map than the chosen one, likewise, only where a paired bootstrap
+tells it apart as better.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from bgad_core.data.features import FeatureSet
 from bgad_core.evaluation.intervals import bootstrap_distribution, compare_paired
 from bgad_core.evaluation.metrics import compute_metrics
 from bgad_core.models.bgad.scoring import (CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, NEAREST_NORMAL_WEIGHTS, Normalization,
-                                           anomaly_maps, image_scores)
+                                           anomaly_maps, image_scores, scores_and_maps)
 
 DISTANCES_ALONE = 1.0  # the nearest-normal weight of a map of distances alone: the flows' training does not change it
 COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", equal weights (the simpler) first
@@ -78,8 +81,7 @@ def score_split(
     """Anomaly maps, image scores and metrics (pixel metrics where the split has masks) from the split's per-level
     log-likelihood maps (and nearest-normal distances, where ``normalization`` weighs them), scored as
     ``normalization`` says."""
-    maps = anomaly_maps(logps, normalization, image_size, blur_sigma, distances)
-    scores = image_scores(maps, normalization.image_score)
+    scores, maps = scores_and_maps(logps, normalization, image_size, blur_sigma, distances)
     masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
     metrics = compute_metrics(split.labels.numpy(), scores.numpy(), masks, maps.numpy() if masks is not None else None)
     return ScoredSplit(metrics=metrics, scores=scores, maps=maps, normalization=normalization)
@@ -98,6 +100,7 @@ def choose_scoring(
     distances: torch.Tensor | None = None,
     epochs: EpochScoring | None = None,
     selectable: bool = True,
+    image_maps: bool = True,
 ) -> ScoredSplit:
     """Score a validation split every candidate way and return the evaluation of the chosen one.
 
@@ -115,6 +118,8 @@ def choose_scoring(
             distances alone (beside other candidates) must then be clearly better than the flows' best at this and
             earlier epochs; ``selectable``: whether selection may pick this epoch. None compares the candidates of
             this epoch only, by the margin.
+        image_maps: under a pixel objective, whether the image score may reduce a map that weighs the distances
+            otherwise than the chosen map (``choose_image_map``); False: always the chosen map's.
 
     Each choice is ``simplest_within_margin``: the first candidate, in order of how many of its choices are not the
     simplest, whose value is within ``SCORING_MARGIN`` of the best.
@@ -122,10 +127,32 @@ def choose_scoring(
     flow_weights = tuple(w for w in nearest_weights if w < DISTANCES_ALONE)
     if epochs is not None and flow_weights and len(flow_weights) < len(nearest_weights):
         flows = choose_scoring(logps, split, fits, weights, reductions, image_size, blur_sigma, objective,
-                               flow_weights, distances)
+                               flow_weights, distances, image_maps=False)
         alone = choose_scoring(logps, split, fits[:1], weights[:1], reductions, image_size, blur_sigma, objective,
-                               (DISTANCES_ALONE,), distances)
-        return epochs.distances_alone_or_flows(flows, alone, split, objective, selectable)
+                               (DISTANCES_ALONE,), distances, image_maps=False)
+        chosen = epochs.distances_alone_or_flows(flows, alone, split, objective, selectable)
+    else:
+        candidates = scored_candidates(logps, split, fits, weights, nearest_weights, reductions,
+                                       (image_size, blur_sigma), distances)
+        chosen = choose_among(candidates, objective)
+    if image_maps and len(nearest_weights) > 1 and not chosen_on_images(chosen, objective):
+        chosen = choose_image_map(chosen, logps, split, nearest_weights, reductions, image_size, blur_sigma, distances)
+    return chosen
+
+
+def chosen_on_images(scored: ScoredSplit, objective: str) -> bool:
+    """Whether ``objective`` chose the image score together with the map: an image metric, or a pixel metric the
+    split has not (no masks), for which image AUROC stands in."""
+    return objective.startswith("image_") or objective not in scored.metrics
+
+
+def scored_candidates(
+    logps: Sequence[torch.Tensor], split: FeatureSet, fits: Sequence[Normalization], weights: Sequence[float],
+    nearest_weights: Sequence[float], reductions: Sequence[str], blur: tuple[tuple[int, int], float],
+    distances: torch.Tensor | None,
+) -> list[Candidate]:
+    """Every candidate scoring of ``split`` (``choose_scoring``'s candidates; ``blur``: the maps' image size and
+    blur sigma), each map's pixel metrics computed once."""
     labels = split.labels.numpy()
     masks = None if split.pixel_masks is None else split.pixel_masks.numpy()
     candidates: list[Candidate] = []
@@ -135,7 +162,7 @@ def choose_scoring(
                 if nearest >= 1 and fit_rank + weight_rank:  # distances alone: the same map for every fit and weight
                     continue
                 normalization = replace(fit, coarse_level_weight=float(weight), nearest_normal_weight=float(nearest))
-                maps = anomaly_maps(logps, normalization, image_size, blur_sigma, distances)
+                maps = anomaly_maps(logps, normalization, *blur, distances)
                 pixel: dict[str, float] = {}
                 for reduction_rank, reduction in enumerate(reductions):
                     scores = image_scores(maps, reduction)
@@ -147,12 +174,66 @@ def choose_scoring(
                     evaluation = ScoredSplit(metrics, scores, maps, replace(normalization, image_score=reduction))
                     candidates.append(Candidate(fit_rank + weight_rank + nearest_rank + reduction_rank,
                                                 (fit_rank, weight_rank, nearest_rank), reduction_rank, evaluation))
+    return candidates
+
+
+def choose_among(candidates: Sequence[Candidate], objective: str) -> ScoredSplit:
+    """The chosen candidate's evaluation: all choices together on an image objective; under a pixel objective the
+    map on it (each map's first reduction), then that map's reduction on image AUROC."""
     if objective not in candidates[0].evaluation.metrics:  # a metric this split has not (PRO without masks)
         objective = IMAGE_OBJECTIVE
     if objective.startswith("image_"):
         return simplest_within_margin(candidates, objective).evaluation
     chosen_map = simplest_within_margin([c for c in candidates if c.reduction == 0], objective).map
     return simplest_within_margin([c for c in candidates if c.map == chosen_map], IMAGE_OBJECTIVE).evaluation
+
+
+def choose_image_map(
+    chosen: ScoredSplit,
+    logps: Sequence[torch.Tensor],
+    split: FeatureSet,
+    nearest_weights: Sequence[float],
+    reductions: Sequence[str],
+    image_size: tuple[int, int],
+    blur_sigma: float,
+    distances: torch.Tensor | None,
+) -> ScoredSplit:
+    """``chosen`` (a map chosen on a pixel metric, its image score on image AUROC), or the same map with the image
+    score of a map that weighs the distances otherwise, where validation tells that score's image AUROC apart as
+    better.
+
+    A pixel objective chooses the map, and image AUROC only chooses among that map's reductions; but which evidence
+    ranks images best need not be the one that outlines defects best. On MTD-200 with masks validation chose
+    BGAD-FAS's flows alone on PRO (test PRO 0.788 against the distances' 0.706) while the distances alone ranked
+    test images better (image AUROC 0.901 against 0.896), and on held-out unaligned tyres PatchCore's distances
+    led BGAD-FAS's flows by 0.05 of test image AUROC. The candidates are the maps of the other candidate
+    nearest-normal weights (the chosen map's calibration and coarse-level weight), each reduced every candidate
+    way; the best replaces ``chosen``'s score only where it leads by more than ``SCORING_MARGIN`` and its paired
+    bootstrap interval against ``chosen``'s lies wholly above 0 (``intervals.compare_paired``, 95 %), as distances
+    alone must beat the flows: a second map is more elaborate than one, and image AUROC on a few validation
+    anomalies is noisy. The map, and so every pixel figure, stays ``chosen``'s.
+    """
+    own = chosen.normalization
+    labels = split.labels.numpy()
+    value = objective_value(chosen.metrics, IMAGE_OBJECTIVE)
+    best: tuple[float, ScoredSplit] | None = None
+    for weight in nearest_weights:
+        if weight == own.nearest_normal_weight:
+            continue
+        maps = anomaly_maps(logps, replace(own, nearest_normal_weight=float(weight)), image_size, blur_sigma,
+                            distances)
+        for reduction in reductions:
+            scores = image_scores(maps, reduction)
+            metrics = compute_metrics(labels, scores.numpy())
+            other = objective_value(metrics, IMAGE_OBJECTIVE)
+            if best is None or other > best[0]:
+                scoring = replace(own, image_score=reduction, image_nearest_normal_weight=float(weight))
+                best = (other, ScoredSplit({**chosen.metrics, **metrics}, scores, chosen.maps, scoring))
+    if best is None or not best[0] - value > SCORING_MARGIN:
+        return chosen
+    comparison = compare_paired(resampled(best[1], split, IMAGE_OBJECTIVE), resampled(chosen, split, IMAGE_OBJECTIVE),
+                                best[0] - value, len(split))
+    return best[1] if comparison.verdict == "better" else chosen
 
 
 class EpochScoring:

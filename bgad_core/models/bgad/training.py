@@ -313,7 +313,7 @@ class BGADTraining(OptimizerTraining):
         """Evaluate the current flows on validation with scoring constants fitted now (``fit_normalizations``).
 
         Every scoring choice the config leaves "auto" (calibration, coarse-level weight, image-score reduction,
-        nearest-normal weight) is made here on ``objective`` by ``scoring_choice.choose_scoring``; the returned
+        nearest-normal weight, the image score's map) is made here on ``objective`` by ``scoring_choice.choose_scoring``; the returned
         evaluation's detector holds the choices. The flows run once over the normals and once over validation,
         whatever the number of candidates; the nearest-normal distances once per training.
         """
@@ -328,11 +328,12 @@ class BGADTraining(OptimizerTraining):
             distances = self.nearest_distances(val)
         return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
                                               objective, nearest, distances, self._scoring,
-                                              self.epoch >= self.first_selectable_epoch), image_size)
+                                              self.epoch >= self.first_selectable_epoch,
+                                              cfg.image_score_map == "auto"), image_size)
 
     def evaluation(self, scored: ScoredSplit, image_size: tuple[int, int]) -> Evaluation:
         """The contract's ``Evaluation`` of a scoring of the current flows."""
-        nearest = self.nearest_normal if scored.normalization.nearest_normal_weight > 0 else None
+        nearest = self.nearest_normal if scored.normalization.uses_distances else None
         detector = BGADDetector(self.model, scored.normalization, self.config.blur_sigma, image_size, self.config,
                                 nearest)
         choices = scored.normalization.choice_metrics()
