@@ -30,6 +30,8 @@ the pixel objective stay.
 ``--train-defect-types blowhole`` runs the unseen-defect protocol (``bgad_core.data.splits``): labelled anomalies of
 those types only, validation without the other types, and a second table of each arm's test figures on the seen and
 on the unseen types.
+``--split-seed 1`` draws other labelled anomalies and another validation/test split than the protocols' seed 0: with
+one labelled anomaly in total, how much a verdict owes to the one draw.
 
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
 choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones): each policy selects its own epoch on its
@@ -38,7 +40,8 @@ normals; the ``auto`` row is what the default training gives.
 
     .venv/bin/python -m benchmarks.bench_accuracy --dataset mtd [--meta-epochs 8] [--sub-epochs 2] [--curves]
         [--arms patchcore bgad bgad-fas paper simplenet simplenet-fs] [--anomalies 0 1 2 5 10] [--stress shift-rotate]
-        [--simplenet-set noise_std=0.3] [--train-defect-types TYPE ...] [--compare-scoring] [--json results.json]
+        [--simplenet-set noise_std=0.3] [--train-defect-types TYPE ...] [--split-seed 1] [--compare-scoring]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -245,6 +248,9 @@ def main() -> None:
                              "whole-image abnormal); validation and test keep their masks")
     parser.add_argument("--racp-per-anomaly", type=int, default=DataConfig.racp_per_anomaly,
                         help="RandAugmented CutPaste rows cut from each labelled anomaly (0: none)")
+    parser.add_argument("--split-seed", type=int, default=DataConfig.split_seed,
+                        help="seeds which anomalies are labelled and the validation/test split (the protocols: 0); "
+                             "another seed measures how much a verdict owes to one draw")
     parser.add_argument("--compare-scoring", action="store_true",
                         help="score the bgad and bgad-fas arms under every scoring policy (one training each)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and history here")
@@ -253,8 +259,8 @@ def main() -> None:
         data = protocol_data(args.dataset, args.data_root, args.stress, Path(scratch))
         image_level = (image_level_copy(Path(data.data), Path(scratch) / "image-level") if args.image_level_labels
                        else None)
-        run(args, replace(data, train_defect_types=args.train_defect_types, racp_per_anomaly=args.racp_per_anomaly),
-            image_level)
+        run(args, replace(data, train_defect_types=args.train_defect_types, racp_per_anomaly=args.racp_per_anomaly,
+                          split_seed=args.split_seed), image_level)
 
 
 def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = None) -> None:
@@ -314,7 +320,9 @@ def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = N
         config = base if n else replace(base, focal_weighting=False)
         rows.append((f"BGAD-FAS, n = {n}", family_arm("bgad", config, subset, val, test, strides, objective, size,
                                                       args.curves, seen)))
-    variant = ", ".join(([] if args.stress is None else [args.stress]) + (["image-level labels"] if args.image_level_labels else []))
+    variant = ", ".join(([] if args.stress is None else [args.stress])
+                        + (["image-level labels"] if args.image_level_labels else [])
+                        + ([f"split seed {data.split_seed}"] if data.split_seed else []))
     print(f"\n{args.dataset}{f' ({variant})' if variant else ''}: {len(train_all)} training rows, val {len(val)}, test {len(test)}; features "
           f"{extraction:.0f} s; {args.meta_epochs} x {args.sub_epochs} epochs; selection on val {objective}")
     print(f"machine: {cpu_flags()}")
@@ -342,7 +350,8 @@ def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = N
                       f"test image {t.get('image_auroc', float('nan')):.3f} | test PRO {t.get('aupro', float('nan')):.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps({"dataset": args.dataset, "stress": args.stress,
-                                         "image_level_labels": args.image_level_labels, "machine": cpu_flags(),
+                                         "image_level_labels": args.image_level_labels,
+                                         "split_seed": data.split_seed, "machine": cpu_flags(),
                                          "rows": [{"arm": label, **row} for label, row in rows]}, indent=1))
 
 
