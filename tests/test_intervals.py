@@ -23,7 +23,7 @@ from bgad_core.evaluation.intervals import (
     metric_intervals,
     percentile_interval,
 )
-from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC, compute_metrics
 
 
 def image_split(normals: int, anomalies: int, seed: int, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +46,7 @@ def test_intervals_contain_the_point_estimates() -> None:
     labels, scores, masks, maps = make_split(40, 64, seed=3)
     point = compute_metrics(labels, scores, masks, maps)
     bounds = metric_intervals(labels, scores, masks, maps)
-    assert set(bounds) == set(IMAGE_METRICS) | set(PIXEL_METRICS)
+    assert set(bounds) == set(IMAGE_METRICS) | set(PIXEL_METRICS) | {PRO_AND_IMAGE_AUROC}
     for key, (lo, hi) in bounds.items():
         assert lo <= point[key] <= hi and lo < hi, key
 

@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from benchmarks.aupro_reference import aupro_reference
 from bgad_core.errors import ConfigError, DataError
 from bgad_core.evaluation.metrics import (
+    PRO_AND_IMAGE_AUROC,
     aupro,
     compute_metrics,
     f1_max,
@@ -169,11 +170,12 @@ def test_compute_metrics_matches_individual_functions() -> None:
         "image_f1_max": f1_max(labels, scores)[0],
     }
     metrics = compute_metrics(labels, scores, masks, maps, fpr_limit=0.2)
-    assert metrics.keys() == IMAGE_KEYS | PIXEL_KEYS
+    assert metrics.keys() == IMAGE_KEYS | PIXEL_KEYS | {PRO_AND_IMAGE_AUROC}
     assert metrics["pixel_auroc"] == pixel_auroc(masks, maps)
     assert metrics["pixel_aupr"] == pixel_aupr(masks, maps)
     assert metrics["pixel_f1_max"] == pixel_f1_max(masks, maps)[0]
     assert metrics["aupro"] == aupro(masks, maps, fpr_limit=0.2)
+    assert metrics[PRO_AND_IMAGE_AUROC] == (metrics["aupro"] + metrics["image_auroc"]) / 2
 
 
 def test_single_class_gives_nan_with_warning() -> None:
@@ -184,7 +186,7 @@ def test_single_class_gives_nan_with_warning() -> None:
         metrics = compute_metrics(labels, scores, masks, maps)
     assert {str(w.message).split()[0] for w in caught} == IMAGE_KEYS | PIXEL_KEYS
     assert all(issubclass(w.category, UndefinedMetricWarning) for w in caught)
-    assert metrics.keys() == IMAGE_KEYS | PIXEL_KEYS
+    assert metrics.keys() == IMAGE_KEYS | PIXEL_KEYS | {PRO_AND_IMAGE_AUROC}
     assert all(math.isnan(value) for value in metrics.values())
     with pytest.warns(UndefinedMetricWarning, match="image_auroc"):
         assert math.isnan(image_auroc(np.ones(5, dtype=int), scores))

@@ -13,12 +13,13 @@ import torch
 from bgad_core.data.features import FeatureSet
 from bgad_core.engine.checkpoint import detector_from_checkpoint, make_checkpoint
 from bgad_core.errors import ConfigError
-from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC, compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
 from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores, scores_and_maps
 from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, EpochScoring, ScoredSplit,
-                                                  choose_bank, choose_image_map, choose_scoring, score_split)
+                                                  choose_bank, choose_image_map, choose_scoring, score_split,
+                                                  scored_candidates)
 from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
@@ -332,3 +333,25 @@ def test_under_a_pixel_objective_the_image_score_reduces_another_map_only_where_
     near = chosen_with(close)
     assert alone.metrics["image_auroc"] - near.metrics["image_auroc"] > SCORING_MARGIN
     assert choose_image_map(near, [], val, (0.0, 1.0), ("max",), SIZE, 1.0, distances) is near
+
+
+def test_the_mean_of_pro_and_image_auroc_is_of_the_image_score_each_scoring_deploys():
+    """A map's pixel metrics are computed once and merged with each reduction's image metrics, and a chosen map may
+    take another map's image score: the mean must follow the image score, not the first one computed."""
+    val = split(8, 8, seed=1)
+    distances = defect_distances(val, 6.0, seed=2)
+    logps = [torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.randn(16, 4, 4)]
+    candidates = scored_candidates(logps, val, [Normalization((0.0, 0.0), (1.0, 1.0))], (1.0,), (0.0, 1.0),
+                                   ("max", "top1pct_mean"), (SIZE, 1.0), distances)
+
+    def consistent(metrics: dict[str, float]) -> bool:
+        return metrics[PRO_AND_IMAGE_AUROC] == (metrics["aupro"] + metrics["image_auroc"]) / 2
+
+    assert len({c.evaluation.metrics["image_auroc"] for c in candidates}) > 2
+    assert all(consistent(c.evaluation.metrics) for c in candidates)
+    likelihoods = next(c.evaluation for c in candidates if c.map == (0, 0, 0) and c.reduction == 0)
+    taken = choose_image_map(likelihoods, logps, val, (0.0, 1.0), ("max",), SIZE, 1.0, distances)
+    assert taken.normalization.image_nearest_normal_weight == 1.0 and consistent(taken.metrics)
+    chosen = choose_scoring(logps, val, [Normalization((0.0, 0.0), (1.0, 1.0))], (1.0,), ("max", "top1pct_mean"),
+                            SIZE, 1.0, PRO_AND_IMAGE_AUROC, (0.0, 1.0), distances)
+    assert chosen.normalization.nearest_normal_weight == 1.0 and consistent(chosen.metrics)

@@ -48,6 +48,7 @@ def test_the_tied_configuration_with_the_best_mean_wins_and_ties_go_to_the_bette
 @pytest.mark.parametrize("rule, metric, categories, applies", [
     ("reseed", "val_aupro", 1, True),
     ("reseed", "val_image_auroc", 1, True),
+    ("reseed", "val_aupro_image_auroc_mean", 1, True),
     ("reseed", "val_pixel_aupr", 1, False),  # no bootstrap for it: argmax
     ("reseed", "val_aupro", 2, False),  # shared mode: one trial, several categories
     ("argmax", "val_aupro", 1, False),

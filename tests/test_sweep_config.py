@@ -128,15 +128,16 @@ def test_search_translations():
     assert paper["beta"] == 0.01 and paper["num_anomalies"] == 3 and paper["racp_depth"] == 3
 
 
-@pytest.mark.parametrize("metric", ["image_aupr", "val_image_aupr"])
-def test_image_aupr_is_a_selectable_objective(tmp_path, metric):
+@pytest.mark.parametrize("metric, stored", [("image_aupr", "val_image_aupr"), ("val_image_aupr", "val_image_aupr"),
+                                            ("aupro_image_auroc_mean", "val_aupro_image_auroc_mean")])
+def test_a_named_metric_is_the_objective(tmp_path, metric, stored):
     from sweeper.tuning.sweep import objective_metric
 
     raw = base()
     raw["tune"]["metric"] = metric
     config = load_config(write(tmp_path, raw))
-    assert config.tune.metric == "val_image_aupr"
-    assert objective_metric(config, {"categories": {"tiles": {"has_masks": True}}}) == "val_image_aupr"
+    assert config.tune.metric == stored
+    assert objective_metric(config, {"categories": {"tiles": {"has_masks": True}}}) == stored
 
 
 def test_summary_table_shows_every_arm_beside_the_trial_counts():

@@ -61,7 +61,8 @@ from scipy import ndimage, stats
 from threadpoolctl import threadpool_limits
 
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.evaluation.metrics import _REGION_STRUCTURE, _check_fpr_limit, _image_inputs, _pixel_inputs
+from bgad_core.evaluation.metrics import (PRO_AND_IMAGE_AUROC, _REGION_STRUCTURE, _check_fpr_limit, _image_inputs,
+                                         _pixel_inputs)
 
 __all__ = [
     "BOOTSTRAP_SEED",
@@ -227,9 +228,9 @@ def bootstrap_distribution(
 ) -> dict[str, np.ndarray]:
     """Each metric on ``resamples`` stratified resamples of the images: {metric: values, one per resample}.
 
-    Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc and aupro when ``masks`` (with ``maps``) are
-    given. The resamples depend only on the labels, ``resamples`` and ``seed``, so the image metrics' values are
-    the same with or without masks. Distributions of several splits resampled independently (categories of one
+    Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc, aupro and ``PRO_AND_IMAGE_AUROC`` (each
+    resample's mean of aupro and image_auroc) when ``masks`` (with ``maps``) are given. The resamples depend only
+    on the labels, ``resamples`` and ``seed``, so the image metrics' values are the same with or without masks. Distributions of several splits resampled independently (categories of one
     trial) can be averaged element-wise before ``percentile_interval``: that is the bootstrap of their mean.
     """
     if resamples < 1:
@@ -274,7 +275,10 @@ def bootstrap_distribution(
             result = stats.bootstrap(varying, statistic, n_resamples=resamples, batch=BATCH, vectorized=True,
                                      paired=False, method="percentile", rng=np.random.default_rng(seed))
         distribution = np.asarray(result.bootstrap_distribution).reshape(len(keys), resamples)
-    return dict(zip(keys, distribution))
+    values = dict(zip(keys, distribution))
+    if pixel is not None:
+        values[PRO_AND_IMAGE_AUROC] = (values["aupro"] + values["image_auroc"]) / 2
+    return values
 
 
 def _weights(drawn: Sequence[np.ndarray], fixed: np.ndarray) -> np.ndarray:
@@ -317,7 +321,7 @@ def metric_intervals(
     """{metric: (lo, hi)}, the percentile interval of each metric ``bootstrap_distribution`` resamples.
 
     The companion of ``metrics.compute_metrics``' point estimates (same arguments, same key names; the pixel
-    metrics covered are pixel AUROC and PRO).
+    metrics covered are pixel AUROC, PRO and their mean with image AUROC).
     """
     distribution = bootstrap_distribution(labels, scores, masks, maps, resamples=resamples, seed=seed,
                                           fpr_limit=fpr_limit, bins=bins)

@@ -27,7 +27,12 @@ from sklearn.exceptions import UndefinedMetricWarning
 
 from bgad_core.errors import ConfigError, DataError
 
+# The mean of AUPRO and image AUROC, where masks exist: one figure for both things a masked dataset is judged on (which
+# images are defective, where the defects are), for a selection that must not buy one with the other.
+PRO_AND_IMAGE_AUROC = "aupro_image_auroc_mean"
+
 __all__ = [
+    "PRO_AND_IMAGE_AUROC",
     "aupro",
     "compute_metrics",
     "f1_max",
@@ -36,6 +41,7 @@ __all__ = [
     "pixel_aupr",
     "pixel_auroc",
     "pixel_f1_max",
+    "with_pro_and_image_auroc",
 ]
 
 # MVTec AD's reference evaluation labels defect regions with a 3x3 structure of ones (8-connectivity).
@@ -292,8 +298,8 @@ def compute_metrics(
 ) -> dict[str, float]:
     """All image-level metrics and, when ``masks`` are given, all pixel-level metrics and AUPRO.
 
-    Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc, pixel_aupr, pixel_f1_max and aupro
-    when ``masks`` is not None. The key set depends only on whether masks were passed, never on the
+    Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc, pixel_aupr, pixel_f1_max, aupro and
+    ``PRO_AND_IMAGE_AUROC`` (the mean of aupro and image_auroc) when ``masks`` is not None. The key set depends only on whether masks were passed, never on the
     data: an undefined metric is present with value NaN (and a warning), so logged runs stay comparable.
     The pixels are sorted once and that ranking is shared by the four pixel-level metrics.
     """
@@ -320,6 +326,14 @@ def compute_metrics(
         pixel_f1_max=pixel.f1_max("pixel_f1_max")[0],
         aupro=pixel.aupro(limit),
     )
+    return with_pro_and_image_auroc(metrics)
+
+
+def with_pro_and_image_auroc(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with ``PRO_AND_IMAGE_AUROC`` (re)computed from its aupro and image_auroc where it has aupro: for
+    one map's pixel metrics merged with the image metrics of another image score (a stale mean would be kept)."""
+    if "aupro" in metrics:
+        metrics[PRO_AND_IMAGE_AUROC] = (metrics["aupro"] + metrics["image_auroc"]) / 2
     return metrics
 
 

@@ -33,6 +33,7 @@ from bgad_core.data.racp import TRANSFORMS
 from bgad_core.backbone import DEFAULT_BACKBONE, DEFAULT_STRIDES, WEIGHT_MODES
 from bgad_core.errors import ConfigError
 from bgad_core.engine.stopping import PlateauConfig
+from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC
 from bgad_core.data.synthetic import DEFECT_TYPES
 from bgad_core.models.base import ONE_CLASS
 from bgad_core.models.registry import DEFAULT_FAMILY, config_for, family, family_names
@@ -389,8 +390,10 @@ class SelectionSpec(Section):
 
 _BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
 # What a trial can maximise: the validation metrics it reports (the keys of ``bgad_core.evaluation.metrics.compute_metrics``).
-# AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector.
-OBJECTIVES = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
+# AU-PR suits heavily imbalanced lines, where a few anomalies among many normals let AUROC flatter a detector; the mean
+# of PRO and image AUROC keeps a selection on masks from trading which images are flagged for how well defects are outlined.
+OBJECTIVES = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro",
+              PRO_AND_IMAGE_AUROC)
 
 
 class TuneSpec(Section):

@@ -50,6 +50,7 @@ from ray import tune
 
 from bgad_core.engine.checkpoint import detector_from_checkpoint
 from bgad_core.evaluation.intervals import IMAGE_METRICS, PIXEL_METRICS, bootstrap_distribution, compare_paired
+from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC
 from bgad_core.models.base import evaluate
 from sweeper.cache.reader import read_features
 from sweeper.job.config import SelectionSpec
@@ -60,7 +61,8 @@ MODE = "max"
 
 def reseed_applies(spec: SelectionSpec, metric: str, categories: int) -> bool:
     """Whether the ``reseed`` rule runs: asked for, one category per trial, an objective the bootstrap resamples."""
-    return spec.rule == "reseed" and categories == 1 and metric.removeprefix("val_") in (*IMAGE_METRICS, *PIXEL_METRICS)
+    resampled = (*IMAGE_METRICS, *PIXEL_METRICS, PRO_AND_IMAGE_AUROC)
+    return spec.rule == "reseed" and categories == 1 and metric.removeprefix("val_") in resampled
 
 
 def best_selectable(result: tune.Result) -> float | None:

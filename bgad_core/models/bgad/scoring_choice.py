@@ -35,7 +35,7 @@ import torch
 
 from bgad_core.data.features import FeatureSet
 from bgad_core.evaluation.intervals import bootstrap_distribution, compare_paired
-from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.evaluation.metrics import compute_metrics, with_pro_and_image_auroc
 from bgad_core.models.bgad.scoring import (CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, NEAREST_NORMAL_WEIGHTS, Normalization,
                                            anomaly_maps, image_scores, scores_and_maps)
 
@@ -170,7 +170,7 @@ def scored_candidates(
                         metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy())
                         pixel = {k: v for k, v in metrics.items() if not k.startswith("image_")}
                     else:
-                        metrics = {**compute_metrics(labels, scores.numpy()), **pixel}
+                        metrics = with_pro_and_image_auroc({**pixel, **compute_metrics(labels, scores.numpy())})
                     evaluation = ScoredSplit(metrics, scores, maps, replace(normalization, image_score=reduction))
                     candidates.append(Candidate(fit_rank + weight_rank + nearest_rank + reduction_rank,
                                                 (fit_rank, weight_rank, nearest_rank), reduction_rank, evaluation))
@@ -232,7 +232,8 @@ def choose_image_map(
             other = objective_value(metrics, IMAGE_OBJECTIVE)
             if best is None or other > best[0]:
                 scoring = replace(own, image_score=reduction, image_nearest_normal_weight=float(weight))
-                best = (other, ScoredSplit({**chosen.metrics, **metrics}, scores, chosen.maps, scoring))
+                merged = with_pro_and_image_auroc({**chosen.metrics, **metrics})
+                best = (other, ScoredSplit(merged, scores, chosen.maps, scoring))
     if best is None or not best[0] - value > SCORING_MARGIN:
         return chosen
     comparison = compare_paired(resampled(best[1], split, IMAGE_OBJECTIVE), resampled(chosen, split, IMAGE_OBJECTIVE),
