@@ -17,9 +17,9 @@ from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC, compute_metrics
 from bgad_core.models.base import evaluate
 from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTraining
 from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores, scores_and_maps
-from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, EpochScoring, ScoredSplit,
-                                                  choose_bank, choose_image_map, choose_scoring, score_split,
-                                                  scored_candidates)
+from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, Candidate, EpochScoring,
+                                                  ScoredSplit, choose_among, choose_bank, choose_image_map,
+                                                  choose_scoring, score_split, scored_candidates)
 from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
@@ -340,7 +340,8 @@ def test_the_mean_of_pro_and_image_auroc_is_of_the_image_score_each_scoring_depl
     take another map's image score: the mean must follow the image score, not the first one computed."""
     val = split(8, 8, seed=1)
     distances = defect_distances(val, 6.0, seed=2)
-    logps = [torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.randn(16, 4, 4)]
+    generator = torch.Generator().manual_seed(3)
+    logps = [torch.randn(16, 8, 8, generator=generator), torch.randn(16, 4, 4, generator=generator)]
     candidates = scored_candidates(logps, val, [Normalization((0.0, 0.0), (1.0, 1.0))], (1.0,), (0.0, 1.0),
                                    ("max", "top1pct_mean"), (SIZE, 1.0), distances)
 
@@ -355,3 +356,18 @@ def test_the_mean_of_pro_and_image_auroc_is_of_the_image_score_each_scoring_depl
     chosen = choose_scoring(logps, val, [Normalization((0.0, 0.0), (1.0, 1.0))], (1.0,), ("max", "top1pct_mean"),
                             SIZE, 1.0, PRO_AND_IMAGE_AUROC, (0.0, 1.0), distances)
     assert chosen.normalization.nearest_normal_weight == 1.0 and consistent(chosen.metrics)
+
+
+def test_on_the_mean_of_pro_and_image_auroc_the_map_is_chosen_on_pro_and_its_image_score_on_image_auroc():
+    """The map decides the pixels, the image score is chosen apart: a map that ranks images better with its own
+    maximum but outlines defects worse is not taken for that; the mean decides what decides both (the epoch)."""
+    def candidate(rank: int, map_: int, reduction: int, pro: float, image: float) -> Candidate:
+        metrics = {"aupro": pro, "image_auroc": image, PRO_AND_IMAGE_AUROC: (pro + image) / 2}
+        scoring = Normalization((0.0,), (1.0,), image_score=("max", "top1pct_mean")[reduction])
+        return Candidate(rank, (0, 0, map_), reduction, ScoredSplit(metrics, torch.zeros(1), torch.zeros(1), scoring))
+
+    candidates = [candidate(0, 0, 0, 0.80, 0.70), candidate(1, 0, 1, 0.80, 0.90), candidate(1, 1, 0, 0.70, 0.95),
+                  candidate(2, 1, 1, 0.70, 0.96)]
+    chosen = choose_among(candidates, PRO_AND_IMAGE_AUROC)
+    assert chosen is choose_among(candidates, "aupro") is candidates[1].evaluation
+    assert chosen.metrics[PRO_AND_IMAGE_AUROC] == pytest.approx(0.85)
