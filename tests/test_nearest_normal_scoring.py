@@ -371,3 +371,24 @@ def test_on_the_mean_of_pro_and_image_auroc_the_map_is_chosen_on_pro_and_its_ima
     chosen = choose_among(candidates, PRO_AND_IMAGE_AUROC)
     assert chosen is choose_among(candidates, "aupro") is candidates[1].evaluation
     assert chosen.metrics[PRO_AND_IMAGE_AUROC] == pytest.approx(0.85)
+
+
+def test_on_the_mean_distances_alone_are_weighed_against_the_image_score_the_flows_would_deploy():
+    """Flows that outline the defect exactly but rank images backwards (a hot spot in every normal image) lose to
+    the distances alone on their own image score; with the distances' image score, which they would deploy, they
+    win on the mean, so they are kept with it."""
+    val = split(8, 8, seed=1)
+    distances = defect_distances(val, 3.0, seed=2)  # they outline it less well
+    fits = [Normalization((0.0, 0.0), (1.0, 1.0))]
+    generator = torch.Generator().manual_seed(3)
+    logps = [torch.randn(16, 8, 8, generator=generator), torch.randn(16, 4, 4, generator=generator)]
+    logps[0][8:, 2, 5] -= 50.0  # the defect's cell
+    logps[0][:8, 6, 1] -= 80.0  # a hot spot of every normal image, away from any defect
+    own = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, PRO_AND_IMAGE_AUROC)
+    alone = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, PRO_AND_IMAGE_AUROC, (1.0,), distances)
+    assert own.metrics["aupro"] > alone.metrics["aupro"] and own.metrics["image_auroc"] < 0.5
+    assert alone.metrics[PRO_AND_IMAGE_AUROC] > own.metrics[PRO_AND_IMAGE_AUROC] + 0.2
+    chosen = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, PRO_AND_IMAGE_AUROC, (0.0, 1.0),
+                            distances, EpochScoring())
+    assert chosen.normalization.nearest_normal_weight == 0.0 and chosen.normalization.image_nearest_normal_weight == 1.0
+    assert chosen.metrics[PRO_AND_IMAGE_AUROC] > alone.metrics[PRO_AND_IMAGE_AUROC]

@@ -117,27 +117,37 @@ def choose_scoring(
         epochs: where validation runs at every meta-epoch of one training, its ``EpochScoring``: a map of
             distances alone (beside other candidates) must then be clearly better than the flows' best at this and
             earlier epochs; ``selectable``: whether selection may pick this epoch. None compares the candidates of
-            this epoch only, by the margin.
+            this epoch only, by the margin. On the mean of PRO and image AUROC the flows enter that comparison with
+            the image score they would deploy (``choose_image_map``), not their map's own: on DeepPCB board_b plain
+            BGAD's own score kept the distances alone from epoch 2 on (test PRO 0.642; chosen on PRO, 0.685).
         image_maps: under a pixel objective, whether the image score may reduce a map that weighs the distances
             otherwise than the chosen map (``choose_image_map``); False: always the chosen map's.
 
     Each choice is ``simplest_within_margin``: the first candidate, in order of how many of its choices are not the
     simplest, whose value is within ``SCORING_MARGIN`` of the best.
     """
+    def with_image_map(scored: ScoredSplit) -> ScoredSplit:
+        if image_maps and len(nearest_weights) > 1 and not chosen_on_images(scored, objective):
+            return choose_image_map(scored, logps, split, nearest_weights, reductions, image_size, blur_sigma,
+                                    distances)
+        return scored
+
     flow_weights = tuple(w for w in nearest_weights if w < DISTANCES_ALONE)
     if epochs is not None and flow_weights and len(flow_weights) < len(nearest_weights):
         flows = choose_scoring(logps, split, fits, weights, reductions, image_size, blur_sigma, objective,
                                flow_weights, distances, image_maps=False)
+        if objective == PRO_AND_IMAGE_AUROC:  # the mean weighs the image score the flows would deploy
+            flows = with_image_map(flows)
         alone = choose_scoring(logps, split, fits[:1], weights[:1], reductions, image_size, blur_sigma, objective,
                                (DISTANCES_ALONE,), distances, image_maps=False)
         chosen = epochs.distances_alone_or_flows(flows, alone, split, objective, selectable)
+        if chosen is flows and objective == PRO_AND_IMAGE_AUROC:
+            return chosen
     else:
         candidates = scored_candidates(logps, split, fits, weights, nearest_weights, reductions,
                                        (image_size, blur_sigma), distances)
         chosen = choose_among(candidates, objective)
-    if image_maps and len(nearest_weights) > 1 and not chosen_on_images(chosen, objective):
-        chosen = choose_image_map(chosen, logps, split, nearest_weights, reductions, image_size, blur_sigma, distances)
-    return chosen
+    return with_image_map(chosen)
 
 
 def chosen_on_images(scored: ScoredSplit, objective: str) -> bool:
