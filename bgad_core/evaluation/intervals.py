@@ -230,8 +230,9 @@ def bootstrap_distribution(
 
     Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc, aupro and ``PRO_AND_IMAGE_AUROC`` (each
     resample's mean of aupro and image_auroc) when ``masks`` (with ``maps``) are given. The resamples depend only
-    on the labels, ``resamples`` and ``seed``, so the image metrics' values are the same with or without masks. Distributions of several splits resampled independently (categories of one
-    trial) can be averaged element-wise before ``percentile_interval``: that is the bootstrap of their mean.
+    on the labels, ``resamples`` and ``seed``, so the image metrics' values are the same with or without masks.
+    Distributions of several splits resampled independently (categories of one trial) can be averaged element-wise
+    before ``percentile_interval``: that is the bootstrap of their mean.
     """
     if resamples < 1:
         raise ConfigError(f"resamples must be >= 1, got {resamples}")

@@ -299,8 +299,9 @@ def compute_metrics(
     """All image-level metrics and, when ``masks`` are given, all pixel-level metrics and AUPRO.
 
     Keys: image_auroc, image_aupr, image_f1_max, plus pixel_auroc, pixel_aupr, pixel_f1_max, aupro and
-    ``PRO_AND_IMAGE_AUROC`` (the mean of aupro and image_auroc) when ``masks`` is not None. The key set depends only on whether masks were passed, never on the
-    data: an undefined metric is present with value NaN (and a warning), so logged runs stay comparable.
+    ``PRO_AND_IMAGE_AUROC`` (the mean of aupro and image_auroc) when ``masks`` is not None. The key set depends
+    only on whether masks were passed, never on the data: an undefined metric is present with value NaN (and a
+    warning), so logged runs stay comparable.
     The pixels are sorted once and that ranking is shared by the four pixel-level metrics.
     """
     if (masks is None) != (maps is None):
