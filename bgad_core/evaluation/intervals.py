@@ -61,8 +61,8 @@ from scipy import ndimage, stats
 from threadpoolctl import threadpool_limits
 
 from bgad_core.errors import ConfigError, DataError
-from bgad_core.evaluation.metrics import (PRO_AND_IMAGE_AUROC, _REGION_STRUCTURE, _check_fpr_limit, _image_inputs,
-                                         _pixel_inputs)
+from bgad_core.evaluation.metrics import (_REGION_STRUCTURE, _check_fpr_limit, _image_inputs, _pixel_inputs,
+                                         with_pro_and_image_auroc)
 
 __all__ = [
     "BOOTSTRAP_SEED",
@@ -276,10 +276,7 @@ def bootstrap_distribution(
             result = stats.bootstrap(varying, statistic, n_resamples=resamples, batch=BATCH, vectorized=True,
                                      paired=False, method="percentile", rng=np.random.default_rng(seed))
         distribution = np.asarray(result.bootstrap_distribution).reshape(len(keys), resamples)
-    values = dict(zip(keys, distribution))
-    if pixel is not None:
-        values[PRO_AND_IMAGE_AUROC] = (values["aupro"] + values["image_auroc"]) / 2
-    return values
+    return with_pro_and_image_auroc(dict(zip(keys, distribution)))
 
 
 def _weights(drawn: Sequence[np.ndarray], fixed: np.ndarray) -> np.ndarray:

@@ -330,9 +330,10 @@ def compute_metrics(
     return with_pro_and_image_auroc(metrics)
 
 
-def with_pro_and_image_auroc(metrics: dict[str, float]) -> dict[str, float]:
+def with_pro_and_image_auroc(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` with ``PRO_AND_IMAGE_AUROC`` (re)computed from its aupro and image_auroc where it has aupro: for
-    one map's pixel metrics merged with the image metrics of another image score (a stale mean would be kept)."""
+    one map's pixel metrics merged with the image metrics of another image score (a stale mean would be kept), and
+    for bootstrap distributions (one value per resample, element-wise)."""
     if "aupro" in metrics:
         metrics[PRO_AND_IMAGE_AUROC] = (metrics["aupro"] + metrics["image_auroc"]) / 2
     return metrics
