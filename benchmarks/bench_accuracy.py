@@ -66,7 +66,7 @@ from bgad_core.data.features import FeatureSet, extract_feature_set
 from bgad_core.data.splits import make_splits
 from bgad_core.engine.selection import seed_everything, train_and_select
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
-from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC, objective_metric
+from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring import NEAREST_NORMAL_WEIGHTS
 from bgad_core.models.bgad.scoring_choice import EpochScoring, choose_scoring, score_split, scoring_candidates
@@ -100,10 +100,10 @@ SCORING_POLICIES = {
     "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),
     "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False, False),
     "distances alone, max": ("level", 1.0, "max", (1.0,), True, False),
-    "auto, chosen on the mean of PRO and image AUROC": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
+    "auto, chosen on PRO alone": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
 }
 # a policy's validation objective where it is not the protocol's (and the split has masks, as it needs)
-POLICY_OBJECTIVES = {"auto, chosen on the mean of PRO and image AUROC": PRO_AND_IMAGE_AUROC}
+POLICY_OBJECTIVES = {"auto, chosen on PRO alone": "aupro"}
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
 SCORED_IMAGES = 100  # the scoring wall time of every arm: its selected detector on this many test rows

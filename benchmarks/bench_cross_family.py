@@ -1,12 +1,12 @@
 """The default cross-family sweep on each shared dataset: the validation winner and each family's best (issue 22).
 
 Each run is ``search_spaces/cross_family.yaml`` as shipped (its three families and their spaces, TPE, ASHA, the
-plateau rule, the objective: validation PRO where masks exist, else image AUROC) on one shared protocol of
-``benchmarks.bench_accuracy`` (the same data settings: anomalies per defect type or in total, training normals).
-Only what a 2-core CPU forces is overridden: the image size (128 px by default; ``--image-size 256`` is the
-YAML's), the trial count, the schedule (meta-epochs x sub-epochs, one warm-up meta-epoch), two 1-CPU trial slots,
-the offline lite0 weights, no paper-default run. A protocol with one labelled anomaly in total fixes
-``num_anomalies`` at 1 (the space's range cannot exceed what the data has).
+plateau rule, the default objective: the mean of validation PRO and image AUROC where masks exist, else image AUROC)
+on one shared protocol of ``benchmarks.bench_accuracy`` (the same data settings: anomalies per defect type or in
+total, training normals). Only what a 2-core CPU forces is overridden: the image size (128 px by default;
+``--image-size 256`` is the YAML's), the trial count, the schedule (meta-epochs x sub-epochs, one warm-up meta-epoch),
+two 1-CPU trial slots, the offline lite0 weights, no paper-default run. A protocol with one labelled anomaly in total
+fixes ``num_anomalies`` at 1 (the space's range cannot exceed what the data has).
 
 The sweep tests only its validation winner. To say what the pick cost, this script then reads each family's best
 trial (its best selectable checkpoint) on the test split as well; that read chooses nothing.

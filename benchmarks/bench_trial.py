@@ -1,9 +1,9 @@
 """Trial wall time: cached features vs the backbone every sub-epoch, and a paper-schedule trial on real data.
 
-``--paper-schedule``: one default BGAD-FAS trial on the shared MTD-200 split at 256 px with the paper's 25 x 8
-epochs, as a sweep trial runs it (features once, validation after every meta-epoch, selection on validation PRO,
-test once). Prints the wall time split into data loading (decode + backbone), training and validation, with the
-vectors/s of each, and validation and test (recorded only) after every meta-epoch: the learning curve.
+``--paper-schedule``: one default BGAD-FAS trial on the shared MTD-200 split at 256 px with the paper's 25 x 8 epochs,
+as a sweep trial runs it (features once, validation after every meta-epoch, selection on the default validation
+objective, test once). Prints the wall time split into data loading (decode + backbone), training and validation, with
+the vectors/s of each, and validation and test (recorded only) after every meta-epoch: the learning curve.
 
     .venv/bin/python -m benchmarks.bench_trial --paper-schedule [--stop-after K] [--set KEY=VALUE ...] [--json F]
         [--device cuda]

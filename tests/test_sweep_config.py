@@ -140,6 +140,17 @@ def test_a_named_metric_is_the_objective(tmp_path, metric, stored):
     assert objective_metric(config, {"categories": {"tiles": {"has_masks": True}}}) == stored
 
 
+@pytest.mark.parametrize("masks, stored", [((True, True), "val_aupro_image_auroc_mean"),
+                                           ((True, False), "val_image_auroc")])
+def test_auto_is_the_mean_of_pro_and_image_auroc_where_every_category_has_masks(tmp_path, masks, stored):
+    from sweeper.tuning.sweep import objective_metric
+
+    config = load_config(write(tmp_path, base()))
+    assert config.tune.metric == "auto"
+    categories = {f"c{i}": {"has_masks": m} for i, m in enumerate(masks)}
+    assert objective_metric(config, {"categories": categories}) == stored
+
+
 def test_summary_table_shows_every_arm_beside_the_trial_counts():
     from sweeper.tuning.sweep import summary_table
 

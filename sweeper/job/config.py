@@ -401,8 +401,8 @@ class TuneSpec(Section):
 
     Attributes:
         metric: validation metric the sweep maximises, one of ``OBJECTIVES`` with or without its ``val_`` prefix
-            (``aupro``, ``image_auroc``, ``image_aupr``, ...; stored as ``val_<metric>``); ``auto`` = ``val_aupro``
-            when every category has pixel masks, else ``val_image_auroc``.
+            (``aupro``, ``image_auroc``, ``image_aupr``, ...; stored as ``val_<metric>``); ``auto`` =
+            ``val_aupro_image_auroc_mean`` when every category has pixel masks, else ``val_image_auroc``.
         scheduler: early stopping of weak trials.
         plateau: early stopping of every trial once its validation objective stops gaining.
         selection: how the final choice among trials accounts for validation noise.

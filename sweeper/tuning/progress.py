@@ -1,6 +1,6 @@
 """One console line per event that matters: trials ended of the total, best so far, elapsed time and an ETA.
 
-    [search]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro 0.9687 (f69d176c) in synthetic-tiles | ETA <= 52s | 4e1075a2 epoch 2 val_aupro=0.9539
+    [search]   31s | 3/6 trials ended (running 2, finished 1, pruned 2, failed 0) | best val_aupro_image_auroc_mean 0.9687 (f69d176c) in synthetic-tiles | ETA <= 52s | 4e1075a2 epoch 2 val_aupro_image_auroc_mean=0.9539
 
 Where the experiment's trials train different categories (``per_category`` mode), the best so far is that of the
 reporting trial's category.

@@ -38,7 +38,7 @@ from bgad_core.errors import ConfigError
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.intervals import (bootstrap_distribution, compare_paired, interval_metrics,
                                             percentile_interval)
-from bgad_core.evaluation.metrics import compute_metrics
+from bgad_core.evaluation.metrics import compute_metrics, objective_metric as default_objective
 from bgad_core.models.base import evaluate
 from bgad_core.models.registry import config_for, family
 from sweeper.job import credentials
@@ -73,11 +73,11 @@ def sweep_id(config: SweepConfig) -> str:
 
 
 def objective_metric(config: SweepConfig, manifest: Mapping[str, Any]) -> str:
-    """The configured metric, or PRO when every category has pixel masks and image AUROC otherwise."""
+    """The configured metric, or the default objective (``metrics.objective_metric``) of what the categories have:
+    the mean of PRO and image AUROC when every category has pixel masks, image AUROC otherwise."""
     if config.tune.metric != "auto":
         return config.tune.metric
-    masks = all(c["has_masks"] for c in manifest["categories"].values())
-    return "val_aupro" if masks else "val_image_auroc"
+    return "val_" + default_objective(all(c["has_masks"] for c in manifest["categories"].values()))
 
 
 def optuna_distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:

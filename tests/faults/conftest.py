@@ -29,7 +29,7 @@ from sweeper.tuning.sweep import sweep_id
 from test_sweep_job import quickstart_in, trial_runs
 
 CATEGORY = "synthetic-tiles"
-OBJECTIVE = "val_aupro"
+OBJECTIVE = "val_aupro_image_auroc_mean"  # the tiny sweep's objective (masks: tune.metric auto)
 # The quickstart at its smallest useful size: a few trials of a few meta-epochs, no early stopping, neither ASHA nor
 # at a plateau (a trial killed by a test must still be running when killed, and then run all its meta-epochs), no
 # plots, no paper-default reference run; BGAD only (``tiny_sweep``), whose trials last long enough to be killed
