@@ -11,8 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ray_processes import REPO, RayHead, token_env
+from ray_processes import REPO, token_env
 import sweeper.run
 from sweeper.tracking import mlflow_runs as tracking
 from sweeper.cache.build import build_cache
@@ -164,16 +163,6 @@ def _unused(path: Path) -> Path:
         number += 1
         candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
     return candidate
-
-
-@contextmanager
-def head_node(folder: Path, num_cpus: int = 2) -> Iterator[RayHead]:
-    """A token-authenticated head node (``ray_processes.RayHead``) that is SIGKILLed when done with: a graceful
-    ``ray start`` shutdown drains for 30 s, and these clusters hold nothing worth draining."""
-    with RayHead(folder, num_cpus=num_cpus) as head:
-        yield head
-        os.killpg(head.process.pid, signal.SIGKILL)
-        head.process.wait(timeout=60)
 
 
 def run_job(config_path: Path, env: dict[str, str], *args: str, timeout_s: float = 600) -> tuple[int, str]:

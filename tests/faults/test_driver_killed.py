@@ -11,7 +11,7 @@ import time
 import pytest
 
 from faults.conftest import (
-    SweepJob, assert_every_trial_accounted_for, head_node, metric_steps, results, run_job, sweep_runs, tiny_sweep,
+    SweepJob, assert_every_trial_accounted_for, metric_steps, results, run_job, sweep_runs, tiny_sweep,
     trial_dirs, trial_runs_by_id, with_cache,
 )
 from ray_processes import VENV_BIN, RayHead
@@ -24,7 +24,7 @@ SNAPSHOT_S = 1.5  # > TUNE_GLOBAL_CHECKPOINT_S set by sweeper/run.py: Tune has s
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with head_node(tmp_path_factory.mktemp("head")) as head:
+    with RayHead(tmp_path_factory.mktemp("head")) as head:
         yield head
 
 

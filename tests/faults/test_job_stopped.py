@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from faults.conftest import (
-    OBJECTIVE, assert_every_trial_accounted_for, head_node, run_job, tiny_sweep, with_cache,
+    OBJECTIVE, assert_every_trial_accounted_for, run_job, tiny_sweep, with_cache,
 )
 from ray_processes import REPO, VENV_BIN, RayHead
 from sweeper.tracking import mlflow_runs as tracking
@@ -69,7 +69,7 @@ def test_stopped_job_is_marked_interrupted_refuses_a_twin_and_resumes(tmp_path, 
     with_cache(tmp_path, tiny_cache)
     config_path = tiny_sweep(tmp_path, train={"meta_epochs": 24})  # outlasts the twin's submission, also on a loaded machine
     config = load_config(config_path)
-    with head_node(tmp_path) as head:
+    with RayHead(tmp_path) as head:
         job_id = f"stop-{int(time.time())}"
         assert submit(head, config_path, "--no-wait", "--submission-id", job_id).returncode == 0
         wait_until(lambda: held_by_a_job(config), head, job_id, "the first job holds the sweep's lock")

@@ -7,9 +7,9 @@ import pytest
 
 from faults.conftest import (
     EVERY_EPOCH, KILL_AFTER, KILLABLE, SweepJob, assert_every_trial_accounted_for, assert_resumed_after_a_checkpoint,
-    head_node, metric_steps, results, tiny_sweep, trial_dirs, with_cache,
+    metric_steps, results, tiny_sweep, trial_dirs, with_cache,
 )
-from ray_processes import RayWorker
+from ray_processes import RayHead, RayWorker
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_trials_of_a_lost_node_are_rescheduled(tmp_path, tiny_cache):
     config_path = tiny_sweep(tmp_path, search={"num_samples": 2}, train=KILLABLE)
     victim: dict = {}
     # One CPU per node and two concurrent one-CPU trials: one trial runs on each node.
-    with head_node(tmp_path, num_cpus=1) as head, RayWorker(head, num_cpus=1) as worker:
+    with RayHead(tmp_path, num_cpus=1) as head, RayWorker(head, num_cpus=1) as worker:
 
         def worker_trial_reported() -> bool:
             for trial_id, folder in trial_dirs(config_path).items():
