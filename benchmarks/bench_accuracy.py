@@ -94,8 +94,7 @@ STRESS = ("shift-rotate",)
 # validation's candidates
 SCORING_POLICIES = {
     "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
-    "auto, image score of the chosen map (previous default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True,
-                                                                False),
+    "auto, image score of the chosen map": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, False),
     "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, False),
     "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),
     "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False, False),

@@ -149,8 +149,8 @@ class ScoringChoices:
             filled once per training and stored with the model only where it is used.
         image_score_map: which map the image score reduces: "anomaly_map" (the map the model outputs, the paper's)
             or "auto" (default): under a pixel objective, where ``nearest_normal_weight`` is "auto", validation may
-            take it from a map that weighs the distances otherwise, where its image AUROC is told apart as better
-            by a paired bootstrap (``scoring_choice.choose_image_map``): the map is chosen on the pixel metric, and
+            take it from a map that weighs the distances otherwise, where its image AUROC is more than the margin
+            higher (``scoring_choice.choose_image_map``): the map is chosen on the pixel metric, and
             the evidence that outlines a defect best need not rank images best. The map, and so every pixel
             figure, stays the chosen one's; the image score is then not its maximum.
         nearest_normal_coreset_ratio: the share of the training normals' patches the memory bank keeps (greedy
