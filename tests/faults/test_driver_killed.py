@@ -83,9 +83,15 @@ def test_killed_driver_resumes_without_rerunning_ended_trials(head, tmp_path, ti
     runs = assert_every_trial_accounted_for(config_path)
     assert f"| {cut['trial_id']} epoch {reported + 1} " in log  # the cut-off trial resumed after its checkpoint...
     assert f"| {cut['trial_id']} epoch 1 " not in log
-    for trial_id, folder in trial_dirs(config_path).items():  # ...and no trial reported or logged an epoch twice
-        # Tune's result.json reaches storage by an asynchronous sync from the driver, so a SIGKILL can lose its
-        # last lines before a checkpoint; it must never repeat one. MLflow is the record that must be complete.
+    for trial_id, folder in trial_dirs(config_path).items():  # ...and no trial logged an epoch twice
+        # Tune's result.json is the driver's, written as each result arrives and synced to storage asynchronously:
+        # a SIGKILL can lose its last lines, or land after a result's line and before Tune's saved state records
+        # that result's checkpoint, and the trial then runs that epoch again from the checkpoint before it (seen
+        # once in CI: [1, 2, 2, 3, 4] for the cut-off trial). MLflow is the record that must be complete and hold
+        # each epoch once.
         iterations = [r["training_iteration"] for r in results(folder)]
-        assert iterations and iterations == list(range(iterations[0], 5)), (trial_id, iterations)
+        assert iterations and sorted(set(iterations)) == list(range(iterations[0], 5)), (trial_id, iterations)
+        repeated = len(iterations) - len(set(iterations))
+        assert iterations == sorted(iterations), (trial_id, iterations)
+        assert repeated == 0 or trial_id == cut["trial_id"], (trial_id, iterations)  # an ended trial never reruns
         assert metric_steps(config_path, runs[trial_id].info.run_id) == [1, 2, 3, 4], trial_id
