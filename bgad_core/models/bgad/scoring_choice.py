@@ -234,7 +234,9 @@ def choose_image_map(
     nearest-normal weights (the chosen map's calibration and coarse-level weight), each reduced every candidate
     way; the best replaces ``chosen``'s score where it leads by more than the margin, as the mean of the top 1 %
     replaces the maximum: within one epoch, one more choice of the same kind. The map, and so every pixel figure,
-    stays ``chosen``'s.
+    stays ``chosen``'s. Measured: on MTD-200 with masks BGAD-FAS keeps its flows' map and takes the half-and-half
+    map's image score (test image AUROC 0.896 -> 0.927); plain BGAD on DeepPCB board_b takes the distances alone's
+    (seed 0: 0.715 -> 0.802).
 
     Until the eighteenth session the lead also had to be told apart by a paired bootstrap (95 %), the guard of the
     distances alone against the flows' best across epochs. Under the mean of PRO and image AUROC that made the
