@@ -395,3 +395,29 @@ def test_on_the_mean_distances_alone_are_weighed_against_the_image_score_the_flo
                             distances, EpochScoring())
     assert chosen.normalization.nearest_normal_weight == 0.0 and chosen.normalization.image_nearest_normal_weight == 1.0
     assert chosen.metrics[PRO_AND_IMAGE_AUROC] > alone.metrics[PRO_AND_IMAGE_AUROC]
+
+
+@pytest.mark.parametrize("objective", ["aupro", PRO_AND_IMAGE_AUROC])
+def test_distances_alone_once_chosen_keep_their_own_image_score(objective):
+    """Distances that outline the defect but rank two normals (hot spots) above every anomaly win against flows that
+    rank every image right and outline nothing; the flows' image score leads theirs by far more than the margin,
+    and is still not borrowed: it changes with the epoch, and would let epoch selection pick the flows' luckiest
+    epoch behind the guard that keeps the distances alone epoch-independent."""
+    val = split(8, 8, seed=1)
+    distances = defect_distances(val, 6.0, seed=2)
+    distances[:2, 6, 1] += 12.0  # two normal images with a hot spot, above every anomaly
+    fits = [Normalization((0.0, 0.0), (1.0, 1.0))]
+    generator = torch.Generator().manual_seed(3)
+    logps = [torch.randn(16, 8, 8, generator=generator), torch.randn(16, 4, 4, generator=generator)]
+    logps[0][8:, 6, 6] -= 50.0  # every anomaly flagged, away from its defect
+    flows = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, objective)
+    alone = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, objective, (1.0,), distances)
+    assert flows.metrics["image_auroc"] == 1.0 and alone.metrics["image_auroc"] < 1.0 - 0.1
+    assert alone.metrics["aupro"] > flows.metrics["aupro"] + 0.5
+    borrowed = choose_image_map(alone, logps, val, (0.0, 1.0), ("max",), SIZE, 1.0, distances)
+    assert borrowed.normalization.image_nearest_normal_weight == 0.0  # what a within-epoch choice would take
+    chosen = choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, objective, (0.0, 1.0), distances,
+                            EpochScoring())
+    assert chosen.normalization.nearest_normal_weight == 1.0
+    assert chosen.normalization.image_nearest_normal_weight is None
+    assert chosen.metrics["image_auroc"] == alone.metrics["image_auroc"]

@@ -21,7 +21,7 @@ replaces a simpler one only when it scores more than ``SCORING_MARGIN`` higher o
 alone scores the same at every epoch, so it must be told apart, by a paired bootstrap, as better than the best the
 flows reached at any epoch so far, and once chosen it gives way only to flows better by the margin
 (``EpochScoring``). An image score of another map than the chosen one is one more choice within the epoch, by the
-margin (``choose_image_map``).
+margin (``choose_image_map``), where the chosen map is the flows'; the distances alone keep their own.
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ def choose_scoring(
             this epoch only, by the margin. On the mean of PRO and image AUROC the flows enter that comparison with
             the image score they would deploy (``choose_image_map``), not their map's own: on DeepPCB board_b plain
             BGAD's own score kept the distances alone from epoch 2 on (test PRO 0.642; chosen on PRO, 0.685).
+            Where the distances alone are chosen they keep their own image score: one from the flows' maps would
+            make them depend on the epoch again, and epoch selection would then pick the epoch where the flows'
+            image score was luckiest on validation, behind the guard that keeps the distances epoch-independent.
+            On DeepPCB board_a (split seed 2) plain BGAD did exactly that: its distances' map with the flows' image
+            score, 0.006 ahead on validation image AUROC at epoch 3, read test image AUROC 0.437 where the
+            distances' own score read 0.806.
         image_maps: under a pixel objective, whether the image score may reduce a map that weighs the distances
             otherwise than the chosen map (``choose_image_map``); False: always the chosen map's.
 
@@ -141,7 +147,7 @@ def choose_scoring(
         alone = choose_scoring(logps, split, fits[:1], weights[:1], reductions, image_size, blur_sigma, objective,
                                (DISTANCES_ALONE,), distances, image_maps=False)
         chosen = epochs.distances_alone_or_flows(flows, alone, split, objective, selectable)
-        if chosen is flows and objective == PRO_AND_IMAGE_AUROC:
+        if chosen is alone or objective == PRO_AND_IMAGE_AUROC:  # the distances alone keep their own image score
             return chosen
     else:
         candidates = scored_candidates(logps, split, fits, weights, nearest_weights, reductions,
