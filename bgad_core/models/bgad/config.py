@@ -152,7 +152,8 @@ class ScoringChoices:
             take it from a map that weighs the distances otherwise, where its image AUROC is more than the margin
             higher (``scoring_choice.choose_image_map``): the map is chosen on the pixel metric, and
             the evidence that outlines a defect best need not rank images best. The map, and so every pixel
-            figure, stays the chosen one's; the image score is then not its maximum.
+            figure, stays the chosen one's; the image score is then not its maximum. A map of distances alone keeps
+            its own image score (``choose_scoring``).
         nearest_normal_coreset_ratio: the share of the training normals' patches the memory bank keeps (greedy
             k-center coreset), or "auto" (default): 1 % (PatchCore's) or 10 %, whichever bank's distances alone
             score validation higher (10 % only by more than the margin, and under a pixel objective only where it
