@@ -251,7 +251,11 @@ def choose_image_map(
     label the distances alone then won at epoch 2 (test image AUROC / pixel AUROC / PRO 0.802 / 0.847 / 0.642)
     where the flows' map of epoch 8 with the distances' image score, chosen by the margin, gives 0.802 / 0.910 /
     0.749 (BENCHMARKS.md, "The image score's map by the margin alone"). The guard across epochs stays where the
-    selection bias is, with the distances alone, whose constant figure meets the flows' best of every epoch.
+    selection bias is, with the distances alone, whose constant figure meets the flows' best of every epoch (and
+    which is why ``choose_scoring`` does not pass the distances alone here once that guard has chosen them). Over
+    the 22 arms measured both ways the margin alone moved the test mean of PRO and image AUROC by +0.002 on
+    average: three gains of PRO (+0.044 to +0.107), two trades, two losses of image AUROC (-0.070, -0.026) where
+    another flows map's score led on 23-24 validation images (BENCHMARKS.md, nineteenth session).
     """
     own = chosen.normalization
     labels = split.labels.numpy()
