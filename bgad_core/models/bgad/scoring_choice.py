@@ -232,8 +232,8 @@ def choose_image_map(
     distances: torch.Tensor | None,
 ) -> ScoredSplit:
     """``chosen`` (a map chosen on a pixel metric, its image score on image AUROC), or the same map with the image
-    score of a map that weighs the distances otherwise (one of ``nearest_weights``), where that score's validation
-    image AUROC is more than ``SCORING_MARGIN`` higher.
+    score of a map that weighs the distances otherwise (one of ``nearest_weights``), where that score's validation image AUROC is more than
+    ``SCORING_MARGIN`` higher.
 
     A pixel objective chooses the map, and image AUROC only chooses among that map's reductions; but which evidence
     ranks images best need not be the one that outlines defects best. On MTD-200 with masks validation chose
