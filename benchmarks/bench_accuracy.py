@@ -69,8 +69,7 @@ from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
 from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring import NEAREST_NORMAL_WEIGHTS
-from bgad_core.models.bgad.scoring_choice import (EpochScoring, choose_scoring, image_map_weights, score_split,
-                                                  scoring_candidates)
+from bgad_core.models.bgad.scoring_choice import EpochScoring, choose_scoring, score_split, scoring_candidates
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.bgad.training import BGADTraining, logp_maps
 from bgad_core.models.base import Detector, DetectorConfig, split_metrics
@@ -90,19 +89,17 @@ PROTOCOLS = {
 }
 STRESS = ("shift-rotate",)
 # (calibration, coarse_level_weight, image_score, candidate nearest-normal weights, whether distances alone must beat
-# the flows' best of earlier epochs too, image_score_map) of each policy --compare-scoring reports: each config value
-# as scoring_candidates and image_map_weights read it, the nearest-normal weights as validation's candidates
+# the flows' best of earlier epochs too, whether the image score may reduce another map) of each policy
+# --compare-scoring reports: each config value as scoring_candidates reads it, the nearest-normal weights as
+# validation's candidates
 SCORING_POLICIES = {
-    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, "auto"),
-    "auto, image score of the chosen map or the distances alone's":
-        ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, "distances_alone"),
-    "auto, image score of the chosen map": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, "anomaly_map"),
-    "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, "anomaly_map"),
-    "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, "anomaly_map"),
-    "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False,
-                                                              "anomaly_map"),
-    "distances alone, max": ("level", 1.0, "max", (1.0,), True, "anomaly_map"),
-    "auto, chosen on PRO alone": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, "auto"),
+    "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
+    "auto, image score of the chosen map": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, False),
+    "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, False),
+    "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),
+    "auto among 0, 0.5, 1, compared within each epoch only": ("auto", "auto", "auto", (0.0, 0.5, 1.0), False, False),
+    "distances alone, max": ("level", 1.0, "max", (1.0,), True, False),
+    "auto, chosen on PRO alone": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
 }
 # a policy's validation objective where it is not the protocol's (and the split has masks, as it needs)
 POLICY_OBJECTIVES = {"auto, chosen on PRO alone": "aupro"}
@@ -208,13 +205,13 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
         training.train_meta_epoch()
         fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
         val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
-        for name, (*choices, nearest, across_epochs, image_score_map) in SCORING_POLICIES.items():
+        for name, (*choices, nearest, across_epochs, image_maps) in SCORING_POLICIES.items():
             calibrations, weights, reductions, _ = scoring_candidates(*choices)
             own = POLICY_OBJECTIVES.get(name, objective) if val.pixel_masks is not None else objective
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
                                     config.blur_sigma, own, nearest, val_distances,
                                     choosers[name] if across_epochs else None, training.epoch >= first_epoch,
-                                    image_map_weights(image_score_map, nearest))
+                                    image_maps)
             score = chosen.metrics.get(own, float("nan"))
             log.info("meta-epoch %d, %s: val %s %.4f (%s)", training.epoch, name, own, score,
                      chosen.normalization.describe())

@@ -19,7 +19,7 @@ from bgad_core.models.bgad import BGADConfig, BGADDetector, BGADFlows, BGADTrain
 from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores, scores_and_maps
 from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, SCORING_MARGIN, Candidate, EpochScoring,
                                                   ScoredSplit, choose_among, choose_bank, choose_image_map,
-                                                  choose_scoring, image_map_weights, score_split, scored_candidates)
+                                                  choose_scoring, score_split, scored_candidates)
 from bgad_core.models.components.memory_bank import NearestNormal
 from detector_checks import (assert_fp16_scores_in_float32_in_any_batch, assert_onnx_scores_like_pytorch,
                              exported_session)
@@ -214,14 +214,9 @@ def test_nearest_normal_weight_is_auto_or_a_share(bad):
         BGADConfig(nearest_normal_weight=bad)
 
 
-def test_the_image_score_map_is_auto_the_distances_alone_or_the_anomaly_map():
-    with pytest.raises(ConfigError,
-                       match=r"image_score_map must be one of \['auto', 'distances_alone', 'anomaly_map'\], got 'other'"):
+def test_the_image_score_map_is_auto_or_the_anomaly_map():
+    with pytest.raises(ConfigError, match=r"image_score_map must be one of \['auto', 'anomaly_map'\], got 'other'"):
         BGADConfig(image_score_map="other")
-    assert image_map_weights("auto", (0.0, 0.5, 1.0)) == (0.0, 0.5, 1.0)
-    assert image_map_weights("distances_alone", (0.0, 0.5, 1.0)) == (1.0,)
-    assert image_map_weights("distances_alone", (0.0, 0.5)) == ()
-    assert image_map_weights("anomaly_map", (0.0, 0.5, 1.0)) == ()
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
@@ -426,30 +421,3 @@ def test_distances_alone_once_chosen_keep_their_own_image_score(objective):
     assert chosen.normalization.nearest_normal_weight == 1.0
     assert chosen.normalization.image_nearest_normal_weight is None
     assert chosen.metrics["image_auroc"] == alone.metrics["image_auroc"]
-
-
-def test_the_image_score_map_distances_alone_lends_only_the_distances_alone_s_image_score():
-    """Two validations where another map's image score leads the chosen map's by more than the margin: where it is
-    the distances alone's, "distances_alone" takes it as "auto" does; where it is the half-and-half map's (which
-    changes with the epoch, as the flows do), only "auto" takes it."""
-    val = split(8, 8, seed=1)
-    fits = [Normalization((0.0, 0.0), (1.0, 1.0))]
-    weights = (0.0, 0.5, 1.0)
-
-    def chosen(hot_spot: float, seed: int, image_score_map: str) -> Normalization:
-        distances = defect_distances(val, 6.0, seed=2)
-        distances[:2, 6, 1] += hot_spot  # two normal images with a hot spot
-        generator = torch.Generator().manual_seed(seed)
-        logps = [torch.randn(16, 8, 8, generator=generator), torch.randn(16, 4, 4, generator=generator)]
-        logps[0][8:, 2, 5] -= 3.0  # every defect's cell, faintly
-        logps[0][:3, 0, 0] -= 8.0  # three normal images the flows find less likely than any defect
-        return choose_scoring(logps, val, fits, (1.0,), ("max",), SIZE, 1.0, "aupro", weights, distances,
-                              image_maps=image_map_weights(image_score_map, weights)).normalization
-
-    for image_score_map in ("auto", "distances_alone"):  # the half-and-half map, the distances alone's score
-        lent = chosen(4.0, 1, image_score_map)
-        assert (lent.nearest_normal_weight, lent.image_nearest_normal_weight) == (0.5, 1.0)
-    lent = chosen(8.0, 0, "auto")  # the distances alone, the half-and-half map's score
-    assert (lent.nearest_normal_weight, lent.image_nearest_normal_weight) == (1.0, 0.5)
-    own = chosen(8.0, 0, "distances_alone")
-    assert (own.nearest_normal_weight, own.image_nearest_normal_weight) == (1.0, None)

@@ -18,7 +18,7 @@ from bgad_core.models.bgad.scoring import CALIBRATIONS, IMAGE_SCORE_REDUCTIONS
 from bgad_core.precision import PRECISION_CHOICES
 
 COARSE_LABELS = ("all", "distant")  # Optimisation.coarse_labels
-IMAGE_SCORE_MAPS = ("auto", "distances_alone", "anomaly_map")  # ScoringChoices.image_score_map
+IMAGE_SCORE_MAPS = ("auto", "anomaly_map")  # ScoringChoices.image_score_map
 
 
 @dataclass
@@ -153,8 +153,7 @@ class ScoringChoices:
             higher (``scoring_choice.choose_image_map``): the map is chosen on the pixel metric, and
             the evidence that outlines a defect best need not rank images best. The map, and so every pixel
             figure, stays the chosen one's; the image score is then not its maximum. A map of distances alone keeps
-            its own image score (``choose_scoring``). "distances_alone": the same, but only the distances alone's
-            map may give its image score (the one that does not change with the epoch).
+            its own image score (``choose_scoring``).
         nearest_normal_coreset_ratio: the share of the training normals' patches the memory bank keeps (greedy
             k-center coreset), or "auto" (default): 1 % (PatchCore's) or 10 %, whichever bank's distances alone
             score validation higher (10 % only by more than the margin, and under a pixel objective only where it

@@ -100,7 +100,7 @@ def choose_scoring(
     distances: torch.Tensor | None = None,
     epochs: EpochScoring | None = None,
     selectable: bool = True,
-    image_maps: Sequence[float] | None = None,
+    image_maps: bool = True,
 ) -> ScoredSplit:
     """Score a validation split every candidate way and return the evaluation of the chosen one.
 
@@ -126,29 +126,26 @@ def choose_scoring(
             On DeepPCB board_a (split seed 2) plain BGAD did exactly that: its distances' map with the flows' image
             score, 0.006 ahead on validation image AUROC at epoch 3, read test image AUROC 0.437 where the
             distances' own score read 0.806.
-        image_maps: under a pixel objective, the nearest-normal weights of the maps whose image score may replace
-            the chosen map's (``choose_image_map``; ``image_map_weights`` reads them from the config): None, every
-            candidate's; (), always the chosen map's own.
+        image_maps: under a pixel objective, whether the image score may reduce a map that weighs the distances
+            otherwise than the chosen map (``choose_image_map``); False: always the chosen map's.
 
     Each choice is ``simplest_within_margin``: the first candidate, in order of how many of its choices are not the
     simplest, whose value is within ``SCORING_MARGIN`` of the best.
     """
-    others = tuple(nearest_weights) if image_maps is None else tuple(image_maps)
-
     def with_image_map(scored: ScoredSplit) -> ScoredSplit:
-        own = scored.normalization.nearest_normal_weight
-        if any(w != own for w in others) and not chosen_on_images(scored, objective):
-            return choose_image_map(scored, logps, split, others, reductions, image_size, blur_sigma, distances)
+        if image_maps and len(nearest_weights) > 1 and not chosen_on_images(scored, objective):
+            return choose_image_map(scored, logps, split, nearest_weights, reductions, image_size, blur_sigma,
+                                    distances)
         return scored
 
     flow_weights = tuple(w for w in nearest_weights if w < DISTANCES_ALONE)
     if epochs is not None and flow_weights and len(flow_weights) < len(nearest_weights):
         flows = choose_scoring(logps, split, fits, weights, reductions, image_size, blur_sigma, objective,
-                               flow_weights, distances, image_maps=())
+                               flow_weights, distances, image_maps=False)
         if objective == PRO_AND_IMAGE_AUROC:  # the mean weighs the image score the flows would deploy
             flows = with_image_map(flows)
         alone = choose_scoring(logps, split, fits[:1], weights[:1], reductions, image_size, blur_sigma, objective,
-                               (DISTANCES_ALONE,), distances, image_maps=())
+                               (DISTANCES_ALONE,), distances, image_maps=False)
         chosen = epochs.distances_alone_or_flows(flows, alone, split, objective, selectable)
         if chosen is alone or objective == PRO_AND_IMAGE_AUROC:  # the distances alone keep their own image score
             return chosen
@@ -232,7 +229,7 @@ def choose_image_map(
     distances: torch.Tensor | None,
 ) -> ScoredSplit:
     """``chosen`` (a map chosen on a pixel metric, its image score on image AUROC), or the same map with the image
-    score of a map that weighs the distances otherwise (one of ``nearest_weights``), where that score's validation image AUROC is more than
+    score of a map that weighs the distances otherwise, where that score's validation image AUROC is more than
     ``SCORING_MARGIN`` higher.
 
     A pixel objective chooses the map, and image AUROC only chooses among that map's reductions; but which evidence
@@ -415,14 +412,3 @@ def scoring_candidates(
         IMAGE_SCORE_REDUCTIONS if image_score == "auto" else (image_score,),
         NEAREST_NORMAL_WEIGHTS if nearest_normal_weight == "auto" else (float(nearest_normal_weight),),
     )
-
-
-def image_map_weights(image_score_map: str, nearest_weights: Sequence[float]) -> tuple[float, ...]:
-    """The nearest-normal weights of the maps whose image score validation may give the chosen map
-    (``choose_image_map``), as the config's ``image_score_map`` says: every candidate's ("auto"), the distances
-    alone's where they are a candidate ("distances_alone") or none ("anomaly_map")."""
-    if image_score_map == "auto":
-        return tuple(nearest_weights)
-    if image_score_map == "distances_alone":
-        return tuple(w for w in nearest_weights if w >= DISTANCES_ALONE)
-    return ()

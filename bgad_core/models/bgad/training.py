@@ -27,7 +27,7 @@ from bgad_core.models.bgad.detector import BGADDetector
 from bgad_core.models.bgad.losses import bg_spp_loss, focal_weights, ml_loss
 from bgad_core.models.bgad.scoring import Normalization
 from bgad_core.models.bgad.scoring_choice import (CORESET_RATIOS, EpochScoring, ScoredSplit, choose_bank,
-                                                  choose_scoring, image_map_weights, scoring_candidates)
+                                                  choose_scoring, scoring_candidates)
 from bgad_core.models.bgad.torch_model import BGADFlows
 from bgad_core.models.components.cells import IGNORED, fiber_labels
 from bgad_core.models.components.memory_bank import NearestNormal, fit_banks
@@ -329,7 +329,7 @@ class BGADTraining(OptimizerTraining):
         return self.evaluation(choose_scoring(logps, val, fits, weights, reductions, image_size, cfg.blur_sigma,
                                               objective, nearest, distances, self._scoring,
                                               self.epoch >= self.first_selectable_epoch,
-                                              image_map_weights(cfg.image_score_map, nearest)), image_size)
+                                              cfg.image_score_map == "auto"), image_size)
 
     def evaluation(self, scored: ScoredSplit, image_size: tuple[int, int]) -> Evaluation:
         """The contract's ``Evaluation`` of a scoring of the current flows."""
