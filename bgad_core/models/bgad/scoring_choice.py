@@ -255,7 +255,10 @@ def choose_image_map(
     which is why ``choose_scoring`` does not pass the distances alone here once that guard has chosen them). Over
     the 22 arms measured both ways the margin alone moved the test mean of PRO and image AUROC by +0.002 on
     average: three gains of PRO (+0.044 to +0.107), two trades, two losses of image AUROC (-0.070, -0.026) where
-    another flows map's score led on 23-24 validation images (BENCHMARKS.md, nineteenth session).
+    another flows map's score led on 23-24 validation images (BENCHMARKS.md, nineteenth session). Letting only the
+    distances alone lend was worse on 25 more arms (-0.166 of test image AUROC over the seven where it differed),
+    and borrowing at all against the chosen map's own score a wash (12 differ: -0.032 of image AUROC, +0.018 of
+    PRO; BENCHMARKS.md, twentieth session).
     """
     own = chosen.normalization
     labels = split.labels.numpy()
