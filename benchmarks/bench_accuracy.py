@@ -90,10 +90,11 @@ PROTOCOLS = {
 STRESS = ("shift-rotate",)
 # (calibration, coarse_level_weight, image_score, candidate nearest-normal weights, whether distances alone must beat
 # the flows' best of earlier epochs too, whether the image score may reduce another map) of each policy
-# --compare-scoring reports: each config value as scoring_candidates reads it, the nearest-normal weights as
-# validation's candidates
+# --compare-scoring reports: each config value as scoring_candidates reads it (image_score may also name the
+# candidate reductions), the nearest-normal weights as validation's candidates
 SCORING_POLICIES = {
     "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
+    "auto, smoothed maps' reductions only": ("auto", "auto", ("max", "top1pct_mean"), NEAREST_NORMAL_WEIGHTS, True, True),
     "auto, image score of the chosen map": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, False),
     "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, False),
     "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),
@@ -206,7 +207,10 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
         fits = dict(zip(("level", "position"), training.fit_normalizations(("level", "position"))))
         val_logps, test_logps = logp_maps(training.model, val), logp_maps(training.model, test)
         for name, (*choices, nearest, across_epochs, image_maps) in SCORING_POLICIES.items():
-            calibrations, weights, reductions, _ = scoring_candidates(*choices)
+            calibration, weight, reduction = choices
+            calibrations, weights, reductions, _ = scoring_candidates(
+                calibration, weight, reduction if isinstance(reduction, str) else "auto")
+            reductions = reductions if isinstance(reduction, str) else reduction
             own = POLICY_OBJECTIVES.get(name, objective) if val.pixel_masks is not None else objective
             chosen = choose_scoring(val_logps, val, [fits[c] for c in calibrations], weights, reductions, size,
                                     config.blur_sigma, own, nearest, val_distances,

@@ -26,7 +26,8 @@ def test_a_more_elaborate_scoring_wins_only_by_more_than_the_margin():
 
 def test_auto_lets_validation_try_every_candidate_and_a_fixed_value_only_itself():
     assert scoring_candidates("auto", "auto", "auto", "auto") == (("level", "position"), (1.0, 2.0),
-                                                                  ("max", "top1pct_mean"), (0.0, 0.5, 1.0))
+                                                                  ("max", "top1pct_mean", "unsmoothed_max"),
+                                                                  (0.0, 0.5, 1.0))
     assert scoring_candidates("level", 2, "max", 0.5) == (("level",), (2.0,), ("max",), (0.5,))
 
 

@@ -165,12 +165,15 @@ def test_once_chosen_the_distances_alone_give_way_only_to_flows_better_by_the_ma
     assert choose(unselectable, tie) is tie
 
 
-@pytest.fixture(scope="module", params=[(0.5, None), (1.0, None), (0.0, 1.0)],
-                ids=["mixed", "distances-alone", "likelihoods-scored-by-distances"])
+@pytest.fixture(scope="module", params=[(0.5, None, "max"), (1.0, None, "max"), (0.0, 1.0, "max"),
+                                        (0.0, 1.0, "unsmoothed_max")],
+                ids=["mixed", "distances-alone", "likelihoods-scored-by-distances",
+                     "likelihoods-scored-by-distances-before-smoothing"])
 def detector(request: pytest.FixtureRequest) -> BGADDetector:
     """A trained detector whose map weighs the distances in, or whose map is the likelihoods' and whose image score
-    the distances alone's maximum (built from the mixed one: validation makes that choice on real data only)."""
-    share, image_share = request.param
+    the distances alone's maximum, after or before smoothing (built from the mixed one: validation makes that
+    choice on real data only)."""
+    share, image_share, reduction = request.param
     config = BGADConfig(meta_epochs=1, sub_epochs=1, coupling_blocks=2, cond_dim=8,
                         nearest_normal_weight=share if image_share is None else 0.5)
     training = BGADTraining(BGADFlows.from_config([6, 6], config), config, split(24, 0, seed=0))
@@ -181,7 +184,7 @@ def detector(request: pytest.FixtureRequest) -> BGADDetector:
     assert detector.nearest is not None
     if image_share is not None:
         normalization = replace(detector.normalization, nearest_normal_weight=share,
-                                image_nearest_normal_weight=image_share)
+                                image_nearest_normal_weight=image_share, image_score=reduction)
         detector = BGADDetector(detector.flows, normalization, detector.blur_sigma, SIZE, config, detector.nearest)
     return detector.eval()
 

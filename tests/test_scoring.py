@@ -7,7 +7,9 @@ import torch
 
 from bgad_core.errors import ConfigError
 from bgad_core.models.bgad.torch_model import BGADFlows
-from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores
+from bgad_core.data.features import FeatureSet
+from bgad_core.models.bgad.scoring import Normalization, anomaly_maps, image_scores, scores_and_maps
+from bgad_core.models.bgad.scoring_choice import choose_scoring
 from bgad_core.models.components.postprocess import gaussian_blur
 
 
@@ -87,3 +89,42 @@ def test_the_nearest_normal_weight_averages_standardised_distances_into_the_map(
         anomaly_maps([logps], replace(norm, nearest_normal_weight=0.5), (8, 8))
     with pytest.raises(ConfigError, match=r"nearest_normal_weight must lie in \[0, 1\], got 1.5"):
         replace(norm, nearest_normal_weight=1.5)
+
+
+def spikes_and_bumps(count: int) -> list[torch.Tensor]:
+    """``count`` normal 8 x 8 grids with a broad mild bump (4 x 4 cells at 1.5) and as many anomalous ones with a
+    sharp defect (one cell at 3), as log-likelihoods under constants 0 and 1."""
+    logps = torch.zeros(2 * count, 8, 8)
+    for index in range(count):
+        row, col = index % 4, (index // 4) % 4
+        logps[index, row:row + 4, col:col + 4] = -1.5
+        logps[count + index, row + 2, col + 2] = -3.0
+    return [logps]
+
+
+def test_the_maximum_before_smoothing_keeps_a_small_defects_peak():
+    norm = Normalization(mean=(0.0,), std=(1.0,))
+    logps = spikes_and_bumps(4)
+    smoothed, _ = scores_and_maps(logps, norm, (32, 32), blur_sigma=4.0)
+    sharp, maps = scores_and_maps(logps, replace(norm, image_score="unsmoothed_max"), (32, 32), blur_sigma=4.0)
+    assert smoothed[4:].max() < smoothed[:4].min()  # smoothing ranks every bump above every defect
+    assert sharp[4:].min() > sharp[:4].max()  # before it, every defect ranks first
+    torch.testing.assert_close(sharp, anomaly_maps(logps, norm, (32, 32), blur_sigma=0.0).flatten(1).max(1).values)
+    torch.testing.assert_close(maps, anomaly_maps(logps, norm, (32, 32), blur_sigma=4.0))  # the map stays smoothed
+    restored = Normalization.from_dict(replace(norm, image_score="unsmoothed_max").to_dict())
+    assert restored.image_score == "unsmoothed_max" and restored.choice_metrics()["image_score_unsmoothed_max"] == 1
+    with pytest.raises(ConfigError, match="needs the map before smoothing"):
+        image_scores(maps, "unsmoothed_max")
+
+
+def test_validation_chooses_the_maximum_before_smoothing_only_where_it_ranks_better():
+    norm = Normalization(mean=(0.0,), std=(1.0,))
+    logps = spikes_and_bumps(4)
+    split = FeatureSet([torch.zeros(8, 1, 8, 8)], [torch.zeros(8, 8, 8)], torch.tensor([0] * 4 + [1] * 4),
+                       [str(i) for i in range(8)])
+    reductions = ("max", "top1pct_mean", "unsmoothed_max")
+    chosen = choose_scoring(logps, split, [norm], (1.0,), reductions, (32, 32), 4.0, "image_auroc")
+    assert chosen.normalization.image_score == "unsmoothed_max" and chosen.metrics["image_auroc"] == 1.0
+    flipped = FeatureSet(split.features, split.masks, 1 - split.labels, split.ids)  # the bumps are the anomalies
+    assert choose_scoring(logps, flipped, [norm], (1.0,), reductions, (32, 32), 4.0,
+                          "image_auroc").normalization.image_score == "max"

@@ -160,7 +160,7 @@ def test_validate_keeps_the_simplest_scoring_within_the_margin_of_the_best_or_th
                     detector = BGADDetector(training.model, scoring, config.blur_sigma, (24, 24), config,
                                             training.nearest_normal)
                     (alone if share == 1 else candidates).append((c + w + d + r, evaluate(detector, val)))
-    assert (len(candidates), len(alone)) == ((1, 0) if fixed else (16, 2))
+    assert (len(candidates), len(alone)) == ((1, 0) if fixed else (24, 3))
     best = max(e.metrics["image_auroc"] for _, e in candidates)
     expected = next(e for _, e in sorted(candidates, key=lambda c: c[0])
                     if e.metrics["image_auroc"] >= best - SCORING_MARGIN)

@@ -32,7 +32,7 @@ two phases), ``scoring`` and ``scoring_choice``, ``detector`` (what is served).
     torch.Size([4, 32, 32])
     >>> sorted(evaluation.choices)  # doctest: +NORMALIZE_WHITESPACE
     ['calibration_position', 'coarse_level_weight', 'image_score_nearest_normal_weight', 'image_score_top1pct_mean',
-     'nearest_normal_coreset_ratio', 'nearest_normal_weight']
+     'image_score_unsmoothed_max', 'nearest_normal_coreset_ratio', 'nearest_normal_weight']
 """
 
 from bgad_core.models.base import FEW_SHOT, Family

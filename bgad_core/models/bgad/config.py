@@ -139,7 +139,8 @@ class ScoringChoices:
             ``evaluation.COARSE_LEVEL_WEIGHTS`` (2 helped MTD-200, 1 KolektorSDD, BENCHMARKS.md).
         blur_sigma: Gaussian smoothing of anomaly maps, in pixels.
         image_score: how an anomaly map becomes an image score: "max", "top1pct_mean" (the mean of its top 1 %
-            pixels) or "auto" (default: chosen on validation image AUROC).
+            pixels), "unsmoothed_max" (the maximum of the map before ``blur_sigma``'s smoothing: a defect of a few
+            cells keeps its peak; ``scoring.image_scores``) or "auto" (default: chosen on validation image AUROC).
         nearest_normal_weight: the share, in the anomaly map, of each cell's standardised distance to the nearest
             training-normal patch (PatchCore's evidence on the same features, ``components.memory_bank``) against
             the flows' standardised likelihoods: 0 (likelihoods alone, the paper's), up to 1 (distances alone), or

@@ -14,7 +14,7 @@ best. None of them needs retraining: the flows run once over the split (the dist
 the scoring is repeated, so validation chooses (``choose_scoring``) per dataset, at every meta-epoch, when the
 training config says "auto".
 
-Against fitting validation noise: few candidates (at most 2 x 2 x 2 maps x 2 reductions; a map of distances alone,
+Against fitting validation noise: few candidates (at most 2 x 2 x 2 maps x 3 reductions; a map of distances alone,
 which does not depend on the likelihoods' calibration or weight, is one map), ordered from the simplest (the
 paper's choices: per level, equal weights, likelihoods alone, the map's maximum) on, and a more elaborate candidate
 replaces a simpler one only when it scores more than ``SCORING_MARGIN`` higher on validation. A map of distances
@@ -37,7 +37,8 @@ from bgad_core.data.features import FeatureSet
 from bgad_core.evaluation.intervals import bootstrap_distribution, compare_paired
 from bgad_core.evaluation.metrics import PRO_AND_IMAGE_AUROC, compute_metrics, with_pro_and_image_auroc
 from bgad_core.models.bgad.scoring import (CALIBRATIONS, IMAGE_SCORE_REDUCTIONS, NEAREST_NORMAL_WEIGHTS, Normalization,
-                                           anomaly_maps, image_scores, scores_and_maps)
+                                           image_scores, scores_and_maps, unsmoothed_maps)
+from bgad_core.models.components.postprocess import gaussian_blur
 
 DISTANCES_ALONE = 1.0  # the nearest-normal weight of a map of distances alone: the flows' training does not change it
 COARSE_LEVEL_WEIGHTS = (1.0, 2.0)  # the candidates of coarse_level_weight "auto", equal weights (the simpler) first
@@ -178,10 +179,11 @@ def scored_candidates(
                 if nearest >= 1 and fit_rank + weight_rank:  # distances alone: the same map for every fit and weight
                     continue
                 normalization = replace(fit, coarse_level_weight=float(weight), nearest_normal_weight=float(nearest))
-                maps = anomaly_maps(logps, normalization, *blur, distances)
+                unsmoothed = unsmoothed_maps(logps, normalization, blur[0], distances)
+                maps = gaussian_blur(unsmoothed, blur[1])
                 pixel: dict[str, float] = {}
                 for reduction_rank, reduction in enumerate(reductions):
-                    scores = image_scores(maps, reduction)
+                    scores = image_scores(maps, reduction, unsmoothed)
                     if masks is not None and not pixel:  # the pixel metrics of a map, computed once
                         metrics = compute_metrics(labels, scores.numpy(), masks, maps.numpy())
                         pixel = {k: v for k, v in metrics.items() if not k.startswith("image_")}
@@ -267,10 +269,10 @@ def choose_image_map(
     for weight in nearest_weights:
         if weight == own.nearest_normal_weight:
             continue
-        maps = anomaly_maps(logps, replace(own, nearest_normal_weight=float(weight)), image_size, blur_sigma,
-                            distances)
+        unsmoothed = unsmoothed_maps(logps, replace(own, nearest_normal_weight=float(weight)), image_size, distances)
+        maps = gaussian_blur(unsmoothed, blur_sigma)
         for reduction in reductions:
-            scores = image_scores(maps, reduction)
+            scores = image_scores(maps, reduction, unsmoothed)
             metrics = compute_metrics(labels, scores.numpy())
             other = objective_value(metrics, IMAGE_OBJECTIVE)
             if best is None or other > best[0]:
