@@ -94,7 +94,8 @@ STRESS = ("shift-rotate",)
 # candidate reductions), the nearest-normal weights as validation's candidates
 SCORING_POLICIES = {
     "auto (default)": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, True),
-    "auto, smoothed maps' reductions only": ("auto", "auto", ("max", "top1pct_mean"), NEAREST_NORMAL_WEIGHTS, True, True),
+    "auto, smoothed maps' reductions only": ("auto", "auto", ("max", "top1pct_mean"), NEAREST_NORMAL_WEIGHTS, True,
+                                             True),
     "auto, image score of the chosen map": ("auto", "auto", "auto", NEAREST_NORMAL_WEIGHTS, True, False),
     "auto, nearest-normal weight 0 or 0.5": ("auto", "auto", "auto", (0.0, 0.5), True, False),
     "auto, likelihoods alone": ("auto", "auto", "auto", (0.0,), True, False),

@@ -208,8 +208,8 @@ def scores_and_maps(
     unsmoothed = unsmoothed_maps(logp_maps, normalization, image_size, distances)
     maps = gaussian_blur(unsmoothed, blur_sigma)
     if normalization.image_nearest_normal_weight is not None:
-        unsmoothed = unsmoothed_maps(logp_maps, replace(normalization, nearest_normal_weight=normalization.image_weight),
-                                     image_size, distances)
+        image_map = replace(normalization, nearest_normal_weight=normalization.image_weight)
+        unsmoothed = unsmoothed_maps(logp_maps, image_map, image_size, distances)
         return image_scores(gaussian_blur(unsmoothed, blur_sigma), normalization.image_score, unsmoothed), maps
     return image_scores(maps, normalization.image_score, unsmoothed), maps
 
