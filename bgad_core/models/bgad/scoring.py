@@ -220,11 +220,12 @@ def image_scores(maps: torch.Tensor, reduction: str = "max", unsmoothed: torch.T
 
     Smoothing spreads a small defect's peak over its neighbours and lowers it, so a defect of a few cells can rank
     below a normal image's broad bump; the maximum before smoothing keeps the peak. On a map of distances alone it
-    is PatchCore's own image score (without its re-weighting). Chosen on validation (``image_score: auto``) on 24
-    arms of DeepPCB, KolektorSDD, BrainMRI and MTD-200, it was taken on 15, all on DeepPCB (defects a few pixels
-    wide), and test image AUROC followed on 12 (+0.005 to +0.068, +0.230 summed; BGAD-FAS on board_b with one
-    image-level label 0.802 -> 0.822 and 0.765 -> 0.785, above PatchCore's 0.815 and 0.779); the smoothed
-    reductions stayed where defects are larger than the Gaussian (BENCHMARKS.md, twenty-first session).
+    is PatchCore's own image score (without its re-weighting). Chosen on validation (``image_score: auto``) on 33
+    arms of DeepPCB, KolektorSDD (aligned and unaligned), BrainMRI and MTD-200, it was taken on 22, all but one on
+    DeepPCB (defects a few pixels wide), and test image AUROC followed on 18 (+0.003 to +0.184, +0.496 summed with
+    the four losses, the largest -0.024; BGAD-FAS on board_b with one image-level label 0.802 -> 0.822 and 0.765 ->
+    0.785, above PatchCore's 0.815 and 0.779); the smoothed reductions stayed where defects are larger than the
+    Gaussian (BENCHMARKS.md, twenty-first session).
     """
     if reduction == "unsmoothed_max":
         if unsmoothed is None:
