@@ -33,6 +33,12 @@ on the unseen types.
 ``--split-seed 1`` draws other labelled anomalies and another validation/test split than the protocols' seed 0: with
 one labelled anomaly in total, how much a verdict owes to the one draw.
 
+Issue 21's two inequalities (BGAD-FAS's test image AUROC and PRO at least PatchCore's minus 0.01 and at least plain
+BGAD's) are printed below the table for the arms that ran, each with the paired 95 % bootstrap interval of the gap
+(``bgad_core.evaluation.intervals.compare_paired``: the same resampled test images for both arms): a figure short of
+its bound whose interval still reaches the bound is "short, within noise"; one whose whole interval lies below it,
+"short".
+
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
 choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones, and the same choices made on
 another validation objective, ``POLICY_OBJECTIVES``): each policy selects its own epoch on its own validation figure
@@ -56,6 +62,7 @@ from dataclasses import fields, replace
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.machine import cpu_description
@@ -66,6 +73,7 @@ from bgad_core.data.features import FeatureSet, extract_feature_set
 from bgad_core.data.splits import make_splits
 from bgad_core.engine.selection import seed_everything, train_and_select
 from bgad_core.evaluation.defect_groups import GROUPS, defect_groups
+from bgad_core.evaluation.intervals import bootstrap_distribution, compare_paired
 from bgad_core.evaluation.metrics import objective_metric
 from bgad_core.models.bgad.config import BGADConfig
 from bgad_core.models.bgad.scoring import NEAREST_NORMAL_WEIGHTS
@@ -108,6 +116,10 @@ POLICY_OBJECTIVES = {"auto, chosen on PRO alone": "aupro"}
 EXTRACTED_STRIDES = (4, 8, 16)  # the paper's levels; the default arms read the DEFAULT_STRIDES among them
 ARMS = ("patchcore", "bgad", "bgad-fas", "paper", "simplenet", "simplenet-fs")
 SCORED_IMAGES = 100  # the scoring wall time of every arm: its selected detector on this many test rows
+# issue 21's targets: BGAD-FAS's test figure minus each reference arm's must be at least this
+TARGETS = (("PatchCore, no labels", -0.01), ("BGAD, no labels", 0.0))
+TARGET_METRICS = ("image_auroc", "aupro")
+DEFAULT_POLICY = next(iter(SCORING_POLICIES))
 
 
 def cpu_flags() -> str:
@@ -175,6 +187,7 @@ def family_arm(family_name: str, config: DetectorConfig, train: FeatureSet, val:
     groups = {} if seen_types is None else defect_groups(test.ids, test.labels, seen_types)
     return {"epoch": best.epoch, "val": best.val.metrics, "test": best.test.metrics, "seconds": round(seconds, 1),
             "score_seconds": scoring_seconds(best.test.detector, test), "history": best.history,
+            "test_outputs": (best.test.scores, best.test.maps),
             **{f"test_{group}": split_metrics(test.select(rows), best.test.scores[rows], best.test.maps[rows])
                for group, rows in groups.items()}}
 
@@ -224,9 +237,56 @@ def scoring_arms(config: BGADConfig, train: FeatureSet, val: FeatureSet, test: F
                 test_result = score_split(test_logps, test, chosen.normalization, size, config.blur_sigma,
                                           test_distances)
                 best[name] = {"score": score, "epoch": training.epoch, "val": chosen.metrics,
-                              "test": test_result.metrics, "scoring": chosen.normalization.describe()}
+                              "test": test_result.metrics, "scoring": chosen.normalization.describe(),
+                              "test_outputs": (test_result.scores, test_result.maps) if name == DEFAULT_POLICY
+                              else None}
     seconds = round(time.perf_counter() - started, 1)
     return {name: {**row, "seconds": seconds} for name, row in best.items()}
+
+
+def arm_row(rows: Sequence[tuple[str, dict]], label: str) -> dict | None:
+    """The row of the arm ``label`` as the default trains it (under ``--compare-scoring``, its default policy's)."""
+    return next((row for name, row in rows
+                 if name == label or name.startswith(f"{label}, scoring {DEFAULT_POLICY} [")), None)
+
+
+def paired_targets(rows: Sequence[tuple[str, dict]], label: str, test: FeatureSet) -> list[dict]:
+    """Issue 21's inequalities for the arm ``label`` against each ``TARGETS`` arm that ran, per ``TARGET_METRICS``
+    figure the test split has: the gap, its paired 95 % bootstrap interval on the test images and the verdict
+    (``target_verdict``)."""
+    subject = arm_row(rows, label)
+    if subject is None:
+        return []
+    masks = None if test.pixel_masks is None else test.pixel_masks.numpy()
+
+    def resampled(row: dict) -> dict[str, np.ndarray]:  # the same test resamples for every arm (same labels, seed)
+        scores, maps = row["test_outputs"]
+        return bootstrap_distribution(test.labels.numpy(), scores.numpy(), masks,
+                                      None if masks is None else maps.numpy())
+
+    ours = resampled(subject)
+    verdicts = []
+    for reference, bound in TARGETS:
+        other = arm_row(rows, reference)
+        if other is None:
+            continue
+        theirs = resampled(other)
+        for metric in TARGET_METRICS:
+            if metric not in subject["test"]:
+                continue
+            gap = subject["test"][metric] - other["test"][metric]
+            paired = compare_paired(ours[metric], theirs[metric], gap, len(test))
+            verdicts.append({"against": reference, "metric": metric, "gap": gap, "lo": paired.lo, "hi": paired.hi,
+                             "bound": bound, "verdict": target_verdict(gap, paired.hi, bound)})
+    return verdicts
+
+
+def target_verdict(gap: float, hi: float, bound: float) -> str:
+    """"met" (the gap at least the bound), "short, within noise" (below it, but the upper end of its paired
+    interval reaches it) or "short" (the whole interval below the bound)."""
+    if gap >= bound:
+        return "met"
+    return "short, within noise" if hi >= bound else "short"
 
 
 def main() -> None:
@@ -343,6 +403,16 @@ def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = N
         print(f"| {label} | {row['epoch']} | {row['val'].get(objective, float('nan')):.3f} | "
               f"{test_m['image_auroc']:.3f} | {test_m.get('pixel_auroc', float('nan')):.3f} | "
               f"{test_m.get('aupro', float('nan')):.3f} | {row['seconds']:.0f} | {row.get('score_seconds', '-')} |")
+    fas = f"BGAD-FAS, n = {data.num_anomalies}"
+    targets = paired_targets(rows, fas, test)
+    if targets:
+        print(f"\nissue 21's targets for {fas} (test; paired 95 % bootstrap interval of the gap over the "
+              f"{len(test)} test images)")
+        print("| against | metric | gap | interval | bound | verdict |")
+        print("|---|---|---|---|---|---|")
+        for t in targets:
+            print(f"| {t['against']} | {t['metric']} | {t['gap']:+.3f} | [{t['lo']:+.3f}, {t['hi']:+.3f}] | "
+                  f"{t['bound']:+.2f} | {t['verdict']} |")
     if seen is not None:
         print(f"\nunseen-defect protocol: labels from {seen} only; test per group (normals + that group's anomalies)")
         print("| arm | seen types: image AUROC / pixel AUROC / PRO | unseen types: image AUROC / pixel AUROC / PRO |")
@@ -361,7 +431,10 @@ def run(args: argparse.Namespace, data: DataConfig, image_level: Path | None = N
         args.json.write_text(json.dumps({"dataset": args.dataset, "stress": args.stress,
                                          "image_level_labels": args.image_level_labels,
                                          "split_seed": data.split_seed, "machine": cpu_flags(),
-                                         "rows": [{"arm": label, **row} for label, row in rows]}, indent=1))
+                                         "targets": targets,
+                                         "rows": [{"arm": label, **{k: v for k, v in row.items()
+                                                                    if k != "test_outputs"}}
+                                                  for label, row in rows]}, indent=1))
 
 
 if __name__ == "__main__":
