@@ -252,8 +252,8 @@ def arm_row(rows: Sequence[tuple[str, dict]], label: str) -> dict | None:
 
 def paired_targets(rows: Sequence[tuple[str, dict]], label: str, test: FeatureSet) -> list[dict]:
     """Issue 21's inequalities for the arm ``label`` against each ``TARGETS`` arm that ran, per ``TARGET_METRICS``
-    figure the test split has: the gap, its paired 95 % bootstrap interval on the test images and the verdict
-    (``target_verdict``)."""
+    figure the test split has: the gap, its paired 95 % bootstrap interval on the test images, the verdict
+    (``target_verdict``) and the resampled gaps themselves (for ``benchmarks.pool_targets``, which pools draws)."""
     subject = arm_row(rows, label)
     if subject is None:
         return []
@@ -277,7 +277,8 @@ def paired_targets(rows: Sequence[tuple[str, dict]], label: str, test: FeatureSe
             gap = subject["test"][metric] - other["test"][metric]
             paired = compare_paired(ours[metric], theirs[metric], gap, len(test))
             verdicts.append({"against": reference, "metric": metric, "gap": gap, "lo": paired.lo, "hi": paired.hi,
-                             "bound": bound, "verdict": target_verdict(gap, paired.hi, bound)})
+                             "bound": bound, "verdict": target_verdict(gap, paired.hi, bound),
+                             "resampled_gaps": (ours[metric] - theirs[metric]).round(5).tolist()})
     return verdicts
 
 

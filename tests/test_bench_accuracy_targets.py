@@ -1,10 +1,17 @@
-"""``benchmarks/bench_accuracy.py``'s verdicts on issue 21's inequalities, with paired intervals of the gaps."""
+"""``benchmarks/bench_accuracy.py``'s verdicts on issue 21's inequalities, with paired intervals of the gaps, and
+``benchmarks/pool_targets.py``'s mean gap over draws."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
-from benchmarks import bench_accuracy
+from benchmarks import bench_accuracy, pool_targets
 from bgad_core.data.features import FeatureSet
 from bgad_core.evaluation.metrics import image_auroc
 
@@ -56,3 +63,34 @@ def test_the_default_policy_stands_for_an_arm_under_compare_scoring_and_missing_
     (verdict,) = bench_accuracy.paired_targets(rows, "BGAD-FAS, n = 1", split)
     assert verdict["against"] == "BGAD, no labels" and verdict["gap"] == 0.0 and verdict["verdict"] == "met"
     assert bench_accuracy.paired_targets(rows[:1], "BGAD-FAS, n = 1", split) == []
+
+
+def test_draws_pool_into_a_mean_gap_whose_interval_averages_their_resampled_gaps(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    draws = [(-0.03, "short, within noise"), (0.05, "met")]
+    results = [{"dataset": "deeppcb-a", "stress": None, "image_level_labels": True, "split_seed": seed,
+                "targets": [{"against": "PatchCore, no labels", "metric": "image_auroc", "gap": gap, "lo": gap - 0.08,
+                             "hi": gap + 0.08, "bound": -0.01, "verdict": verdict,
+                             "resampled_gaps": (gap + rng.normal(0, 0.04, 1000)).tolist()}]}
+               for seed, (gap, verdict) in enumerate(draws)]
+    (row,) = pool_targets.pooled(results)
+    assert row["gap"] == pytest.approx(0.01) and row["verdict"] == "met" and row["draws_met"] == 1
+    # two independent draws: the mean's interval is about 1/sqrt(2) of one draw's (+-0.078), not their union
+    assert row["lo"] < 0.01 < row["hi"] and 0.09 < row["hi"] - row["lo"] < 0.13
+    assert pool_targets.draw_name(results[1]) == "deeppcb-a (image-level labels), split seed 1"
+    files = []
+    for i, result in enumerate(results):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(result))
+    printed = run_main(monkeypatch, capsys, files)
+    assert "| PatchCore, no labels | image_auroc | +0.010 |" in printed and "| met | 1 of 2 |" in printed
+    (tmp_path / "old.json").write_text(json.dumps({"dataset": "mtd", "rows": []}))
+    with pytest.raises(SystemExit, match="old.json: no 'targets'"):
+        run_main(monkeypatch, capsys, [tmp_path / "old.json"])
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, files: list[Path]) -> str:
+    """What ``python -m benchmarks.pool_targets FILES`` prints."""
+    monkeypatch.setattr(sys, "argv", ["pool_targets", *map(str, files)])
+    pool_targets.main()
+    return capsys.readouterr().out
