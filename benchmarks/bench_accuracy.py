@@ -37,7 +37,7 @@ Issue 21's two inequalities (BGAD-FAS's test image AUROC and PRO at least PatchC
 BGAD's) are printed below the table for the arms that ran, each with the paired 95 % bootstrap interval of the gap
 (``bgad_core.evaluation.intervals.compare_paired``: the same resampled test images for both arms): a figure short of
 its bound whose interval still reaches the bound is "short, within noise"; one whose whole interval lies below it,
-"short".
+"short". ``--json`` keeps the resampled gaps, and ``benchmarks.pool_targets`` pools them over draws.
 
 ``--compare-scoring`` trains each BGAD arm once and scores it under every policy of ``SCORING_POLICIES`` (the
 choices validation makes, ``bgad_core.models.bgad.scoring_choice``, against fixed ones, and the same choices made on
