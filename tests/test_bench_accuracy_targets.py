@@ -87,6 +87,9 @@ def test_draws_pool_into_a_mean_gap_whose_interval_averages_their_resampled_gaps
     (tmp_path / "old.json").write_text(json.dumps({"dataset": "mtd", "rows": []}))
     with pytest.raises(SystemExit, match="old.json: no 'targets'"):
         run_main(monkeypatch, capsys, [tmp_path / "old.json"])
+    (tmp_path / "cut.json").write_text('{"dataset": ')
+    with pytest.raises(SystemExit, match="cut.json: not a readable bench_accuracy --json file"):
+        run_main(monkeypatch, capsys, [tmp_path / "cut.json"])
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, files: list[Path]) -> str:
